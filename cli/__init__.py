@@ -1,0 +1,1 @@
+"""The `attncache` command line: thin click commands over `pipeline`."""

@@ -1,0 +1,1 @@
+"""attncache pipeline: data, augmentation, teacher capture, factor encodings, the Zarr store, precompute."""

@@ -1,0 +1,1 @@
+"""The cache store's schema: versions, JSON Schemas and validation."""
