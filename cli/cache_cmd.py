@@ -1,0 +1,153 @@
+"""`precompute`, `verify`, `inspect`, `show`: build a cache and look at it. Thin: parse, call pipeline."""
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+import numpy as np
+
+from pipeline.precompute import OnBadSample, PrecomputeConfig, run_precompute
+from pipeline.teacher import TeacherConfig, parse_model_args
+
+_DEFAULTS = PrecomputeConfig(data=(), out="", teacher=TeacherConfig("x"))
+
+
+def teacher_options(f):
+    """The options that name a teacher, shared by every command that loads one."""
+    f = click.option("--seed", default=0, help="Seed of augmentation draws (and of --random-init weights).")(f)
+    f = click.option("--random-init", is_flag=True, help="Initialise the teacher from --seed (tests and demos).")(f)
+    f = click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
+                     help="Local weights: .safetensors, or .pth/.pt loaded with weights_only=True.")(f)
+    f = click.option("--model-arg", "model_args", multiple=True, metavar="K=V",
+                     help="timm keyword argument for the teacher, e.g. img_size=32 (repeatable).")(f)
+    return f
+
+
+def make_teacher_config(teacher: str, model_args, checkpoint, random_init, seed, device="cpu") -> TeacherConfig:
+    return TeacherConfig(teacher, parse_model_args(model_args), checkpoint, random_init, seed, device)
+
+
+@click.command()
+@click.option("--data", "data", multiple=True, required=True,
+              help="Webdataset shards: a brace pattern like 'd/train-{000000..000009}.tar' (repeatable).")
+@click.option("--teacher", required=True, help="timm model name, or a directory written by `teacher pretrain`.")
+@teacher_options
+@click.option("--out", required=True, type=click.Path(), help="Store path (created, or resumed if it is this job's).")
+@click.option("--views", default=_DEFAULTS.views, help="Augmentation views per sample (epoch e uses view e mod V).")
+@click.option("--recipe", default=_DEFAULTS.recipe, help="'train', 'eval', or an op spec like 'rrc|flip|normalize'.")
+@click.option("--layers", default=_DEFAULTS.layers, help="Layers to cache, Python slice syntax ('0:-3') or list.")
+@click.option("--heads", default=None, help="Comma list of heads to cache (default: all).")
+@click.option("--encoding", default=_DEFAULTS.encoding, help="exact:fp16|exact:fp32|exact:bf16|lowrank:r=R[:int8].")
+@click.option("--compression", default=_DEFAULTS.compression, help="zstd[:LEVEL][:shuffle|bitshuffle] or none.")
+@click.option("--batch-size", default=_DEFAULTS.batch_size, help="Teacher batch size (recorded: it fixes numerics).")
+@click.option("--workers", default=_DEFAULTS.workers, help="Loader processes decoding and augmenting.")
+@click.option("--threads", default=_DEFAULTS.threads, help="Torch intra-op threads (recorded in the store).")
+@click.option("--device", default="cpu", help="Device of the teacher: cpu, cuda, cuda:1 ...")
+@click.option("--on-bad-sample", type=click.Choice([p.value for p in OnBadSample]), default=_DEFAULTS.on_bad_sample.value,
+              help="fail: stop at the first unusable sample; skip: record it with its reason and go on.")
+@click.option("--max-skipped", type=int, default=None, help="With skip: fail once more samples than this are skipped.")
+@click.option("--ray", "ray_address", default="none",
+              help="none: run in this process. (local|ADDRESS arrive with distributed precompute.)")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def precompute(data, teacher, model_args, checkpoint, random_init, seed, out, views, recipe, layers, heads,
+               encoding, compression, batch_size, workers, threads, device, on_bad_sample, max_skipped, ray_address,
+               quiet):
+    """Run the teacher once over the data and write attention factors to a Zarr store.
+
+    Units (input shard x view) whose marker is valid are skipped, so re-running the same
+    command resumes an interrupted job.
+    """
+    if ray_address != "none":
+        raise click.UsageError("only --ray none is available in this version: Ray scheduling is not built yet")
+    config = PrecomputeConfig(
+        data=tuple(data), out=out, teacher=make_teacher_config(teacher, model_args, checkpoint, random_init, seed, device),
+        views=views, seed=seed, recipe=recipe, layers=layers, heads=heads, encoding=encoding, compression=compression,
+        batch_size=batch_size, workers=workers, threads=threads, on_bad_sample=OnBadSample(on_bad_sample),
+        max_skipped=max_skipped, progress=not quiet)
+    summary = run_precompute(config)
+    for line in summary.lines():
+        click.echo(line)
+
+
+@click.command()
+@click.argument("store", type=click.Path())
+@click.option("--recompute", type=int, default=0, help="Re-run the teacher on K random cached samples.")
+@click.option("--teacher", default=None, help="Teacher for --recompute (name or directory).")
+@teacher_options
+@click.option("--tolerance", default=1e-4, help="Allowed KL excess of the cache over a fresh encoding.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
+def verify(store, recompute, teacher, model_args, checkpoint, random_init, seed, tolerance, as_json):
+    """Check a store: schema, every unit's marker, checksums and counts. Exit 1 naming each bad unit."""
+    from pipeline.store import CacheStore
+    from pipeline.verify import recompute_check, verify_store
+
+    report = verify_store(store)
+    result = {"ok": report.ok, "units_ok": report.units_ok, "units_total": report.units_total,
+              "problems": report.problems}
+    if recompute and report.ok:
+        if teacher is None:
+            raise click.UsageError("--recompute needs --teacher (and --checkpoint or --random-init as at precompute)")
+        result["recompute"] = recompute_check(
+            CacheStore.open(store), make_teacher_config(teacher, model_args, checkpoint, random_init, seed),
+            recompute, seed, tolerance)
+        result["ok"] = result["ok"] and result["recompute"]["ok"]
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        click.echo(f"{store}: {report.units_ok}/{report.units_total} units ok")
+        for problem in report.problems:
+            click.echo(f"  PROBLEM {problem}")
+        if "recompute" in result:
+            r = result["recompute"]
+            click.echo(f"recompute: {r['samples']} samples, max KL(teacher || cache) {r['max_kl']:.3g}, "
+                       f"fresh encoding {r['max_kl_fresh_encoding']:.3g}, mismatched {len(r['mismatched'])}")
+    sys.exit(0 if result["ok"] else 1)
+
+
+@click.command()
+@click.argument("store", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
+def inspect(store, as_json):
+    """Print a store's metadata, units done/total, bytes on disk and per sample, ratio to fp32 maps."""
+    from pipeline.verify import inspect_store
+
+    info = inspect_store(store)
+    if as_json:
+        click.echo(json.dumps(info))
+        return
+    for key in ("path", "teacher", "encoding", "recipe", "seed", "views", "layers", "heads", "tokens",
+                "units_done", "units_total", "samples_written", "samples_skipped", "bytes_on_disk",
+                "bytes_per_sample", "raw_fp32_map_bytes_per_sample", "ratio_to_raw_fp32_maps",
+                "fidelity_kl_per_layer", "compute"):
+        value = info[key]
+        value = f"{value:,.1f}" if isinstance(value, float) else value
+        click.echo(f"{key:>32}: {value}")
+
+
+@click.command()
+@click.argument("store", type=click.Path())
+@click.option("--key", required=True, help="Sample key (webdataset __key__).")
+@click.option("--view", default=0, help="Augmentation view.")
+@click.option("--layers", default=None, help="Layers to draw (slice or list over teacher layers; default: 4 spread out).")
+@click.option("--heads", default=None, help="Comma list of heads (default: all cached heads).")
+@click.option("--query", type=click.Choice(["cls", "mean"]), default="cls", help="Which query row to draw.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
+def show(store, key, view, layers, heads, query, out):
+    """Draw the replayed augmented image and its cached attention maps to a PNG."""
+    from pipeline.show import render
+    from pipeline.store import CacheStore
+    from pipeline.teacher import resolve_layers
+
+    cache = CacheStore.open(store)
+    stored = cache.meta["layers"]
+    if layers is None:
+        chosen = sorted({stored[i] for i in np.linspace(0, len(stored) - 1, min(4, len(stored))).round().astype(int)})
+    else:
+        chosen = [l for l in resolve_layers(layers, cache.meta["teacher"]["num_layers"])]
+        missing = [l for l in chosen if l not in stored]
+        if missing:
+            raise click.UsageError(f"layers {missing} are not cached (cached: {stored})")
+    head_list = None if heads is None else [int(h) for h in heads.split(",")]
+    click.echo(render(cache, key, view, chosen, head_list, query, out))
+

@@ -1,0 +1,359 @@
+"""Precompute: run the teacher once per (sample, view) and write the unit's factors to the store.
+
+Work is split into units = (input shard, view). CPU work (tar reading, decoding, drawing and
+applying augmentation) runs in loader workers, one unit per worker at a time; the main process
+runs the teacher, and a background thread encodes and writes a unit when its last batch is in,
+overlapping the next forward. `process_unit` does the same for one unit alone (the function a
+Ray task calls). A unit's bytes depend only on the job's settings and the unit: batches never
+cross units and always start at the unit's start.
+"""
+from __future__ import annotations
+
+import enum
+import os
+import queue
+import threading
+import time
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from pipeline.augment import Recipe, parse_recipe
+from pipeline.data import BadSample, DatasetManifest, build_manifest, decode_sample, expand_shards, iter_shard
+from pipeline.factors import Encoding, attention_kl, exact_logits, parse_encoding
+from pipeline.store import CacheStore, Unit, base_arrays, factor_arrays, parse_compression
+from pipeline.teacher import Teacher, TeacherConfig, resolve_heads, resolve_layers
+
+
+class OnBadSample(enum.Enum):
+    FAIL = "fail"
+    SKIP = "skip"
+
+
+class TooManySkipped(RuntimeError):
+    pass
+
+
+def default_threads() -> int:
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+@dataclass(frozen=True)
+class PrecomputeConfig:
+    data: tuple[str, ...]
+    out: str
+    teacher: TeacherConfig
+    views: int = 1
+    seed: int = 0
+    recipe: str = "train"
+    layers: str = ":"
+    heads: str | None = None
+    encoding: str = "lowrank:r=16:int8"
+    compression: str = "zstd:3"
+    batch_size: int = 64
+    workers: int = 2
+    threads: int = field(default_factory=default_threads)
+    on_bad_sample: OnBadSample = OnBadSample.SKIP
+    max_skipped: int | None = None
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything resolved once before any unit runs: the checks that fail before work happen here."""
+
+    config: PrecomputeConfig
+    manifest: DatasetManifest
+    teacher: Teacher
+    recipe: Recipe
+    layers: tuple[int, ...]
+    heads: tuple[int, ...]
+    encoding: Encoding
+    store: CacheStore
+
+
+@dataclass(frozen=True)
+class PreparedBatch:
+    unit: Unit
+    positions: np.ndarray  # [b] positions within the shard
+    keys: list[str]
+    labels: np.ndarray  # [b]
+    images_BCHW: torch.Tensor
+    aug_BP: np.ndarray  # [b, P]
+    skipped: list[dict]  # bad samples met since the previous batch of this unit
+    last: bool
+    count: int  # entries seen in the shard so far (the shard's total on the last batch)
+
+
+@dataclass
+class Summary:
+    units_total: int = 0
+    units_already_done: int = 0
+    units_processed: int = 0
+    samples_written: int = 0
+    skipped: list[dict] = field(default_factory=list)
+    factor_bytes: int = 0
+    seconds: float = 0.0
+
+    @property
+    def images_per_s(self) -> float:
+        return self.samples_written / self.seconds if self.seconds else 0.0
+
+    def lines(self) -> list[str]:
+        reasons = Counter(s["reason"].split(":")[0] for s in self.skipped)
+        per = self.factor_bytes / self.samples_written if self.samples_written else 0
+        out = [f"units: {self.units_processed} processed, {self.units_already_done} already done, "
+               f"{self.units_total} in the job",
+               f"samples written: {self.samples_written}   skipped: {len(self.skipped)}",
+               f"factor bytes written: {self.factor_bytes:,} ({per:,.0f} per sample-view)",
+               f"time: {self.seconds:.1f} s   throughput: {self.images_per_s:.1f} images/s"]
+        out += [f"  skipped ({n}): {reason}" for reason, n in reasons.most_common()]
+        out += [f"    {s['shard']}: {s['key']!r}: {s['reason']}" for s in self.skipped[:20]]
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- job
+
+
+def build_metadata(config: PrecomputeConfig, manifest: DatasetManifest, teacher: Teacher, recipe: Recipe,
+                   layers, heads, encoding: Encoding) -> dict:
+    slots = max(1, manifest.max_count)
+    arrays = base_arrays(recipe.num_params)
+    arrays.update(factor_arrays(encoding, len(layers), len(heads), teacher.num_tokens, teacher.head_dim))
+    return {
+        "created_by": "attncache 0.1.0",
+        "teacher": teacher.identity(),
+        "recipe": {"spec": recipe.describe(), "ops": recipe.to_json(), "num_params": recipe.num_params,
+                   "layout": recipe.param_layout(), "output_size": recipe.output_size},
+        "seed": config.seed, "views": config.views, "layers": list(layers), "heads": list(heads),
+        "tokens": {"count": teacher.num_tokens, "num_prefix_tokens": teacher.num_prefix_tokens,
+                   "grid": list(teacher.grid)},
+        "encoding": encoding.to_json(),
+        "compression": parse_compression(config.compression),
+        "dataset": dict(manifest.to_json(), fingerprint=manifest.fingerprint, slots_per_shard=slots,
+                        num_slots=slots * len(manifest.shards)),
+        "compute": {"batch_size": config.batch_size, "threads": config.threads, "device": config.teacher.device,
+                    "torch_version": torch.__version__},
+        "arrays": arrays,
+    }
+
+
+def build_job(config: PrecomputeConfig) -> Job:
+    if config.views < 1:
+        raise ValueError("--views must be at least 1")
+    torch.set_num_threads(config.threads)
+    urls = expand_shards(list(config.data))
+    manifest = build_manifest(urls, progress=config.progress)
+    teacher = Teacher(config.teacher)
+    defaults = teacher.recipe_defaults()
+    recipe = parse_recipe(config.recipe, defaults)
+    if recipe.output_size != defaults.image_size:
+        raise ValueError(f"recipe output size {recipe.output_size} != teacher input size {defaults.image_size}")
+    layers = resolve_layers(config.layers, teacher.num_layers)
+    heads = resolve_heads(config.heads, teacher.num_heads)
+    encoding = parse_encoding(config.encoding)
+    meta = build_metadata(config, manifest, teacher, recipe, layers, heads, encoding)
+    store = CacheStore.create_or_open(config.out, meta)
+    return Job(config, manifest, teacher, recipe, layers, heads, encoding, store)
+
+
+# ---------------------------------------------------------------------------------------------- CPU side
+
+
+def prepare_unit(unit: Unit, recipe: Recipe, seed: int, batch_size: int) -> Iterator[PreparedBatch]:
+    """Decode and augment one shard for one view; bad samples become records, never exceptions."""
+    buf: list[tuple[int, str, int, torch.Tensor, np.ndarray]] = []
+    skipped: list[dict] = []
+    count = 0
+
+    def flush(last: bool) -> PreparedBatch:
+        nonlocal buf, skipped
+        batch = PreparedBatch(
+            unit=unit, positions=np.array([b[0] for b in buf], dtype=np.int64), keys=[b[1] for b in buf],
+            labels=np.array([b[2] for b in buf], dtype=np.int64),
+            images_BCHW=torch.stack([b[3] for b in buf]) if buf else torch.empty(0),
+            aug_BP=np.stack([b[4] for b in buf]) if buf else np.zeros((0, recipe.num_params)),
+            skipped=skipped, last=last, count=count)
+        buf, skipped = [], []
+        return batch
+
+    for entry in iter_shard(unit.url):
+        count += 1
+        try:
+            image, label = decode_sample(unit.url, entry)
+        except BadSample as bad:
+            skipped.append({"position": entry.position, "key": entry.key, "reason": bad.reason, "shard": unit.url})
+            continue
+        params, pixels = recipe.draw_and_apply(image, seed, entry.key, unit.view)
+        buf.append((entry.position, entry.key, label, pixels, params))
+        if len(buf) == batch_size:
+            yield flush(last=False)
+    yield flush(last=True)
+
+
+class UnitStream(torch.utils.data.IterableDataset):
+    """Units split over loader workers by index; each worker streams its units' batches in order."""
+
+    def __init__(self, units: list[Unit], recipe: Recipe, seed: int, batch_size: int):
+        self.units, self.recipe, self.seed, self.batch_size = units, recipe, seed, batch_size
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        mine = self.units if info is None else self.units[info.id::info.num_workers]
+        for unit in mine:
+            yield from prepare_unit(unit, self.recipe, self.seed, self.batch_size)
+
+
+def _prefetch(items: Iterator, depth: int = 2) -> Iterator:
+    """Run a generator ahead on a thread (PIL and numpy release the GIL while decoding)."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+
+    def run():
+        try:
+            for item in items:
+                q.put(item)
+            q.put(done)
+        except BaseException as exc:  # surfaced in the consumer
+            q.put(exc)
+
+    threading.Thread(target=run, daemon=True).start()
+    while (item := q.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+# ---------------------------------------------------------------------------------------------- teacher side
+
+
+class UnitAccumulator:
+    """Collects one unit's encoded batches into whole-shard blocks, then writes them."""
+
+    def __init__(self, job: Job, unit: Unit):
+        self.job, self.unit = job, unit
+        spp = job.store.slots_per_shard
+        arrays = job.store.meta["arrays"]
+        self.blocks = {n: np.zeros((spp, *s["trailing_shape"]), dtype=s["dtype"])
+                       for n, s in arrays.items() if n not in ("key", "label", "valid")}
+        self.keys = [""] * spp
+        self.labels = np.full(spp, -1, dtype=np.int64)
+        self.valid = np.zeros(spp, dtype=np.uint8)
+        self.skipped: list[dict] = []
+        self.fidelity: list[float] | None = None
+        self.started = time.perf_counter()
+
+    def add(self, batch: PreparedBatch, q_BLHNd: torch.Tensor | None, k_BLHNd: torch.Tensor | None) -> int:
+        """Encode one batch's captured Q/K into the unit's blocks; returns samples added."""
+        self.skipped += batch.skipped
+        if not batch.keys:
+            return 0
+        scale = self.job.teacher.scale
+        encoded = self.job.encoding.encode(q_BLHNd, k_BLHNd, scale)
+        if self.fidelity is None:  # what the encoding loses, measured on the unit's first sample
+            est = self.job.encoding.decode_logits({n: a[:1] for n, a in encoded.items()}, scale)
+            self.fidelity = attention_kl(exact_logits(q_BLHNd[:1], k_BLHNd[:1], scale), est).tolist()
+        pos = batch.positions
+        for name, values in encoded.items():
+            self.blocks[name][pos] = values
+        self.blocks["aug"][pos, :batch.aug_BP.shape[1]] = batch.aug_BP
+        for p, key in zip(pos, batch.keys):
+            self.keys[p] = key
+        self.labels[pos] = batch.labels
+        self.valid[pos] = 1
+        return len(batch.keys)
+
+    def write(self, count: int) -> dict:
+        aug = self.blocks.pop("aug")
+        return self.job.store.write_unit(
+            self.unit, count=count, keys=self.keys, labels=self.labels, valid=self.valid, aug=aug,
+            factors=self.blocks, skipped=[{k: s[k] for k in ("position", "key", "reason")} for s in self.skipped],
+            fidelity_kl=self.fidelity, seconds=time.perf_counter() - self.started)
+
+
+def _check_policy(job: Job, batch: PreparedBatch, summary: Summary) -> None:
+    for s in batch.skipped:
+        if job.config.on_bad_sample is OnBadSample.FAIL:
+            raise BadSample(s["shard"], s["key"], s["reason"])
+    summary.skipped += batch.skipped
+    limit = job.config.max_skipped
+    if limit is not None and len(summary.skipped) > limit:
+        last = summary.skipped[-1]
+        raise TooManySkipped(f"{len(summary.skipped)} samples skipped, more than --max-skipped {limit}; "
+                             f"latest: {last['shard']}: {last['key']!r}: {last['reason']}")
+
+
+def _finish_batch(acc: UnitAccumulator, batch: PreparedBatch, q, k) -> tuple[int, int | None]:
+    """Encode (and after a unit's last batch, write) off the main thread: (samples, factor bytes or None)."""
+    added = acc.add(batch, q, k)
+    if not batch.last:
+        return added, None
+    acc.write(batch.count)
+    return added, acc.job.store.unit_factor_bytes(batch.unit)
+
+
+def consume(job: Job, batches: Iterator[PreparedBatch], summary: Summary, bar=None) -> None:
+    """Teacher forward here; encoding and writing on one background thread, so they overlap the
+    next forward. Batches of several units may interleave; each unit has its own accumulator,
+    and the single encode thread keeps every unit's batches in order."""
+    open_units: dict[tuple[int, int], UnitAccumulator] = {}
+    pending: deque = deque()
+
+    def drain(limit: int) -> None:
+        while len(pending) > limit:
+            added, unit_bytes = pending.popleft().result()
+            summary.samples_written += added
+            if unit_bytes is not None:
+                summary.units_processed += 1
+                summary.factor_bytes += unit_bytes
+                if bar is not None:
+                    bar.set_postfix(units=f"{summary.units_processed}/{summary.units_total - summary.units_already_done}")
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="attncache-encode") as pool:
+        for batch in batches:
+            uid = (batch.unit.view, batch.unit.shard_index)
+            acc = open_units.get(uid) or open_units.setdefault(uid, UnitAccumulator(job, batch.unit))
+            _check_policy(job, batch, summary)
+            q = k = None
+            if batch.keys:
+                q, k = job.teacher.capture(batch.images_BCHW, job.layers, job.heads)
+            pending.append(pool.submit(_finish_batch, acc, batch, q, k))
+            if batch.last:
+                del open_units[uid]
+            if bar is not None:
+                bar.update(len(batch.keys) + len(batch.skipped))
+            drain(2)
+        drain(0)
+
+
+def process_unit(job: Job, unit: Unit) -> Summary:
+    """One unit start to finish (what a Ray task runs); decoding runs ahead on a thread."""
+    summary = Summary(units_total=1)
+    started = time.perf_counter()
+    consume(job, _prefetch(prepare_unit(unit, job.recipe, job.config.seed, job.config.batch_size)), summary)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def run_precompute(config: PrecomputeConfig, job: Job | None = None) -> Summary:
+    """The in-process runner (`--ray none`): loader workers decode, this process runs the teacher."""
+    job = job or build_job(config)
+    units = job.store.units()
+    todo = [u for u in units if not job.store.unit_done(u)]
+    summary = Summary(units_total=len(units), units_already_done=len(units) - len(todo))
+    started = time.perf_counter()
+    counts = [s.count for s in job.manifest.shards]
+    workers = min(config.workers, len(todo))
+    loader = torch.utils.data.DataLoader(UnitStream(todo, job.recipe, config.seed, config.batch_size),
+                                         batch_size=None, num_workers=workers,
+                                         prefetch_factor=2 if workers else None)
+    with tqdm(total=sum(counts[u.shard_index] for u in todo), unit="img", disable=not config.progress,
+              desc="precompute", dynamic_ncols=True) as bar:
+        consume(job, iter(loader) if todo else iter(()), summary, bar)
+    summary.seconds = time.perf_counter() - started
+    return summary

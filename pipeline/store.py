@@ -1,0 +1,344 @@
+"""The Zarr v3 cache store: create or reopen, write one unit, read units, markers.
+
+One unit = (input shard, view). Every per-sample array has the slot as its first axis, with
+`slot = shard_index * slots_per_shard + position`, and a Zarr shard of exactly `slots_per_shard`
+slots, so a unit owns one Zarr shard file per array: concurrent writers never share a file, and a
+unit is written whole in one call per array (zarr 3.1 rewrites a whole shard on a partial write).
+The unit's marker (JSON with counts, skipped keys and sha256 of each shard file) is written last
+and atomically; readers and `verify` trust markers only. Layout and arithmetic: storage_schema/README.md.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, ZstdCodec
+
+from pipeline.factors import Encoding, encoding_from_json
+from storage_schema import SCHEMA_VERSION, SchemaError, validate_marker, validate_store_metadata
+
+META_ATTR = "attncache"
+
+
+class StoreError(RuntimeError):
+    """The store cannot be used as asked (mismatching metadata, missing units, bad path)."""
+
+
+@dataclass(frozen=True)
+class Unit:
+    view: int
+    shard_index: int
+    url: str
+
+    @property
+    def name(self) -> str:
+        return f"view {self.view} shard {self.shard_index:06d} ({Path(self.url).name})"
+
+
+@dataclass(frozen=True)
+class UnitData:
+    """One unit's arrays as numpy, slot axis first (slots_per_shard long)."""
+
+    keys: np.ndarray
+    labels: np.ndarray
+    valid: np.ndarray
+    aug: np.ndarray
+    factors: dict[str, np.ndarray]
+
+
+def cache_id(meta: dict) -> str:
+    """Identity of what the cached bytes depend on: teacher weights, recipe, seed, encoding, layout, numerics."""
+    keyed = {k: meta[k] for k in ("schema_version", "recipe", "seed", "layers", "heads", "encoding",
+                                  "compression", "compute")}
+    keyed["teacher"] = {k: meta["teacher"][k] for k in ("name", "model_args", "weights_sha256")}
+    blob = json.dumps(keyed, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def _compressors(compression: dict):
+    if compression["codec"] == "none":
+        return None
+    if compression["shuffle"] == "none":
+        return ZstdCodec(level=compression["level"])
+    shuffle = {"byte": "shuffle", "bit": "bitshuffle"}[compression["shuffle"]]
+    return BloscCodec(cname="zstd", clevel=compression["level"], shuffle=shuffle)
+
+
+def parse_compression(spec: str) -> dict:
+    """`zstd:3`, `zstd:5:shuffle`, `zstd:3:bitshuffle`, `none`."""
+    parts = spec.strip().split(":")
+    if parts == ["none"]:
+        return {"codec": "none", "level": 0, "shuffle": "none"}
+    if parts[0] != "zstd" or len(parts) > 3:
+        raise ValueError(f"bad compression {spec!r}: expected 'zstd[:LEVEL][:shuffle|bitshuffle]' or 'none'")
+    level = int(parts[1]) if len(parts) > 1 else 3
+    shuffle = {"shuffle": "byte", "bitshuffle": "bit", "noshuffle": "none"}.get(parts[2] if len(parts) > 2 else "noshuffle")
+    if shuffle is None:
+        raise ValueError(f"bad compression {spec!r}: shuffle must be 'shuffle' or 'bitshuffle'")
+    return {"codec": "zstd", "level": level, "shuffle": shuffle}
+
+
+def _per_sample_arrays(meta: dict) -> dict[str, dict]:
+    """name -> (path, trailing shape, dtype) of every array a unit writes."""
+    return meta["arrays"]
+
+
+def base_arrays(num_params: int) -> dict[str, dict]:
+    return {
+        "key": {"path": "key", "trailing_shape": [], "dtype": "str", "meaning": "webdataset __key__ ('' if empty)"},
+        "label": {"path": "label", "trailing_shape": [], "dtype": "int64", "meaning": "class label, -1 if empty"},
+        "valid": {"path": "valid", "trailing_shape": [], "dtype": "uint8", "meaning": "1 if the slot holds a sample"},
+        "aug": {"path": "aug", "trailing_shape": [max(num_params, 1)], "dtype": "float64",
+                "meaning": "augmentation params (layout in recipe.layout; one unused 0 when the recipe draws none)"},
+    }
+
+
+def factor_arrays(encoding: Encoding, num_layers: int, num_heads: int, num_tokens: int, head_dim: int) -> dict[str, dict]:
+    return {s.name: {"path": f"factors/{s.name}", "trailing_shape": list(s.trailing_shape), "dtype": s.dtype,
+                     "meaning": s.meaning}
+            for s in encoding.array_specs(num_layers, num_heads, num_tokens, head_dim)}
+
+
+class _Files:
+    """Plain files beside the Zarr arrays (markers) and raw reads of shard files for checksums."""
+
+    def __init__(self, root: str):
+        self.root = root
+        self.local = "://" not in root
+        if not self.local:
+            import fsspec
+            self.fs, self.base = fsspec.core.url_to_fs(root)
+
+    def _full(self, rel: str) -> str:
+        return os.path.join(self.root, rel) if self.local else f"{self.base.rstrip('/')}/{rel}"
+
+    def read(self, rel: str) -> bytes | None:
+        try:
+            if self.local:
+                return Path(self._full(rel)).read_bytes()
+            return self.fs.cat_file(self._full(rel))
+        except FileNotFoundError:
+            return None
+
+    def write_atomic(self, rel: str, data: bytes) -> None:
+        path = self._full(rel)
+        if not self.local:  # object stores publish a put whole or not at all
+            self.fs.pipe_file(path, data)
+            return
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def delete(self, rel: str) -> None:
+        try:
+            os.remove(self._full(rel)) if self.local else self.fs.rm_file(self._full(rel))
+        except FileNotFoundError:
+            pass
+
+    def size(self, rel: str) -> int | None:
+        try:
+            return os.path.getsize(self._full(rel)) if self.local else int(self.fs.size(self._full(rel)))
+        except FileNotFoundError:
+            return None
+
+    def total_bytes(self) -> int:
+        if self.local:
+            return sum(p.stat().st_size for p in Path(self.root).rglob("*") if p.is_file())
+        return int(self.fs.du(self.base))
+
+
+class CacheStore:
+    def __init__(self, path: str, group: zarr.Group, meta: dict):
+        self.path = str(path)
+        self.group = group
+        self.meta = meta
+        self.files = _Files(self.path)
+        self.encoding: Encoding = encoding_from_json(meta["encoding"])
+        self.slots_per_shard = int(meta["dataset"]["slots_per_shard"])
+        self.num_shards = len(meta["dataset"]["shards"])
+
+    # ------------------------------------------------------------------ open / create
+
+    @classmethod
+    def open(cls, path: str | Path, mode: str = "r") -> "CacheStore":
+        path = str(path)
+        try:
+            group = zarr.open_group(path, mode=mode, zarr_format=3)
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
+            raise StoreError(f"{path}: no attncache store here ({exc})") from exc
+        meta = group.attrs.get(META_ATTR)
+        validate_store_metadata(meta, where=path)
+        if meta["cache_id"] != cache_id(meta):
+            raise SchemaError(f"{path}: metadata edited after creation: cache_id {meta['cache_id'][:12]} does not "
+                              f"match its contents ({cache_id(meta)[:12]})")
+        return cls(path, group, meta)
+
+    @classmethod
+    def create_or_open(cls, path: str | Path, meta: dict) -> "CacheStore":
+        """A new store, or the existing one when it was made by the same job (resume)."""
+        path = str(path)
+        meta = dict(meta, schema_version=SCHEMA_VERSION)
+        meta["cache_id"] = cache_id(meta)
+        validate_store_metadata(meta, where=path)
+        if _exists(path):
+            store = cls.open(path, mode="r+")
+            _require_same_job(path, store.meta, meta)
+            return store
+        group = zarr.open_group(path, mode="w-", zarr_format=3)
+        store = cls(path, group, meta)
+        store._create_arrays()
+        group.attrs[META_ATTR] = meta  # last: a store without metadata is not a store
+        return store
+
+    def _create_arrays(self) -> None:
+        n_slots = self.meta["dataset"]["num_slots"]
+        compressors = _compressors(self.meta["compression"])
+        for view in range(self.meta["views"]):
+            for name, spec in _per_sample_arrays(self.meta).items():
+                trailing = tuple(spec["trailing_shape"])
+                per_sample_chunks = name not in ("key", "label", "valid", "aug")
+                inner = 1 if per_sample_chunks else self.slots_per_shard
+                dtype = str if spec["dtype"] == "str" else spec["dtype"]
+                self.group.create_array(
+                    f"views/{view}/{spec['path']}", shape=(n_slots, *trailing), dtype=dtype,
+                    chunks=(inner, *trailing), shards=(self.slots_per_shard, *trailing),
+                    compressors=compressors if dtype is not str else ZstdCodec(level=3),
+                    fill_value=_fill_value(name, spec["dtype"]))
+
+    # ------------------------------------------------------------------ layout helpers
+
+    def slot_range(self, shard_index: int) -> tuple[int, int]:
+        start = shard_index * self.slots_per_shard
+        return start, start + self.slots_per_shard
+
+    def units(self) -> list[Unit]:
+        shards = self.meta["dataset"]["shards"]
+        return [Unit(v, i, s["url"]) for v in range(self.meta["views"]) for i, s in enumerate(shards)]
+
+    def unit_files(self, view: int, shard_index: int) -> list[str]:
+        """Store-relative paths of the Zarr shard files that this unit owns (default chunk key encoding)."""
+        files = []
+        for spec in _per_sample_arrays(self.meta).values():
+            ndim = 1 + len(spec["trailing_shape"])
+            files.append("/".join([f"views/{view}/{spec['path']}", "c", str(shard_index)] + ["0"] * (ndim - 1)))
+        return files
+
+    @staticmethod
+    def marker_path(view: int, shard_index: int) -> str:
+        return f"units/{view}/{shard_index:06d}.json"
+
+    # ------------------------------------------------------------------ markers
+
+    def read_marker(self, view: int, shard_index: int) -> dict | None:
+        """The unit's marker if present; a marker that fails its schema or names another job raises."""
+        raw = self.files.read(self.marker_path(view, shard_index))
+        if raw is None:
+            return None
+        where = f"{self.path}/{self.marker_path(view, shard_index)}"
+        try:
+            marker = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise SchemaError(f"{where}: marker is not JSON ({exc})") from exc
+        validate_marker(marker, where=where)
+        if marker["cache_id"] != self.meta["cache_id"]:
+            raise SchemaError(f"{where}: marker belongs to another cache ({marker['cache_id'][:12]})")
+        return marker
+
+    def unit_done(self, unit: Unit) -> bool:
+        try:
+            return self.read_marker(unit.view, unit.shard_index) is not None
+        except SchemaError:
+            return False  # an unreadable marker means the unit is redone
+
+    def file_sha256(self, rel: str) -> str | None:
+        data = self.files.read(rel)
+        return None if data is None else hashlib.sha256(data).hexdigest()
+
+    # ------------------------------------------------------------------ write / read
+
+    def write_unit(self, unit: Unit, *, count: int, keys: list[str], labels: np.ndarray, valid: np.ndarray,
+                   aug: np.ndarray, factors: dict[str, np.ndarray], skipped: list[dict],
+                   fidelity_kl: list[float] | None = None, seconds: float = 0.0) -> dict:
+        """Write every array's shard whole, then the marker. Re-running a unit overwrites it in place."""
+        self.files.delete(self.marker_path(unit.view, unit.shard_index))  # not done until rewritten
+        start, stop = self.slot_range(unit.shard_index)
+        blocks = {"key": np.array(keys, dtype=object), "label": labels, "valid": valid, "aug": aug, **factors}
+        for name, spec in _per_sample_arrays(self.meta).items():
+            block = blocks[name]
+            expected = (self.slots_per_shard, *spec["trailing_shape"])
+            if block.shape != expected:
+                raise StoreError(f"{unit.name}: array {name} has shape {block.shape}, store expects {expected}")
+            self.group[f"views/{unit.view}/{spec['path']}"][start:stop] = block
+        files = {rel: self.file_sha256(rel) for rel in self.unit_files(unit.view, unit.shard_index)}
+        marker = {"schema_version": SCHEMA_VERSION, "cache_id": self.meta["cache_id"], "view": unit.view,
+                  "shard_index": unit.shard_index, "shard_url": unit.url, "slot_start": start, "count": count,
+                  "written": int(valid.sum()), "skipped": skipped, "files": files,
+                  "fidelity_kl": fidelity_kl, "seconds": round(float(seconds), 3)}
+        validate_marker(marker)
+        self.files.write_atomic(self.marker_path(unit.view, unit.shard_index),
+                                json.dumps(marker, indent=1, sort_keys=True).encode())
+        return marker
+
+    def read_unit(self, view: int, shard_index: int) -> UnitData:
+        start, stop = self.slot_range(shard_index)
+        arrays = {name: self.group[f"views/{view}/{spec['path']}"][start:stop]
+                  for name, spec in _per_sample_arrays(self.meta).items()}
+        factors = {n: a for n, a in arrays.items() if n not in ("key", "label", "valid", "aug")}
+        return UnitData(arrays["key"], arrays["label"], arrays["valid"], arrays["aug"], factors)
+
+    def read_factors(self, view: int, slots: list[int]) -> dict[str, np.ndarray]:
+        """Factor arrays for chosen slots, stacked [len(slots), ...] (one inner chunk read per slot)."""
+        names = [n for n in _per_sample_arrays(self.meta) if n not in ("key", "label", "valid", "aug")]
+        out = {}
+        for name in names:
+            arr = self.group[f"views/{view}/{self.meta['arrays'][name]['path']}"]
+            out[name] = np.stack([arr[s] for s in slots])
+        return out
+
+    def bytes_on_disk(self) -> int:
+        return self.files.total_bytes()
+
+    def unit_factor_bytes(self, unit: Unit) -> int:
+        """Bytes of one unit's factor shard files: what the encoding costs on disk."""
+        return sum(self.files.size(rel) or 0 for rel in self.unit_files(unit.view, unit.shard_index)
+                   if "/factors/" in rel)
+
+    def factor_bytes(self) -> int:
+        return sum(self.unit_factor_bytes(u) for u in self.units() if self.unit_done(u))
+
+
+def _fill_value(name: str, dtype: str):
+    return {"key": "", "label": -1, "valid": 0}.get(name, 0)
+
+
+def _exists(path: str) -> bool:
+    if "://" not in path:
+        return Path(path, "zarr.json").exists()
+    import fsspec
+    fs, base = fsspec.core.url_to_fs(path)
+    return fs.exists(f"{base.rstrip('/')}/zarr.json")
+
+
+def _require_same_job(path: str, old: dict, new: dict) -> None:
+    """Resume only the same job: every field that decides the bytes must agree, and the data too."""
+    fields = ("teacher", "recipe", "seed", "views", "layers", "heads", "encoding", "compression", "compute")
+    diffs = [f for f in fields if old.get(f) != new.get(f)]
+    if old["dataset"]["fingerprint"] != new["dataset"]["fingerprint"]:
+        diffs.append("dataset")
+    if diffs:
+        detail = "; ".join(f"{f}: store has {_short(old.get(f))}, this run has {_short(new.get(f))}" for f in diffs)
+        raise StoreError(f"{path} holds a different cache ({detail}). Use another --out, or delete the store.")
+
+
+def _short(value) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) < 160 else text[:157] + "..."

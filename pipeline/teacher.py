@@ -1,0 +1,234 @@
+"""Teacher loading (timm name, local checkpoint, teacher-pretrain directory) and Q/K capture.
+
+Q and K are captured with forward hooks on each selected block's `attn.q_norm` and `attn.k_norm`:
+their outputs are Q and K exactly as timm's attention uses them (after q/k norm, before the
+1/sqrt(d) scale), shape [B, H, N, d], and the hooks work with fused attention too. Models that
+rotate Q/K after those modules (RoPE: EVA-02 and friends) are refused, since the captured tensors
+would not be what the attention used.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+
+from pipeline.augment import RecipeDefaults
+
+TEACHER_CONFIG_FILE = "config.json"
+TEACHER_WEIGHTS_FILE = "model.safetensors"
+
+
+class TeacherError(ValueError):
+    """The teacher cannot be loaded or is not a supported ViT."""
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    name: str
+    model_args: tuple[tuple[str, Any], ...] = ()
+    checkpoint: str | None = None
+    random_init: bool = False
+    seed: int = 0
+    device: str = "cpu"
+
+
+def parse_model_args(pairs: tuple[str, ...] | list[str]) -> tuple[tuple[str, Any], ...]:
+    """`k=v` strings to sorted pairs; values go through JSON then fall back to plain strings."""
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise TeacherError(f"model argument {pair!r} is not of the form key=value")
+        key, raw = pair.split("=", 1)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = {"true": True, "false": False, "none": None}.get(raw.lower(), raw)
+        out[key.strip()] = value
+    return tuple(sorted(out.items()))
+
+
+def resolve_teacher_config(cfg: TeacherConfig) -> TeacherConfig:
+    """A directory written by `teacher pretrain` names its timm model, arguments and weights."""
+    path = Path(cfg.name)
+    if not path.is_dir():
+        return cfg
+    config_file = path / TEACHER_CONFIG_FILE
+    if not config_file.is_file():
+        raise TeacherError(f"{path} is a directory but has no {TEACHER_CONFIG_FILE} naming the timm model")
+    saved = json.loads(config_file.read_text())
+    args = dict(saved.get("model_args", {}))
+    args.update(dict(cfg.model_args))
+    checkpoint = cfg.checkpoint or str(path / saved.get("weights", TEACHER_WEIGHTS_FILE))
+    return TeacherConfig(saved["model"], tuple(sorted(args.items())), checkpoint, cfg.random_init, cfg.seed, cfg.device)
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Safetensors, or a torch file read with weights_only=True: a checkpoint never runs code."""
+    path = Path(path)
+    if not path.is_file():
+        raise TeacherError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle with code, or a corrupt file
+        raise TeacherError(f"refusing to load {path}: not loadable with weights_only=True ({exc})") from exc
+    for wrapper in ("model", "state_dict", "model_ema"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise TeacherError(f"{path} does not hold a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def _sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+                      if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+@contextmanager
+def _seeded_init(seed: int):
+    """timm initialises weights from torch's global generator: seed it inside a fork so the
+    caller's global state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def build_model(cfg: TeacherConfig) -> torch.nn.Module:
+    kwargs = dict(cfg.model_args)
+    if cfg.random_init or cfg.checkpoint:
+        with _seeded_init(cfg.seed):
+            model = timm.create_model(cfg.name, pretrained=False, **kwargs)
+        if cfg.checkpoint:
+            state = load_state_dict(cfg.checkpoint)
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            if missing or unexpected:
+                raise TeacherError(f"checkpoint {cfg.checkpoint} does not fit {cfg.name}: "
+                                   f"missing {sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}")
+        return model
+    try:
+        return timm.create_model(cfg.name, pretrained=True, **kwargs)
+    except Exception as exc:
+        raise TeacherError(f"could not load pretrained weights for {cfg.name!r} ({exc}); pass --checkpoint FILE "
+                           "or a teacher directory, or --random-init for tests") from exc
+
+
+def check_supported(model: torch.nn.Module, name: str) -> None:
+    blocks = getattr(model, "blocks", None)
+    if blocks is None or len(blocks) == 0:
+        raise TeacherError(f"{name}: not a ViT-family model (no .blocks)")
+    if getattr(model, "rope", None) is not None or getattr(model, "rope_mixed", None) is not None:
+        raise TeacherError(f"{name}: uses rotary position embeddings, applied to Q/K after q_norm/k_norm; "
+                           "captured factors would not be the attention it computes (RoPE teachers unsupported)")
+    for i, block in enumerate(blocks):
+        attn = getattr(block, "attn", None)
+        if attn is None or not all(hasattr(attn, a) for a in ("q_norm", "k_norm", "scale", "num_heads")):
+            raise TeacherError(f"{name}: block {i} has no timm-style attention with q_norm/k_norm/scale")
+
+
+def resolve_layers(spec: str | None, num_layers: int) -> tuple[int, ...]:
+    """Python slice syntax over layer indices (`0:-3`, `::2`, `5`) or a comma list (`0,3,7`)."""
+    spec = (spec or ":").strip()
+    indices = list(range(num_layers))
+    if "," in spec or (":" not in spec):
+        chosen = [indices[int(x)] for x in spec.split(",") if x.strip()]
+    else:
+        parts = [int(p) if p.strip() else None for p in spec.split(":")]
+        if len(parts) > 3:
+            raise TeacherError(f"bad layer slice {spec!r}")
+        chosen = indices[slice(*parts)]
+    if not chosen or len(set(chosen)) != len(chosen):
+        raise TeacherError(f"layer selection {spec!r} selects {chosen} out of {num_layers} layers")
+    return tuple(chosen)
+
+
+def resolve_heads(spec: str | None, num_heads: int) -> tuple[int, ...]:
+    if spec is None or spec.strip() in ("", "all", ":"):
+        return tuple(range(num_heads))
+    heads = tuple(int(h) for h in spec.split(",") if h.strip())
+    bad = [h for h in heads if not 0 <= h < num_heads]
+    if bad or len(set(heads)) != len(heads) or not heads:
+        raise TeacherError(f"head selection {spec!r} invalid for a teacher with {num_heads} heads")
+    return heads
+
+
+class Teacher:
+    """A frozen timm ViT in eval mode with hooks that capture Q/K of selected layers."""
+
+    def __init__(self, cfg: TeacherConfig):
+        cfg = resolve_teacher_config(cfg)
+        self.config = cfg
+        self.model = build_model(cfg).eval().requires_grad_(False).to(cfg.device)
+        check_supported(self.model, cfg.name)
+        attn0 = self.model.blocks[0].attn
+        self.num_layers = len(self.model.blocks)
+        self.num_heads = int(attn0.num_heads)
+        self.head_dim = int(getattr(attn0, "head_dim", self.model.embed_dim // self.num_heads))
+        self.scale = float(attn0.scale)
+        self.num_prefix_tokens = int(getattr(self.model, "num_prefix_tokens", 0))
+        self.grid = tuple(int(g) for g in self.model.patch_embed.grid_size)
+        self.num_tokens = self.num_prefix_tokens + self.grid[0] * self.grid[1]
+        self.weights_sha256 = weights_fingerprint(self.model)
+
+    def recipe_defaults(self) -> RecipeDefaults:
+        data_cfg = timm.data.resolve_model_data_config(self.model)
+        return RecipeDefaults(image_size=int(data_cfg["input_size"][-1]), mean=tuple(data_cfg["mean"]),
+                              std=tuple(data_cfg["std"]), crop_pct=float(data_cfg.get("crop_pct", 0.875)),
+                              interpolation=str(data_cfg.get("interpolation", "bicubic")))
+
+    def identity(self) -> dict:
+        cfg = self.config
+        return {
+            "name": cfg.name,
+            "model_args": {k: v for k, v in cfg.model_args},
+            "checkpoint": None if cfg.checkpoint is None else {
+                "file": Path(cfg.checkpoint).name, "sha256": _sha256_file(cfg.checkpoint)},
+            "random_init_seed": cfg.seed if cfg.random_init and not cfg.checkpoint else None,
+            "weights_sha256": self.weights_sha256,
+            "num_layers": self.num_layers, "num_heads": self.num_heads, "head_dim": self.head_dim,
+            "scale": self.scale, "num_prefix_tokens": self.num_prefix_tokens, "grid": list(self.grid),
+            "num_tokens": self.num_tokens, "timm_version": timm.__version__,
+        }
+
+    @torch.inference_mode()
+    def capture(self, images_BCHW: torch.Tensor, layers: tuple[int, ...],
+                heads: tuple[int, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Q and K of the chosen layers and heads: two float32 tensors [B, L, H, N, d] on the CPU."""
+        captured: dict[tuple[str, int], torch.Tensor] = {}
+        handles = []
+        for layer in layers:
+            attn = self.model.blocks[layer].attn
+            for which, module in (("q", attn.q_norm), ("k", attn.k_norm)):
+                def hook(_m, _inp, out, key=(which, layer)):
+                    captured[key] = out
+                handles.append(module.register_forward_hook(hook))
+        try:
+            self.model.forward_features(images_BCHW.to(self.config.device))
+        finally:
+            for h in handles:
+                h.remove()
+        head_idx = list(heads) if heads is not None else list(range(self.num_heads))
+        q = torch.stack([captured[("q", l)][:, head_idx] for l in layers], dim=1)
+        k = torch.stack([captured[("k", l)][:, head_idx] for l in layers], dim=1)
+        return q.float().cpu(), k.float().cpu()

@@ -1,0 +1,174 @@
+"""Checking and describing a store: verify (markers, checksums, counts), recompute, inspect.
+
+`verify` trusts nothing but the bytes: it re-hashes every Zarr shard file against its marker, so
+one flipped byte names its unit. `recompute_check` replays stored augmentation on the raw images,
+runs the teacher again and compares the cached attention with a fresh encoding of the new Q/K.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from pipeline.augment import Recipe
+from pipeline.data import decode_sample, iter_shard
+from pipeline.factors import attention_kl, exact_logits
+from pipeline.store import CacheStore, Unit
+from pipeline.teacher import Teacher, TeacherConfig
+from storage_schema import SchemaError
+
+
+@dataclass
+class VerifyReport:
+    path: str
+    units_total: int = 0
+    units_ok: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify_store(path: str) -> VerifyReport:
+    report = VerifyReport(str(path))
+    try:
+        store = CacheStore.open(path)
+    except Exception as exc:  # noqa: BLE001 - a store that cannot open is the one problem to report
+        report.problems.append(f"store: {exc}")
+        return report
+    shards = store.meta["dataset"]["shards"]
+    for unit in store.units():
+        report.units_total += 1
+        problems = _check_unit(store, unit, shards[unit.shard_index]["count"])
+        if problems:
+            report.problems += [f"{unit.name}: {p}" for p in problems]
+        else:
+            report.units_ok += 1
+    return report
+
+
+def _check_unit(store: CacheStore, unit: Unit, expected_count: int) -> list[str]:
+    try:
+        marker = store.read_marker(unit.view, unit.shard_index)
+    except SchemaError as exc:
+        return [f"bad marker: {exc}"]
+    if marker is None:
+        return ["missing (no marker: never written, interrupted, or marker deleted)"]
+    problems = []
+    if marker["count"] != expected_count:
+        problems.append(f"marker counts {marker['count']} samples, dataset manifest has {expected_count}")
+    if marker["written"] + len(marker["skipped"]) != marker["count"]:
+        problems.append(f"written {marker['written']} + skipped {len(marker['skipped'])} != count {marker['count']}")
+    expected = set(store.unit_files(unit.view, unit.shard_index))
+    if set(marker["files"]) != expected:
+        problems.append(f"marker lists files {sorted(set(marker['files']) ^ expected)} that the layout does not agree on")
+    for rel, digest in sorted(marker["files"].items()):
+        actual = store.file_sha256(rel)
+        if actual != digest:
+            state = "missing" if actual is None else "checksum mismatch"
+            problems.append(f"{state} in {rel}")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------- recompute
+
+
+def recompute_check(store: CacheStore, teacher_cfg: TeacherConfig, k: int, seed: int = 0,
+                    tolerance: float = 1e-4) -> dict:
+    """Re-run the teacher on k random cached samples: is the cache what the teacher says now?
+
+    The cached attention is compared with the teacher's exact attention (KL) and with a fresh
+    encoding of the recomputed Q/K: the two KLs must agree within `tolerance` (+10 %), since the
+    encoding's own loss is expected and anything beyond it means the cache is wrong.
+    """
+    teacher = Teacher(teacher_cfg)
+    if teacher.weights_sha256 != store.meta["teacher"]["weights_sha256"]:
+        raise ValueError(f"teacher weights {teacher.weights_sha256[:12]} differ from the store's teacher "
+                         f"{store.meta['teacher']['weights_sha256'][:12]} ({store.meta['teacher']['name']})")
+    recipe = Recipe.from_json(store.meta["recipe"]["ops"])
+    picks = _pick_samples(store, k, seed)
+    results = []
+    for (view, shard_index), slots in sorted(picks.items()):
+        url = store.meta["dataset"]["shards"][shard_index]["url"]
+        data = store.read_unit(view, shard_index)
+        positions = {int(s - shard_index * store.slots_per_shard) for s in slots}
+        for entry in iter_shard(url):
+            if entry.position not in positions:
+                continue
+            if str(data.keys[entry.position]) != entry.key:
+                raise ValueError(f"{url}: position {entry.position} holds key {entry.key!r} but the cache has "
+                                 f"{data.keys[entry.position]!r}: the data changed since precompute")
+            image, _ = decode_sample(url, entry)
+            pixels = recipe.apply(data.aug[entry.position, :recipe.num_params], image)
+            results.append(_compare(store, teacher, view, shard_index * store.slots_per_shard + entry.position,
+                                    entry.key, pixels))
+    kl_cache = [r["kl_cache"] for r in results]
+    bad = [r for r in results if r["kl_cache"] > r["kl_fresh"] * 1.1 + tolerance]
+    return {"samples": len(results), "max_kl": max(kl_cache, default=0.0), "mean_kl": float(np.mean(kl_cache)) if kl_cache else 0.0,
+            "max_kl_fresh_encoding": max((r["kl_fresh"] for r in results), default=0.0),
+            "mismatched": [{"view": r["view"], "key": r["key"], "kl_cache": r["kl_cache"], "kl_fresh": r["kl_fresh"]}
+                           for r in bad], "ok": not bad and len(results) > 0}
+
+
+def _pick_samples(store: CacheStore, k: int, seed: int) -> dict[tuple[int, int], list[int]]:
+    candidates = []
+    for unit in store.units():
+        if store.unit_done(unit):
+            start, stop = store.slot_range(unit.shard_index)
+            valid = store.group[f"views/{unit.view}/valid"][start:stop]
+            candidates += [(unit.view, unit.shard_index, start + int(p)) for p in np.flatnonzero(valid)]
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(len(candidates), size=min(k, len(candidates)), replace=False) if candidates else []
+    picks: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for i in chosen:
+        view, shard, slot = candidates[int(i)]
+        picks[(view, shard)].append(slot)
+    return picks
+
+
+def _compare(store: CacheStore, teacher: Teacher, view: int, slot: int, key: str, pixels: torch.Tensor) -> dict:
+    layers, heads = tuple(store.meta["layers"]), tuple(store.meta["heads"])
+    q, k = teacher.capture(pixels.unsqueeze(0), layers, heads)
+    ref = exact_logits(q, k, teacher.scale)
+    cached = store.encoding.decode_logits(store.read_factors(view, [slot]), teacher.scale)
+    fresh = store.encoding.decode_logits(store.encoding.encode(q, k, teacher.scale), teacher.scale)
+    return {"view": view, "key": key, "kl_cache": float(attention_kl(ref, cached).max()),
+            "kl_fresh": float(attention_kl(ref, fresh).max())}
+
+
+# ---------------------------------------------------------------------------------------------- inspect
+
+
+def inspect_store(path: str) -> dict:
+    store = CacheStore.open(path)
+    meta = store.meta
+    done, written, skipped, factor_bytes, kls = 0, 0, 0, 0, []
+    for unit in store.units():
+        marker = store.read_marker(unit.view, unit.shard_index) if store.unit_done(unit) else None
+        if marker is None:
+            continue
+        done += 1
+        written += marker["written"]
+        skipped += len(marker["skipped"])
+        factor_bytes += store.unit_factor_bytes(unit)
+        if marker.get("fidelity_kl"):
+            kls.append(marker["fidelity_kl"])
+    n_tokens, n_layers, n_heads = meta["tokens"]["count"], len(meta["layers"]), len(meta["heads"])
+    raw_fp32 = n_layers * n_heads * n_tokens * n_tokens * 4
+    per_sample = factor_bytes / written if written else 0.0
+    return {
+        "path": str(path), "cache_id": meta["cache_id"], "schema_version": meta["schema_version"],
+        "teacher": meta["teacher"]["name"], "teacher_weights_sha256": meta["teacher"]["weights_sha256"],
+        "recipe": meta["recipe"]["spec"], "seed": meta["seed"], "views": meta["views"],
+        "encoding": meta["encoding"]["spec"], "compression": meta["compression"],
+        "layers": meta["layers"], "heads": meta["heads"], "tokens": meta["tokens"],
+        "units_done": done, "units_total": len(store.units()), "samples_written": written,
+        "samples_skipped": skipped, "bytes_on_disk": store.bytes_on_disk(), "factor_bytes": factor_bytes,
+        "bytes_per_sample": per_sample, "raw_fp32_map_bytes_per_sample": raw_fp32,
+        "ratio_to_raw_fp32_maps": raw_fp32 / per_sample if per_sample else None,
+        "fidelity_kl_per_layer": np.mean(kls, axis=0).round(8).tolist() if kls else None,
+        "compute": meta["compute"],
+    }

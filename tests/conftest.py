@@ -1,0 +1,62 @@
+"""Shared fixtures: a tiny teacher trained here (real, peaked attention) and small data sets."""
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub downloads in tests: fail fast, never hang
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+TINY_TEACHER = {"model": "vit_tiny_patch16_224",
+                "model_args": {"img_size": 32, "patch_size": 4, "depth": 4, "embed_dim": 64, "num_heads": 4,
+                               "num_classes": 4}}
+
+
+def load_split(pattern):
+    from pipeline.data import decode_sample, expand_shards, iter_shard
+
+    images, labels = [], []
+    for url in expand_shards(pattern):
+        for entry in iter_shard(url):
+            image, label = decode_sample(url, entry)
+            images.append(np.asarray(image, dtype=np.float32) / 255.0)
+            labels.append(label)
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+    return (x - 0.5) / 0.5, torch.tensor(labels)
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory):
+    from pipeline.data import synth_dataset
+
+    out = tmp_path_factory.mktemp("synth")
+    info = synth_dataset(out, num_train=512, num_val=128, image_size=32, shard_size=128, seed=0)
+    return info
+
+
+@pytest.fixture(scope="session")
+def trained_teacher_dir(tmp_path_factory, synth_data):
+    """A teacher directory (config.json + model.safetensors) trained ~15 s on the synthetic task, so
+    its attention is as peaked as a real teacher's, not the near-uniform maps of random weights."""
+    import timm
+
+    out = tmp_path_factory.mktemp("teacher")
+    x, y = load_split(synth_data["train"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = timm.create_model(TINY_TEACHER["model"], **TINY_TEACHER["model_args"])
+        opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
+        order = torch.Generator().manual_seed(0)
+        for _ in range(8):
+            perm = torch.randperm(len(x), generator=order)
+            for i in range(0, len(x), 64):
+                idx = perm[i:i + 64]
+                loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps({**TINY_TEACHER, "weights": "model.safetensors"}))
+    return out

@@ -1,0 +1,275 @@
+"""precompute end to end on real tar shards and real Zarr stores: determinism, resume, replay, bad input."""
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.augment import Recipe
+from pipeline.data import BadSample, decode_sample, iter_shard
+from pipeline.precompute import OnBadSample, PrecomputeConfig, TooManySkipped, run_precompute
+from pipeline.store import CacheStore, StoreError
+from pipeline.teacher import Teacher, TeacherConfig
+from pipeline.verify import inspect_store, recompute_check, verify_store
+from storage_schema import SchemaError
+
+TEACHER = TeacherConfig("vit_tiny_patch16_224", (("depth", 3), ("embed_dim", 48), ("img_size", 32),
+                                                  ("num_heads", 3), ("patch_size", 8)), random_init=True, seed=0)
+TEACHER_ARGS = ["--teacher", "vit_tiny_patch16_224", "--random-init", "--model-arg", "depth=3",
+                "--model-arg", "embed_dim=48", "--model-arg", "img_size=32", "--model-arg", "num_heads=3",
+                "--model-arg", "patch_size=8"]
+
+
+def _config(data, out, **kw):
+    base = dict(data=(data,), out=str(out), teacher=TEACHER, views=2, encoding="lowrank:r=8:int8", batch_size=16,
+                workers=0, threads=1, progress=False)
+    base.update(kw)
+    return PrecomputeConfig(**base)
+
+
+def _all_files(store_dir) -> dict[str, bytes]:
+    """Every file of a store; markers without their timing field, the only thing allowed to differ."""
+    root = Path(store_dir)
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            data = p.read_bytes()
+            if p.parts[-3] == "units":
+                marker = json.loads(data)
+                marker.pop("seconds")
+                data = json.dumps(marker, sort_keys=True).encode()
+            out[str(p.relative_to(root))] = data
+    return out
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _write_tar(path: Path, members: list[tuple[str, bytes]]):
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = len(data), 0
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_two_runs_write_byte_identical_arrays_and_worker_count_does_not_matter(synth_data, tmp_path):
+    a = run_precompute(_config(synth_data["val"], tmp_path / "a.zarr"))
+    run_precompute(_config(synth_data["val"], tmp_path / "b.zarr", workers=2))
+    assert a.samples_written == 2 * 128 and a.units_processed == 2
+    files_a, files_b = _all_files(tmp_path / "a.zarr"), _all_files(tmp_path / "b.zarr")
+    assert files_a.keys() == files_b.keys()
+    assert [k for k in files_a if files_a[k] != files_b[k]] == []
+    assert any("/factors/a/c/" in k for k in files_a)
+
+
+def test_store_metadata_describes_itself(synth_data, tmp_path):
+    run_precompute(_config(synth_data["val"], tmp_path / "s.zarr", layers="0:2", heads="0,2"))
+    store = CacheStore.open(tmp_path / "s.zarr")
+    meta = store.meta
+    assert meta["layers"] == [0, 1] and meta["heads"] == [0, 2]
+    assert meta["tokens"] == {"count": 17, "num_prefix_tokens": 1, "grid": [4, 4]}
+    assert meta["encoding"]["spec"] == "lowrank:r=8:int8" and meta["seed"] == 0
+    assert meta["dataset"]["shards"][0]["count"] == 128
+    assert meta["compute"]["threads"] == 1 and meta["compute"]["batch_size"] == 16
+    assert store.group["views/1/factors/a"].shape == (128, 2, 2, 17, 8)
+    info = inspect_store(tmp_path / "s.zarr")
+    assert info["units_done"] == info["units_total"] == 2
+    assert 0 < info["bytes_per_sample"] < info["raw_fp32_map_bytes_per_sample"]
+
+
+def test_replayed_images_equal_what_the_teacher_saw_bit_for_bit(synth_data, tmp_path, monkeypatch):
+    seen = {}
+    original = Teacher.capture
+
+    def spy(self, images, layers, heads=None):
+        seen.setdefault("batches", []).append(images.clone())
+        return original(self, images, layers, heads)
+
+    monkeypatch.setattr(Teacher, "capture", spy)
+    run_precompute(_config(synth_data["val"], tmp_path / "r.zarr", views=1))
+    teacher_saw = torch.cat(seen["batches"])
+    store = CacheStore.open(tmp_path / "r.zarr")
+    recipe = Recipe.from_json(store.meta["recipe"]["ops"])
+    assert recipe.is_random
+    data = store.read_unit(0, 0)
+    url = store.meta["dataset"]["shards"][0]["url"]
+    rebuilt = []
+    for entry in iter_shard(url):
+        image, _ = decode_sample(url, entry)
+        assert str(data.keys[entry.position]) == entry.key
+        rebuilt.append(recipe.apply(data.aug[entry.position, :recipe.num_params], image))
+    assert torch.equal(torch.stack(rebuilt), teacher_saw)
+
+
+def test_verify_names_a_corrupted_unit_and_a_missing_marker(synth_data, tmp_path):
+    out = tmp_path / "v.zarr"
+    run_precompute(_config(synth_data["val"], out))
+    assert verify_store(out).ok
+    victim = out / "views/1/factors/b/c/0/0/0/0/0"
+    raw = bytearray(victim.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    victim.write_bytes(bytes(raw))
+    (out / "units/0/000000.json").unlink()
+    report = verify_store(out)
+    assert not report.ok and report.units_ok == 0
+    assert any("view 1 shard 000000" in p and "checksum mismatch in views/1/factors/b" in p for p in report.problems)
+    assert any("view 0 shard 000000" in p and "missing" in p for p in report.problems)
+    # a re-run redoes exactly the unit without a marker; the corrupted one stays reported by verify
+    summary = run_precompute(_config(synth_data["val"], out))
+    assert summary.units_processed == 1
+
+
+def test_verify_cli_exits_non_zero_and_recompute_agrees_with_the_teacher(synth_data, tmp_path):
+    from click.testing import CliRunner
+    from cli.main import cli
+
+    out = tmp_path / "c.zarr"
+    run_precompute(_config(synth_data["val"], out, encoding="exact:fp32"))
+    runner = CliRunner()
+    ok = runner.invoke(cli, ["verify", str(out), "--recompute", "5", "--json", *TEACHER_ARGS])
+    result = json.loads(ok.output)
+    assert ok.exit_code == 0 and result["recompute"]["samples"] == 5
+    assert result["recompute"]["max_kl"] < 1e-6
+    (out / "units/1/000000.json").unlink()
+    bad = runner.invoke(cli, ["verify", str(out)])
+    assert bad.exit_code == 1 and "view 1 shard 000000" in bad.output
+
+
+def test_recompute_catches_a_cache_that_disagrees_with_the_teacher(synth_data, tmp_path):
+    out = tmp_path / "w.zarr"
+    run_precompute(_config(synth_data["val"], out, views=1))
+    store = CacheStore.open(out)
+    arr = store.group["views/0/factors/a"]
+    arr[0:128] = np.roll(arr[0:128], 1, axis=0)  # factors shifted to the wrong samples
+    report = recompute_check(store, TEACHER, k=6)
+    assert not report["ok"] and report["mismatched"]
+
+
+def test_resume_with_other_settings_is_refused_naming_the_field(synth_data, tmp_path):
+    run_precompute(_config(synth_data["val"], tmp_path / "x.zarr"))
+    with pytest.raises(StoreError, match="encoding"):
+        run_precompute(_config(synth_data["val"], tmp_path / "x.zarr", encoding="exact:fp16"))
+    with pytest.raises(StoreError, match="seed"):
+        run_precompute(_config(synth_data["val"], tmp_path / "x.zarr", seed=1))
+
+
+def test_unknown_schema_version_and_invalid_metadata_raise_clear_errors(synth_data, tmp_path):
+    out = tmp_path / "m.zarr"
+    run_precompute(_config(synth_data["val"], out, views=1))
+    meta_file = out / "zarr.json"
+    original = json.loads(meta_file.read_text())
+    doc = json.loads(meta_file.read_text())
+    doc["attributes"]["attncache"]["schema_version"] = 99
+    meta_file.write_text(json.dumps(doc))
+    with pytest.raises(SchemaError, match="schema_version 99.*newer"):
+        CacheStore.open(out)
+    doc = json.loads(json.dumps(original))
+    del doc["attributes"]["attncache"]["tokens"]
+    meta_file.write_text(json.dumps(doc))
+    with pytest.raises(SchemaError, match="tokens"):
+        CacheStore.open(out)
+    doc = json.loads(json.dumps(original))
+    doc["attributes"]["attncache"]["teacher"]["name"] = "vit_large_patch16_224"
+    meta_file.write_text(json.dumps(doc))
+    with pytest.raises(SchemaError, match="edited"):
+        CacheStore.open(out)
+    assert not verify_store(out).ok
+
+
+@pytest.fixture
+def messy_shards(tmp_path):
+    """Two shards with every kind of trouble the core issue names, plus good samples around them."""
+    rgb = Image.new("RGB", (40, 30), (200, 30, 30))
+    gray = Image.new("L", (32, 32), 128)
+    cmyk = Image.new("CMYK", (32, 32), (0, 255, 255, 0))
+    tiny = Image.new("RGB", (3, 2), (0, 0, 255))
+    members = [
+        ("good0.png", _png(rgb)), ("good0.cls", b"1"),
+        ("gray.png", _png(gray)), ("gray.cls", b"2"),
+        ("cmyk.jpg", _jpeg(cmyk)), ("cmyk.cls", b"0"),
+        ("tiny.png", _png(tiny)), ("tiny.cls", b"3"),
+        ("garbage.jpg", b"this is not an image"), ("garbage.cls", b"1"),
+        ("nolabel.png", _png(rgb)),
+        ("good1.png", _png(rgb)), ("good1.cls", b"0"),
+    ]
+    _write_tar(tmp_path / "messy-000000.tar", members)
+    whole = tmp_path / "whole.tar"
+    _write_tar(whole, [("t0.png", _png(rgb)), ("t0.cls", b"1"), ("t1.png", _png(rgb)), ("t1.cls", b"1"),
+                       ("t2.png", _png(rgb)), ("t2.cls", b"1")])
+    raw = whole.read_bytes()
+    (tmp_path / "messy-000001.tar").write_bytes(raw[: len(raw) - 1024 - 700])  # cut inside the last member
+    return str(tmp_path / "messy-{000000..000001}.tar")
+
+
+def _jpeg(img):
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def test_bad_inputs_are_converted_or_skipped_and_always_counted(messy_shards, tmp_path):
+    summary = run_precompute(_config(messy_shards, tmp_path / "bad.zarr", views=1))
+    reasons = {s["key"]: s["reason"] for s in summary.skipped}
+    assert set(reasons) == {"garbage", "nolabel", "t2"}, reasons
+    assert "no label" in reasons["nolabel"] and "truncated" in reasons["t2"]
+    store = CacheStore.open(tmp_path / "bad.zarr")
+    written = []
+    for shard in (0, 1):
+        marker = store.read_marker(0, shard)
+        assert marker["written"] + len(marker["skipped"]) == marker["count"]
+        data = store.read_unit(0, shard)
+        written += [str(k) for k, v in zip(data.keys, data.valid) if v]
+    assert sorted(written) == sorted(["good0", "gray", "cmyk", "tiny", "good1", "t0", "t1"])
+    assert summary.samples_written == 7 and len(summary.skipped) == 3
+    assert verify_store(tmp_path / "bad.zarr").ok
+
+
+def test_fail_policy_and_skip_threshold_stop_the_job_naming_file_and_key(messy_shards, tmp_path):
+    with pytest.raises(BadSample, match=r"messy-000000.tar: sample 'garbage'"):
+        run_precompute(_config(messy_shards, tmp_path / "f.zarr", views=1, on_bad_sample=OnBadSample.FAIL))
+    with pytest.raises(TooManySkipped, match="max-skipped 1"):
+        run_precompute(_config(messy_shards, tmp_path / "g.zarr", views=1, max_skipped=1))
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "cli.main", *args]
+
+
+@pytest.mark.slow
+def test_sigkill_part_way_then_resume_gives_the_same_bytes(tmp_path):
+    from pipeline.data import synth_dataset
+
+    info = synth_dataset(tmp_path / "d", num_train=384, num_val=16, image_size=32, shard_size=32, seed=3)
+    common = ["precompute", "--data", info["train"], *TEACHER_ARGS, "--views", "2", "--batch-size", "16",
+              "--workers", "1", "--threads", "1", "--encoding", "lowrank:r=8:int8", "--quiet"]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]))
+    subprocess.run(_cli(*common, "--out", str(tmp_path / "ref.zarr")), check=True, env=env, capture_output=True)
+    victim = tmp_path / "kill.zarr"
+    proc = subprocess.Popen(_cli(*common, "--out", str(victim)), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(victim.glob("units/*/*.json"))) < 5:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(list(victim.glob("units/*/*.json")))
+    assert 5 <= done_before < 24, "the kill must land part-way through the job"
+    resumed = subprocess.run(_cli(*common, "--out", str(victim)), check=True, env=env, capture_output=True, text=True)
+    assert f"{done_before} already done" in resumed.stdout
+    ref, got = _all_files(tmp_path / "ref.zarr"), _all_files(victim)
+    assert ref.keys() == got.keys()
+    assert [k for k in ref if ref[k] != got[k]] == []
+    assert verify_store(victim).ok
