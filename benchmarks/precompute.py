@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.data import synth_dataset  # noqa: E402
+from pipeline.synth import synth_dataset  # noqa: E402
 from pipeline.precompute import PrecomputeConfig, build_job, run_precompute  # noqa: E402
 from pipeline.teacher import Teacher, TeacherConfig  # noqa: E402
 from pipeline.verify import inspect_store  # noqa: E402

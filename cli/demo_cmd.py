@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.data import synth_dataset
+from pipeline.synth import synth_dataset
 from pipeline.precompute import PrecomputeConfig, run_precompute
 from pipeline.teacher import TeacherConfig
 from pipeline.verify import inspect_store, verify_store

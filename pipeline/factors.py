@@ -71,10 +71,22 @@ def dequantize_rows_int8(q_BLHNr: torch.Tensor, scale_BLHN: torch.Tensor) -> tor
 
 
 def _cholesky_upper(gram: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor of Gram matrices with a small ridge, raised where float32 rounding
+    left a rank-deficient Gram matrix (N < d, centred K) slightly indefinite."""
     d = gram.shape[-1]
-    ridge = 1e-6 * gram.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-300) / d
+    gram = gram.double()
     eye = torch.eye(d, dtype=gram.dtype, device=gram.device)
-    return torch.linalg.cholesky(gram + ridge[..., None, None] * eye, upper=True)
+    level = gram.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-300)[..., None, None] * eye  # trace * I
+    factor, info = torch.linalg.cholesky_ex(gram + 1e-7 * level, upper=True)
+    for ridge in (1e-6, 1e-5, 1e-4):
+        bad = info != 0
+        if not bad.any():
+            break
+        retry, retry_info = torch.linalg.cholesky_ex(gram[bad] + ridge * level[bad], upper=True)
+        factor[bad], info[bad] = retry, retry_info
+    if (info != 0).any():
+        raise ValueError("Q/K Gram matrix is not finite or not positive semi-definite (NaN in the teacher?)")
+    return factor
 
 
 def _top_singular(core: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,15 +179,16 @@ class LowRankEncoding:
         LAPACK QR, which costs ~10x more on CPU), likewise centred K; the core scale * R_q R_k^T is
         d x d and its top-r left singular vectors are the top eigenvectors of core core^T. The
         N x d work runs in float32, the d x d work in float64 (it is small, and ill-conditioned
-        Gram matrices need the digits). A ridge of 1e-6 of the mean eigenvalue keeps Cholesky defined when N < d,
-        when centred K is rank-deficient, or when float32 rounding makes the Gram matrix indefinite;
-        it only tilts which rank-r subspace is chosen (at r = d the product is exact regardless).
+        Gram matrices need the digits). A ridge (1e-7 of the trace, raised where needed) keeps Cholesky defined when
+        N < d, when centred K is rank-deficient, or when float32 rounding makes the Gram matrix
+        indefinite; it only tilts which rank-r subspace is chosen (at r = d the product is exact
+        regardless).
         """
         q = q_BLHNd.float()
         k = k_BLHNd.float()
         k = k - k.mean(dim=-2, keepdim=True)
-        r_q = _cholesky_upper((q.transpose(-1, -2) @ q).double())
-        r_k = _cholesky_upper((k.transpose(-1, -2) @ k).double())
+        r_q = _cholesky_upper(q.transpose(-1, -2) @ q)
+        r_k = _cholesky_upper(k.transpose(-1, -2) @ k)
         core = scale * r_q @ r_k.transpose(-1, -2)  # (d, d)
         top, sing = _top_singular(core, self.rank)  # (d, r), (r,)
         alive = sing > 1e-12 * sing[..., :1].clamp_min(1e-300)  # zero directions when N < r

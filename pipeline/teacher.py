@@ -138,7 +138,7 @@ def check_supported(model: torch.nn.Module, name: str) -> None:
     blocks = getattr(model, "blocks", None)
     if blocks is None or len(blocks) == 0:
         raise TeacherError(f"{name}: not a ViT-family model (no .blocks)")
-    if getattr(model, "rope", None) is not None or getattr(model, "rope_mixed", None) is not None:
+    if getattr(model, "rope", None) is not None or getattr(model, "rope_mixed", False):
         raise TeacherError(f"{name}: uses rotary position embeddings, applied to Q/K after q_norm/k_norm; "
                            "captured factors would not be the attention it computes (RoPE teachers unsupported)")
     for i, block in enumerate(blocks):
@@ -192,8 +192,13 @@ class Teacher:
         self.weights_sha256 = weights_fingerprint(self.model)
 
     def recipe_defaults(self) -> RecipeDefaults:
+        """Mean, std, crop and interpolation from the pretrained config; the size from the model
+        itself, since `img_size=32` style arguments change it but not the pretrained config."""
         data_cfg = timm.data.resolve_model_data_config(self.model)
-        return RecipeDefaults(image_size=int(data_cfg["input_size"][-1]), mean=tuple(data_cfg["mean"]),
+        height, width = (int(v) for v in self.model.patch_embed.img_size)
+        if height != width:
+            raise TeacherError(f"{self.config.name}: non-square input {height}x{width} is not supported")
+        return RecipeDefaults(image_size=height, mean=tuple(data_cfg["mean"]),
                               std=tuple(data_cfg["std"]), crop_pct=float(data_cfg.get("crop_pct", 0.875)),
                               interpolation=str(data_cfg.get("interpolation", "bicubic")))
 

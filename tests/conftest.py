@@ -10,7 +10,7 @@ import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 TINY_TEACHER = {"model": "vit_tiny_patch16_224",
-                "model_args": {"img_size": 32, "patch_size": 4, "depth": 4, "embed_dim": 64, "num_heads": 4,
+                "model_args": {"img_size": 32, "patch_size": 8, "depth": 4, "embed_dim": 64, "num_heads": 4,
                                "num_classes": 4}}
 
 
@@ -29,7 +29,7 @@ def load_split(pattern):
 
 @pytest.fixture(scope="session")
 def synth_data(tmp_path_factory):
-    from pipeline.data import synth_dataset
+    from pipeline.synth import synth_dataset
 
     out = tmp_path_factory.mktemp("synth")
     info = synth_dataset(out, num_train=512, num_val=128, image_size=32, shard_size=128, seed=0)
@@ -38,7 +38,7 @@ def synth_data(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def trained_teacher_dir(tmp_path_factory, synth_data):
-    """A teacher directory (config.json + model.safetensors) trained ~15 s on the synthetic task, so
+    """A teacher directory (config.json + model.safetensors) trained a few seconds on the synthetic task, so
     its attention is as peaked as a real teacher's, not the near-uniform maps of random weights."""
     import timm
 
@@ -47,16 +47,20 @@ def trained_teacher_dir(tmp_path_factory, synth_data):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = timm.create_model(TINY_TEACHER["model"], **TINY_TEACHER["model_args"])
-        opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.05)
+        epochs, batch = 16, 64
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=epochs * (len(x) // batch),
+                                                    pct_start=0.15)
         order = torch.Generator().manual_seed(0)
-        for _ in range(8):
+        for _ in range(epochs):
             perm = torch.randperm(len(x), generator=order)
-            for i in range(0, len(x), 64):
-                idx = perm[i:i + 64]
+            for i in range(0, len(x) - batch + 1, batch):
+                idx = perm[i:i + batch]
                 loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
+                sched.step()
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "model.safetensors")
     (out / "config.json").write_text(json.dumps({**TINY_TEACHER, "weights": "model.safetensors"}))
     return out

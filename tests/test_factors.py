@@ -84,11 +84,11 @@ def trained_qk(trained_teacher_dir, synth_data):
     teacher = Teacher(TeacherConfig(str(trained_teacher_dir)))
     x, _ = load_split(synth_data["val"])
     q, k = teacher.capture(x[:16], tuple(range(teacher.num_layers)))
-    return q, k, teacher.scale
+    return q, k, teacher.scale, x[:16]
 
 
 def test_fidelity_on_trained_attention_gets_worse_monotonically_as_rank_drops(trained_qk):
-    q, k, scale = trained_qk
+    q, k, scale, trained_images = trained_qk
     ref = exact_logits(q, k, scale)
     kls = {}
     for r in (16, 12, 8, 4, 2, 1):
@@ -97,12 +97,22 @@ def test_fidelity_on_trained_attention_gets_worse_monotonically_as_rank_drops(tr
     ranks = sorted(kls, reverse=True)
     assert kls[16] < 1e-8
     assert all(kls[a] < kls[b] for a, b in zip(ranks, ranks[1:])), kls
-    # the trained teacher's attention is far from uniform: a rank-1 fit loses a visible amount
-    assert kls[1] > 1e-3
+    # training made the attention structured: a rank-1 fit loses far more than on random weights,
+    # whose near-zero logits make every encoding look perfect
+    from conftest import TINY_TEACHER
+    from pipeline.teacher import Teacher, TeacherConfig
+
+    random_teacher = Teacher(TeacherConfig(TINY_TEACHER["model"], tuple(sorted(TINY_TEACHER["model_args"].items())),
+                                           random_init=True))
+    qr, kr = random_teacher.capture(trained_images,
+                                    tuple(range(random_teacher.num_layers)))
+    enc = LowRankEncoding(rank=1, quant="fp32")
+    kl_random = float(attention_kl(exact_logits(qr, kr, scale), enc.decode_logits(enc.encode(qr, kr, scale), scale)).mean())
+    assert kls[1] > 10 * kl_random, (kls[1], kl_random)
 
 
 def test_int8_costs_little_fidelity_on_trained_attention(trained_qk):
-    q, k, scale = trained_qk
+    q, k, scale, _ = trained_qk
     ref = exact_logits(q, k, scale)
     f32, i8 = LowRankEncoding(8, "fp32"), LowRankEncoding(8, "int8")
     kl32 = float(attention_kl(ref, f32.decode_logits(f32.encode(q, k, scale), scale)).mean())

@@ -151,7 +151,7 @@ def test_verify_cli_exits_non_zero_and_recompute_agrees_with_the_teacher(synth_d
 def test_recompute_catches_a_cache_that_disagrees_with_the_teacher(synth_data, tmp_path):
     out = tmp_path / "w.zarr"
     run_precompute(_config(synth_data["val"], out, views=1))
-    store = CacheStore.open(out)
+    store = CacheStore.open(out, mode="r+")
     arr = store.group["views/0/factors/a"]
     arr[0:128] = np.roll(arr[0:128], 1, axis=0)  # factors shifted to the wrong samples
     report = recompute_check(store, TEACHER, k=6)
@@ -209,8 +209,10 @@ def messy_shards(tmp_path):
     whole = tmp_path / "whole.tar"
     _write_tar(whole, [("t0.png", _png(rgb)), ("t0.cls", b"1"), ("t1.png", _png(rgb)), ("t1.cls", b"1"),
                        ("t2.png", _png(rgb)), ("t2.cls", b"1")])
-    raw = whole.read_bytes()
-    (tmp_path / "messy-000001.tar").write_bytes(raw[: len(raw) - 1024 - 700])  # cut inside the last member
+    with tarfile.open(whole) as tar:
+        last = tar.getmember("t2.png")
+    cut = last.offset_data + last.size // 2  # inside the last sample's image bytes
+    (tmp_path / "messy-000001.tar").write_bytes(whole.read_bytes()[:cut])
     return str(tmp_path / "messy-{000000..000001}.tar")
 
 
@@ -250,7 +252,7 @@ def _cli(*args):
 
 @pytest.mark.slow
 def test_sigkill_part_way_then_resume_gives_the_same_bytes(tmp_path):
-    from pipeline.data import synth_dataset
+    from pipeline.synth import synth_dataset
 
     info = synth_dataset(tmp_path / "d", num_train=384, num_val=16, image_size=32, shard_size=32, seed=3)
     common = ["precompute", "--data", info["train"], *TEACHER_ARGS, "--views", "2", "--batch-size", "16",
