@@ -37,8 +37,8 @@ _FLOAT_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "uint16"}
 
 def _to_storage(x: torch.Tensor, dtype_name: str) -> np.ndarray:
     if dtype_name == "bf16":
-        return x.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
-    return x.to(getattr(torch, _FLOAT_DTYPES[dtype_name])).contiguous().numpy()
+        return x.to(torch.bfloat16).contiguous().view(torch.int16).cpu().numpy().view(np.uint16)
+    return x.to(getattr(torch, _FLOAT_DTYPES[dtype_name])).contiguous().cpu().numpy()
 
 
 def _from_storage(x: torch.Tensor, dtype_name: str) -> torch.Tensor:
@@ -63,7 +63,7 @@ def quantize_rows_int8(x_BLHNr: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     amax = x_BLHNr.abs().amax(dim=-1, keepdim=True)
     scale = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax)).to(torch.float16).float()
     q = torch.clamp(torch.round(x_BLHNr / scale), -INT8_MAX, INT8_MAX).to(torch.int8)
-    return q.numpy(), scale.squeeze(-1).to(torch.float16).numpy()
+    return q.cpu().numpy(), scale.squeeze(-1).to(torch.float16).cpu().numpy()
 
 
 def dequantize_rows_int8(q_BLHNr: torch.Tensor, scale_BLHN: torch.Tensor) -> torch.Tensor:

@@ -219,21 +219,25 @@ class Teacher:
     @torch.inference_mode()
     def capture(self, images_BCHW: torch.Tensor, layers: tuple[int, ...],
                 heads: tuple[int, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Q and K of the chosen layers and heads: two float32 tensors [B, L, H, N, d] on the CPU."""
-        captured: dict[tuple[str, int], torch.Tensor] = {}
+        """Q and K of the chosen layers and heads: two float32 tensors [B, L, H, N, d] on the
+        teacher's device (encoding runs there too). Hooks copy each layer's Q/K straight into one
+        preallocated buffer, so no per-layer tensors are kept alive through the forward."""
+        images_BCHW = images_BCHW.to(self.config.device)
+        head_idx = list(heads) if heads is not None else list(range(self.num_heads))
+        shape = (images_BCHW.shape[0], len(layers), len(head_idx), self.num_tokens, self.head_dim)
+        q = torch.empty(shape, dtype=torch.float32, device=images_BCHW.device)
+        k = torch.empty_like(q)
+        all_heads = len(head_idx) == self.num_heads and head_idx == sorted(head_idx)
         handles = []
-        for layer in layers:
+        for slot, layer in enumerate(layers):
             attn = self.model.blocks[layer].attn
-            for which, module in (("q", attn.q_norm), ("k", attn.k_norm)):
-                def hook(_m, _inp, out, key=(which, layer)):
-                    captured[key] = out
+            for module, buffer in ((attn.q_norm, q), (attn.k_norm, k)):
+                def hook(_m, _inp, out, dst=buffer[:, slot]):
+                    dst.copy_(out if all_heads else out[:, head_idx])
                 handles.append(module.register_forward_hook(hook))
         try:
-            self.model.forward_features(images_BCHW.to(self.config.device))
+            self.model.forward_features(images_BCHW)
         finally:
             for h in handles:
                 h.remove()
-        head_idx = list(heads) if heads is not None else list(range(self.num_heads))
-        q = torch.stack([captured[("q", l)][:, head_idx] for l in layers], dim=1)
-        k = torch.stack([captured[("k", l)][:, head_idx] for l in layers], dim=1)
-        return q.float().cpu(), k.float().cpu()
+        return q, k

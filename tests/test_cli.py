@@ -1,0 +1,65 @@
+"""The public command forms of DESIGN.md's CLI contract, invoked as users type them."""
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from cli.main import cli
+
+TEACHER = ["--teacher", "vit_tiny_patch16_224", "--random-init", "--model-arg", "img_size=32",
+           "--model-arg", "patch_size=8", "--model-arg", "depth=2", "--model-arg", "embed_dim=48",
+           "--model-arg", "num_heads=3"]
+
+
+@pytest.mark.parametrize("command", [[], ["data"], ["data", "synth"], ["data", "pack"], ["precompute"], ["verify"],
+                                     ["inspect"], ["show"], ["demo"]])
+def test_every_command_has_help_that_says_what_it_does(command):
+    result = CliRunner().invoke(cli, [*command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage:" in result.output and len(result.output.splitlines()) > 4
+    if command and command[-1] in ("precompute", "synth", "pack"):
+        assert "default:" in result.output
+
+
+@pytest.fixture(scope="module")
+def cli_store(tmp_path_factory, synth_data):
+    out = tmp_path_factory.mktemp("cli") / "c.zarr"
+    result = CliRunner().invoke(cli, ["precompute", "--data", synth_data["val"], *TEACHER, "--out", str(out),
+                                      "--views", "2", "--layers", "0:-1", "--heads", "0,2", "--encoding",
+                                      "exact:fp16", "--batch-size", "32", "--workers", "0", "--threads", "1",
+                                      "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "samples written: 256" in result.output
+    return out
+
+
+def test_precompute_options_reach_the_store(cli_store):
+    info = json.loads(CliRunner().invoke(cli, ["inspect", str(cli_store), "--json"]).output)
+    assert info["layers"] == [0] and info["heads"] == [0, 2] and info["views"] == 2
+    assert info["encoding"] == "exact:fp16" and info["compute"]["batch_size"] == 32
+    assert info["units_done"] == info["units_total"] == 2
+    assert info["bytes_on_disk"] > 0 and info["bytes_per_sample"] > 0
+
+
+def test_rerunning_the_same_command_resumes_and_does_nothing_new(cli_store, synth_data):
+    result = CliRunner().invoke(cli, ["precompute", "--data", synth_data["val"], *TEACHER, "--out", str(cli_store),
+                                      "--views", "2", "--layers", "0:-1", "--heads", "0,2", "--encoding",
+                                      "exact:fp16", "--batch-size", "32", "--workers", "0", "--threads", "1",
+                                      "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "units: 0 processed, 2 already done" in result.output
+
+
+def test_show_draws_the_replayed_image_and_attention(cli_store, tmp_path):
+    out = tmp_path / "a.png"
+    result = CliRunner().invoke(cli, ["show", str(cli_store), "--key", "val_00000003", "--view", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    missing = CliRunner().invoke(cli, ["show", str(cli_store), "--key", "nope", "--out", str(out)])
+    assert missing.exit_code != 0 and "nope" in str(missing.exception)
+
+
+def test_ray_addresses_are_refused_until_ray_scheduling_exists(synth_data, tmp_path):
+    result = CliRunner().invoke(cli, ["precompute", "--data", synth_data["val"], *TEACHER, "--out",
+                                      str(tmp_path / "r.zarr"), "--ray", "local"])
+    assert result.exit_code == 2 and "--ray none" in result.output
