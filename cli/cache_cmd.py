@@ -82,7 +82,7 @@ def verify(store, recompute, teacher, model_args, checkpoint, random_init, seed,
     from pipeline.store import CacheStore
     from pipeline.verify import recompute_check, verify_store
 
-    report = verify_store(store)
+    report = verify_store(store, progress=not as_json)
     result = {"ok": report.ok, "units_ok": report.units_ok, "units_total": report.units_total,
               "problems": report.problems}
     if recompute and report.ok:

@@ -93,6 +93,8 @@ def _top_singular(core: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Te
     """Top-`rank` left singular vectors (descending) and values of a batch of d x d matrices,
     from the eigendecomposition of core core^T (cheaper than an SVD); zero-padded past d."""
     d = core.shape[-1]
+    # float64 on purpose: a float32 eigensolver is ~1.4x faster here but raised KL by 3 % at
+    # r = 16 on a rank-8-plus-noise test (squaring the core squares its condition number)
     evals, evecs = torch.linalg.eigh(core @ core.transpose(-1, -2))  # ascending
     r = min(rank, d)
     top = torch.flip(evecs[..., -r:], dims=(-1,))

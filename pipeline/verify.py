@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from pipeline.augment import Recipe
 from pipeline.data import decode_sample, iter_shard
@@ -32,7 +33,7 @@ class VerifyReport:
         return not self.problems
 
 
-def verify_store(path: str) -> VerifyReport:
+def verify_store(path: str, progress: bool = False) -> VerifyReport:
     report = VerifyReport(str(path))
     try:
         store = CacheStore.open(path)
@@ -40,7 +41,7 @@ def verify_store(path: str) -> VerifyReport:
         report.problems.append(f"store: {exc}")
         return report
     shards = store.meta["dataset"]["shards"]
-    for unit in store.units():
+    for unit in tqdm(store.units(), desc="verify", unit="unit", disable=not progress):
         report.units_total += 1
         problems = _check_unit(store, unit, shards[unit.shard_index]["count"])
         if problems:

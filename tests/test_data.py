@@ -191,3 +191,15 @@ def test_data_cli_synth_and_pack(tmp_path, image_folder):
     for cmd in (["synth", "--help"], ["pack", "--help"]):
         help_text = runner.invoke(data, cmd).output
         assert "default" in help_text
+
+
+def test_fsspec_urls_read_like_local_paths(tmp_path):
+    png = _encode(Image.new("RGB", (4, 4), (9, 9, 9)), "PNG")
+    path = _tar(tmp_path / "u.tar", [("a.png", png), ("a.cls", b"2"), ("b.png", png), ("b.cls", b"1")])
+    url = f"file://{path}"
+    assert expand_shards(url) == [url]
+    local = [(e.key, dict(e.members)) for e in iter_shard(path)]
+    remote = [(e.key, dict(e.members)) for e in iter_shard(url)]
+    assert remote == local
+    manifest = build_manifest([url])
+    assert manifest.shards[0].count == 2 and manifest.shards[0].size_bytes is None

@@ -182,6 +182,11 @@ def test_unknown_schema_version_and_invalid_metadata_raise_clear_errors(synth_da
     with pytest.raises(SchemaError, match="tokens"):
         CacheStore.open(out)
     doc = json.loads(json.dumps(original))
+    del doc["attributes"]["attncache"]
+    meta_file.write_text(json.dumps(doc))
+    with pytest.raises(SchemaError, match="missing"):
+        CacheStore.open(out)
+    doc = json.loads(json.dumps(original))
     doc["attributes"]["attncache"]["teacher"]["name"] = "vit_large_patch16_224"
     meta_file.write_text(json.dumps(doc))
     with pytest.raises(SchemaError, match="edited"):

@@ -1,0 +1,68 @@
+"""Where precompute time goes, per stage, for one unit of 64 images (workers=0, so every stage is
+on the clock of this process).
+
+    .venv/bin/python benchmarks/precompute_profile.py [--encoding exact:fp16] [--teacher vit_small_patch16_224]
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.precompute import PrecomputeConfig, UnitAccumulator, build_job, prepare_unit  # noqa: E402
+from pipeline.synth import synth_dataset  # noqa: E402
+from pipeline.teacher import TeacherConfig  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--teacher", default="vit_small_patch16_224")
+    parser.add_argument("--encoding", default="exact:fp16")
+    parser.add_argument("--compression", default="zstd:3")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="attncache-prof-"))
+    try:
+        info = synth_dataset(work / "d", 64, 1, image_size=64, shard_size=64, seed=0)
+        job = build_job(PrecomputeConfig(data=(info["train"],), out=str(work / "c.zarr"),
+                                         teacher=TeacherConfig(args.teacher, random_init=True), views=1,
+                                         encoding=args.encoding, compression=args.compression,
+                                         batch_size=args.batch_size, workers=0,
+                                         threads=args.threads, progress=False))
+        unit = job.store.units()[0]
+        acc = UnitAccumulator(job, unit)
+        spent = {"decode+augment": 0.0, "teacher forward+capture": 0.0, "encode": 0.0, "write+checksum": 0.0}
+        batches = prepare_unit(unit, job.recipe, 0, args.batch_size)
+        while True:
+            t = time.perf_counter()
+            batch = next(batches, None)
+            spent["decode+augment"] += time.perf_counter() - t
+            if batch is None:
+                break
+            t = time.perf_counter()
+            q, k = job.teacher.capture(batch.images_BCHW, job.layers, job.heads) if batch.keys else (None, None)
+            spent["teacher forward+capture"] += time.perf_counter() - t
+            t = time.perf_counter()
+            acc.add(batch, q, k)
+            spent["encode"] += time.perf_counter() - t
+            if batch.last:
+                t = time.perf_counter()
+                acc.write(batch.count)
+                spent["write+checksum"] += time.perf_counter() - t
+        total = sum(spent.values())
+        print(f"{args.teacher} {args.encoding} {args.compression} batch {args.batch_size}, 64 images, {args.threads} threads")
+        for name, seconds in spent.items():
+            print(f"  {name:>24}: {seconds:6.2f} s  {100 * seconds / total:5.1f} %")
+        print(f"  {'total':>24}: {total:6.2f} s  ({64 / total:.1f} images/s)")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
