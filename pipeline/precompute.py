@@ -240,7 +240,7 @@ class UnitAccumulator:
         spp = job.store.slots_per_shard
         arrays = job.store.meta["arrays"]
         self.blocks = {n: np.zeros((spp, *s["trailing_shape"]), dtype=s["dtype"])
-                       for n, s in arrays.items() if n not in ("key", "label", "valid")}
+                       for n, s in arrays.items() if n not in ("key", "label", "valid")}  # aug + factors
         self.keys = [""] * spp
         self.labels = np.full(spp, -1, dtype=np.int64)
         self.valid = np.zeros(spp, dtype=np.uint8)

@@ -23,6 +23,8 @@ from pipeline.factors import Encoding, encoding_from_json
 from storage_schema import SCHEMA_VERSION, SchemaError, validate_marker, validate_store_metadata
 
 META_ATTR = "attncache"
+BASE_ARRAYS = ("key", "label", "valid", "aug")  # every other per-sample array is a factor array
+FILL_VALUES = {"key": "", "label": -1}  # what empty slots hold; everything else is 0
 
 
 class StoreError(RuntimeError):
@@ -81,11 +83,6 @@ def parse_compression(spec: str) -> dict:
     if shuffle is None:
         raise ValueError(f"bad compression {spec!r}: shuffle must be 'shuffle' or 'bitshuffle'")
     return {"codec": "zstd", "level": level, "shuffle": shuffle}
-
-
-def _per_sample_arrays(meta: dict) -> dict[str, dict]:
-    """name -> (path, trailing shape, dtype) of every array a unit writes."""
-    return meta["arrays"]
 
 
 def base_arrays(num_params: int) -> dict[str, dict]:
@@ -203,16 +200,16 @@ class CacheStore:
         n_slots = self.meta["dataset"]["num_slots"]
         compressors = _compressors(self.meta["compression"])
         for view in range(self.meta["views"]):
-            for name, spec in _per_sample_arrays(self.meta).items():
+            for name, spec in self.meta["arrays"].items():
                 trailing = tuple(spec["trailing_shape"])
-                per_sample_chunks = name not in ("key", "label", "valid", "aug")
+                per_sample_chunks = name not in BASE_ARRAYS
                 inner = 1 if per_sample_chunks else self.slots_per_shard
                 dtype = str if spec["dtype"] == "str" else spec["dtype"]
                 self.group.create_array(
                     f"views/{view}/{spec['path']}", shape=(n_slots, *trailing), dtype=dtype,
                     chunks=(inner, *trailing), shards=(self.slots_per_shard, *trailing),
                     compressors=compressors if dtype is not str else ZstdCodec(level=3),
-                    fill_value=_fill_value(name, spec["dtype"]))
+                    fill_value=FILL_VALUES.get(name, 0))
 
     # ------------------------------------------------------------------ layout helpers
 
@@ -227,7 +224,7 @@ class CacheStore:
     def unit_files(self, view: int, shard_index: int) -> list[str]:
         """Store-relative paths of the Zarr shard files that this unit owns (default chunk key encoding)."""
         files = []
-        for spec in _per_sample_arrays(self.meta).values():
+        for spec in self.meta["arrays"].values():
             ndim = 1 + len(spec["trailing_shape"])
             files.append("/".join([f"views/{view}/{spec['path']}", "c", str(shard_index)] + ["0"] * (ndim - 1)))
         return files
@@ -272,7 +269,7 @@ class CacheStore:
         self.files.delete(self.marker_path(unit.view, unit.shard_index))  # not done until rewritten
         start, stop = self.slot_range(unit.shard_index)
         blocks = {"key": np.array(keys, dtype=object), "label": labels, "valid": valid, "aug": aug, **factors}
-        for name, spec in _per_sample_arrays(self.meta).items():
+        for name, spec in self.meta["arrays"].items():
             block = blocks[name]
             expected = (self.slots_per_shard, *spec["trailing_shape"])
             if block.shape != expected:
@@ -291,13 +288,13 @@ class CacheStore:
     def read_unit(self, view: int, shard_index: int) -> UnitData:
         start, stop = self.slot_range(shard_index)
         arrays = {name: self.group[f"views/{view}/{spec['path']}"][start:stop]
-                  for name, spec in _per_sample_arrays(self.meta).items()}
-        factors = {n: a for n, a in arrays.items() if n not in ("key", "label", "valid", "aug")}
+                  for name, spec in self.meta["arrays"].items()}
+        factors = {n: a for n, a in arrays.items() if n not in BASE_ARRAYS}
         return UnitData(arrays["key"], arrays["label"], arrays["valid"], arrays["aug"], factors)
 
     def read_factors(self, view: int, slots: list[int]) -> dict[str, np.ndarray]:
         """Factor arrays for chosen slots, stacked [len(slots), ...] (one inner chunk read per slot)."""
-        names = [n for n in _per_sample_arrays(self.meta) if n not in ("key", "label", "valid", "aug")]
+        names = [n for n in self.meta["arrays"] if n not in BASE_ARRAYS]
         out = {}
         for name in names:
             arr = self.group[f"views/{view}/{self.meta['arrays'][name]['path']}"]
@@ -314,10 +311,6 @@ class CacheStore:
 
     def factor_bytes(self) -> int:
         return sum(self.unit_factor_bytes(u) for u in self.units() if self.unit_done(u))
-
-
-def _fill_value(name: str, dtype: str):
-    return {"key": "", "label": -1, "valid": 0}.get(name, 0)
 
 
 def _exists(path: str) -> bool:

@@ -21,13 +21,16 @@ def test_every_command_has_help_that_says_what_it_does(command):
         assert "default:" in result.output
 
 
+def _precompute(data, out):
+    return CliRunner().invoke(cli, ["precompute", "--data", data, *TEACHER, "--out", str(out), "--views", "2",
+                                    "--layers", "0:-1", "--heads", "0,2", "--encoding", "exact:fp16",
+                                    "--batch-size", "32", "--workers", "0", "--threads", "1", "--quiet"])
+
+
 @pytest.fixture(scope="module")
 def cli_store(tmp_path_factory, synth_data):
     out = tmp_path_factory.mktemp("cli") / "c.zarr"
-    result = CliRunner().invoke(cli, ["precompute", "--data", synth_data["val"], *TEACHER, "--out", str(out),
-                                      "--views", "2", "--layers", "0:-1", "--heads", "0,2", "--encoding",
-                                      "exact:fp16", "--batch-size", "32", "--workers", "0", "--threads", "1",
-                                      "--quiet"])
+    result = _precompute(synth_data["val"], out)
     assert result.exit_code == 0, result.output
     assert "samples written: 256" in result.output
     return out
@@ -42,10 +45,7 @@ def test_precompute_options_reach_the_store(cli_store):
 
 
 def test_rerunning_the_same_command_resumes_and_does_nothing_new(cli_store, synth_data):
-    result = CliRunner().invoke(cli, ["precompute", "--data", synth_data["val"], *TEACHER, "--out", str(cli_store),
-                                      "--views", "2", "--layers", "0:-1", "--heads", "0,2", "--encoding",
-                                      "exact:fp16", "--batch-size", "32", "--workers", "0", "--threads", "1",
-                                      "--quiet"])
+    result = _precompute(synth_data["val"], cli_store)
     assert result.exit_code == 0, result.output
     assert "units: 0 processed, 2 already done" in result.output
 
