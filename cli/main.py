@@ -4,9 +4,25 @@ import click
 from cli.cache_cmd import inspect, precompute, show, verify
 from cli.data_cmd import data
 from cli.demo_cmd import demo
+from pipeline.data import BadSample, DataError
+from pipeline.precompute import TooManySkipped
+from pipeline.store import StoreError
+from pipeline.teacher import TeacherError
+from storage_schema import SchemaError
+
+# errors that are about the user's input, not bugs: one line naming file, key and cause, exit 1
+USER_ERRORS = (BadSample, DataError, TooManySkipped, StoreError, SchemaError, TeacherError)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except USER_ERRORS as exc:
+            raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(package_name="attncache")
 def cli() -> None:
     """attncache: precompute a teacher ViT's attention once, train students from the cache."""

@@ -63,3 +63,12 @@ def test_ray_addresses_are_refused_until_ray_scheduling_exists(synth_data, tmp_p
     result = CliRunner().invoke(cli, ["precompute", "--data", synth_data["val"], *TEACHER, "--out",
                                       str(tmp_path / "r.zarr"), "--ray", "local"])
     assert result.exit_code == 2 and "--ray none" in result.output
+
+
+def test_bad_input_is_one_clear_line_not_a_traceback(tmp_path):
+    result = CliRunner().invoke(cli, ["precompute", "--data", str(tmp_path / "none-{0..2}.tar"), *TEACHER,
+                                      "--out", str(tmp_path / "x.zarr")])
+    assert result.exit_code == 1
+    assert "DataError" in result.output and "none-0.tar" in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(cli, ["inspect", str(tmp_path / "missing.zarr")])
+    assert result.exit_code == 1 and "missing.zarr" in result.output
