@@ -48,24 +48,34 @@ def make_teacher_config(teacher: str, model_args, checkpoint, random_init, seed,
               help="fail: stop at the first unusable sample; skip: record it with its reason and go on.")
 @click.option("--max-skipped", type=int, default=None, help="With skip: fail once more samples than this are skipped.")
 @click.option("--ray", "ray_address", default="none",
-              help="none: run in this process. (local|ADDRESS arrive with distributed precompute.)")
+              help="none: run in this process; local: start Ray on this machine; ADDRESS: join a cluster "
+                   "(auto, 127.0.0.1:6379, ray://host:10001).")
+@click.option("--num-workers", type=int, default=None,
+              help="Ray teacher actors (default: one per --cpus-per-worker CPUs, or per GPU).")
+@click.option("--cpus-per-worker", default=1.0, help="CPUs reserved per Ray teacher actor.")
+@click.option("--gpus-per-worker", default=0.0, help="GPUs per Ray teacher actor (1 for one per GPU).")
+@click.option("--max-retries", default=2, help="Ray: re-runs of a unit that raised before it counts as failed.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def precompute(data, teacher, model_args, checkpoint, random_init, seed, out, views, recipe, layers, heads,
                encoding, compression, batch_size, workers, threads, device, on_bad_sample, max_skipped, ray_address,
-               quiet):
+               num_workers, cpus_per_worker, gpus_per_worker, max_retries, quiet):
     """Run the teacher once over the data and write attention factors to a Zarr store.
 
     Units (input shard x view) whose marker is valid are skipped, so re-running the same
     command resumes an interrupted job.
     """
-    if ray_address != "none":
-        raise click.UsageError("only --ray none is available in this version: Ray scheduling is not built yet")
     config = PrecomputeConfig(
         data=tuple(data), out=out, teacher=make_teacher_config(teacher, model_args, checkpoint, random_init, seed, device),
         views=views, seed=seed, recipe=recipe, layers=layers, heads=heads, encoding=encoding, compression=compression,
         batch_size=batch_size, workers=workers, threads=threads, on_bad_sample=OnBadSample(on_bad_sample),
         max_skipped=max_skipped, progress=not quiet)
-    summary = run_precompute(config)
+    if ray_address == "none":
+        summary = run_precompute(config)
+    else:
+        from pipeline.ray_runner import RayOptions, run_precompute_ray
+
+        summary = run_precompute_ray(config, RayOptions(ray_address, num_workers, cpus_per_worker, gpus_per_worker,
+                                                        max_retries))
     for line in summary.lines():
         click.echo(line)
 

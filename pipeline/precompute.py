@@ -143,12 +143,14 @@ def build_metadata(config: PrecomputeConfig, manifest: DatasetManifest, teacher:
     }
 
 
-def build_job(config: PrecomputeConfig) -> Job:
+def build_job(config: PrecomputeConfig, manifest: DatasetManifest | None = None) -> Job:
+    """Resolve and check everything, then create or reopen the store. Workers of a distributed
+    run pass the driver's manifest instead of scanning every shard again."""
     if config.views < 1:
         raise ValueError("--views must be at least 1")
     torch.set_num_threads(config.threads)
-    urls = expand_shards(list(config.data))
-    manifest = build_manifest(urls, progress=config.progress)
+    if manifest is None:
+        manifest = build_manifest(expand_shards(list(config.data)), progress=config.progress)
     teacher = Teacher(config.teacher)
     defaults = teacher.recipe_defaults()
     recipe = parse_recipe(config.recipe, defaults)

@@ -1,0 +1,133 @@
+"""Precompute as a Ray job: teacher workers as actors, units dispatched with bounded in-flight.
+
+The driver builds the job once (manifest scan, store creation, every check that fails before
+work), then actors, each holding one teacher, run `process_unit` on units the driver hands out.
+Actors set the same intra-op thread count as `--ray none`, so the bytes are identical. A unit
+that raises is re-submitted up to `max_retries` times and then reported as failed; an actor
+that dies is restarted by Ray and its in-flight task retried (at-least-once: `write_unit`
+rewrites a unit whole and its marker last, so a retry is harmless).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass
+
+from tqdm.auto import tqdm
+
+from pipeline.precompute import PrecomputeConfig, Summary, TooManySkipped, build_job, process_unit
+from pipeline.store import Unit
+
+
+class UnitsFailed(RuntimeError):
+    """Some units still failed after their retries; the message names each unit and its error."""
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    address: str = "local"  # "local" starts Ray here; anything else joins that cluster
+    num_workers: int | None = None  # default: one per `cpus_per_worker` CPUs (or per GPU)
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    max_retries: int = 2
+    object_store_memory: int = 256 * 1024 * 1024
+
+
+class UnitWorker:
+    """One teacher, loaded once; runs whole units."""
+
+    def __init__(self, config: PrecomputeConfig, manifest_json: dict):
+        from pipeline.data import DatasetManifest
+
+        self.job = build_job(config, DatasetManifest.from_json(manifest_json))
+
+    def run(self, unit: Unit) -> Summary:
+        return process_unit(self.job, unit)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def _connect(options: RayOptions, config: PrecomputeConfig):
+    import ray
+
+    if options.address == "local":
+        ray.init(num_cpus=os.cpu_count(), num_gpus=None, include_dashboard=False, log_to_driver=False,
+                 object_store_memory=options.object_store_memory, _node_ip_address="127.0.0.1",
+                 ignore_reinit_error=True)
+    else:
+        ray.init(address=options.address, log_to_driver=False, ignore_reinit_error=True)
+    return ray
+
+
+def _worker_count(ray, options: RayOptions) -> int:
+    if options.num_workers:
+        return options.num_workers
+    resources = ray.cluster_resources()
+    if options.gpus_per_worker:
+        return max(1, int(resources.get("GPU", 0) // options.gpus_per_worker))
+    return max(1, int(resources.get("CPU", 1) // options.cpus_per_worker))
+
+
+def run_precompute_ray(config: PrecomputeConfig, options: RayOptions) -> Summary:
+    job = build_job(config)
+    units = job.store.units()
+    todo = [u for u in units if not job.store.unit_done(u)]
+    summary = Summary(units_total=len(units), units_already_done=len(units) - len(todo))
+    if not todo:
+        return summary
+    ray = _connect(options, config)
+    started = time.perf_counter()
+    try:
+        actor = ray.remote(num_cpus=options.cpus_per_worker, num_gpus=options.gpus_per_worker,
+                           max_restarts=-1, max_task_retries=-1)(UnitWorker)
+        worker_config = dataclasses.replace(config, progress=False)
+        manifest_json = job.manifest.to_json()
+        workers = [actor.remote(worker_config, manifest_json) for _ in range(min(_worker_count(ray, options), len(todo)))]
+        failures = _dispatch(ray, workers, todo, options.max_retries, summary, config.progress, config.max_skipped)
+    finally:
+        ray.shutdown()
+    summary.seconds = time.perf_counter() - started
+    if failures:
+        lines = [f"  {unit.name}: {error}" for unit, error in failures]
+        raise UnitsFailed(f"{len(failures)} unit(s) failed after {options.max_retries} retries:\n" + "\n".join(lines))
+    return summary
+
+
+def _dispatch(ray, workers, todo: list[Unit], max_retries: int, summary: Summary, progress: bool,
+              max_skipped: int | None):
+    """Two units in flight per worker: the next one is queued while the current one runs."""
+    pending = list(reversed(todo))
+    attempts: dict[Unit, int] = {}
+    in_flight: dict = {}
+    failures = []
+    idle = [w for w in workers for _ in range(2)]
+    with tqdm(total=len(todo), unit="unit", desc="precompute (ray)", disable=not progress) as bar:
+        while pending or in_flight:
+            while pending and idle:
+                worker, unit = idle.pop(), pending.pop()
+                in_flight[worker.run.remote(unit)] = (worker, unit)
+            done, _ = ray.wait(list(in_flight), num_returns=1)
+            worker, unit = in_flight.pop(done[0])
+            idle.append(worker)
+            try:
+                result: Summary = ray.get(done[0])
+            except Exception as exc:  # noqa: BLE001 - any task failure is retried, then reported
+                attempts[unit] = attempts.get(unit, 0) + 1
+                if attempts[unit] <= max_retries:
+                    pending.append(unit)
+                else:
+                    failures.append((unit, f"{type(exc).__name__}: {str(exc).splitlines()[-1] if str(exc) else ''}"))
+                continue
+            summary.units_processed += 1
+            summary.samples_written += result.samples_written
+            summary.factor_bytes += result.factor_bytes
+            summary.skipped += result.skipped
+            if max_skipped is not None and len(summary.skipped) > max_skipped:
+                last = summary.skipped[-1]
+                raise TooManySkipped(f"{len(summary.skipped)} samples skipped, more than --max-skipped {max_skipped}; "
+                                     f"latest: {last['shard']}: {last['key']!r}: {last['reason']}")
+            bar.update(1)
+            bar.set_postfix(images=summary.samples_written)
+    return failures

@@ -1,0 +1,133 @@
+"""Distributed precompute against real Ray, started as users start it (`ray start` on loopback)."""
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.verify import verify_store
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).parent / "ray")
+TEACHER = ["--teacher", "vit_tiny_patch16_224", "--random-init", "--model-arg", "depth=3", "--model-arg",
+           "embed_dim=48", "--model-arg", "img_size=32", "--model-arg", "num_heads=3", "--model-arg", "patch_size=8"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head node and a second node on 127.0.0.1, token auth (needed for a node to join), no dashboard."""
+    temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths have a length limit
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), PYTHONPATH=str(ROOT))
+    port = _free_port()
+    common = ["--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
+    subprocess.run([RAY, "start", "--head", "--port", str(port), "--include-dashboard", "false", "--temp-dir", temp,
+                    *common], env=env, check=True, capture_output=True)
+    try:
+        subprocess.run([RAY, "start", "--address", f"127.0.0.1:{port}", *common], env=env, check=True,
+                       capture_output=True)
+        yield f"127.0.0.1:{port}", env
+    finally:
+        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    from pipeline.synth import synth_dataset
+
+    root = tmp_path_factory.mktemp("rayjob")
+    info = synth_dataset(root / "d", num_train=384, num_val=4, image_size=32, shard_size=32, seed=3)
+    args = ["precompute", "--data", info["train"], *TEACHER, "--views", "2", "--batch-size", "16", "--threads", "1",
+            "--encoding", "lowrank:r=8:int8", "--quiet"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    subprocess.run([sys.executable, "-m", "cli.main", *args, "--ray", "none", "--out", str(root / "ref.zarr")],
+                   env=env, check=True, capture_output=True)
+    return root, args
+
+
+def _arrays(store: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(store)): p.read_bytes() for p in sorted((store / "views").rglob("*")) if p.is_file()}
+
+
+def _run(args, env, out, **kw):
+    return subprocess.run([sys.executable, "-m", "cli.main", *args, "--out", str(out)], env=env, capture_output=True,
+                          text=True, **kw)
+
+
+def _start(args, env, out):
+    return subprocess.Popen([sys.executable, "-m", "cli.main", *args, "--out", str(out)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _wait_for_markers(store: Path, n: int, proc, timeout=180):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and len(list(store.glob("units/*/*.json"))) < n:
+        time.sleep(0.05)
+    return len(list(store.glob("units/*/*.json")))
+
+
+def test_local_ray_gives_the_same_bytes_as_in_process(job):
+    root, args = job
+    result = _run([*args, "--ray", "local"], dict(os.environ, PYTHONPATH=str(ROOT)), root / "local.zarr")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "samples written: 768" in result.stdout
+    assert _arrays(root / "local.zarr") == _arrays(root / "ref.zarr")
+
+
+def test_two_node_cluster_gives_the_same_bytes_as_in_process(job, cluster):
+    root, args = job
+    address, env = cluster
+    result = _run([*args, "--ray", address], env, root / "two.zarr")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert _arrays(root / "two.zarr") == _arrays(root / "ref.zarr")
+    assert verify_store(root / "two.zarr").ok
+
+
+def test_a_worker_killed_mid_job_is_replaced_and_nothing_is_lost(job, cluster):
+    root, args = job
+    address, env = cluster
+    out = root / "killed-worker.zarr"
+    proc = _start([*args, "--ray", address], env, out)
+    assert _wait_for_markers(out, 2, proc) >= 2
+    pids = subprocess.run(["pgrep", "-f", "ray::UnitWorker"], capture_output=True, text=True).stdout.split()
+    assert pids, "no Ray teacher actor found"
+    os.kill(int(pids[0]), signal.SIGKILL)
+    done_at_kill = len(list(out.glob("units/*/*.json")))
+    assert done_at_kill < 24, "the kill must land while units are left"
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output
+    assert verify_store(out).ok
+    assert _arrays(out) == _arrays(root / "ref.zarr")
+
+
+def test_rerunning_after_the_driver_dies_finishes_only_the_remaining_units(job, cluster):
+    root, args = job
+    address, env = cluster
+    out = root / "killed-driver.zarr"
+    proc = _start([*args, "--ray", address], env, out)
+    _wait_for_markers(out, 4, proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(list(out.glob("units/*/*.json")))
+    assert 4 <= done < 24, done
+    result = _run([*args, "--ray", address], env, out, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    processed, already = map(int, re.search(r"units: (\d+) processed, (\d+) already done", result.stdout).groups())
+    assert (processed, already) == (24 - done, done)
+    assert _arrays(out) == _arrays(root / "ref.zarr")
