@@ -47,9 +47,9 @@ def make_teacher_config(teacher: str, model_args, checkpoint, random_init, seed,
 @click.option("--on-bad-sample", type=click.Choice([p.value for p in OnBadSample]), default=_DEFAULTS.on_bad_sample.value,
               help="fail: stop at the first unusable sample; skip: record it with its reason and go on.")
 @click.option("--max-skipped", type=int, default=None, help="With skip: fail once more samples than this are skipped.")
-@click.option("--ray", "ray_address", default="none",
-              help="none: run in this process; local: start Ray on this machine; ADDRESS: join a cluster "
-                   "(auto, 127.0.0.1:6379, ray://host:10001).")
+@click.option("--ray", "ray_address", default="local",
+              help="local: start Ray on this machine with its CPUs/GPUs; ADDRESS: join a cluster (auto, "
+                   "127.0.0.1:6379, ray://host:10001); none: run in this process with loader workers.")
 @click.option("--num-workers", type=int, default=None,
               help="Ray teacher actors (default: one per --cpus-per-worker CPUs, or per GPU).")
 @click.option("--cpus-per-worker", default=1.0, help="CPUs reserved per Ray teacher actor.")

@@ -129,5 +129,6 @@ def _dispatch(ray, workers, todo: list[Unit], max_retries: int, summary: Summary
                 raise TooManySkipped(f"{len(summary.skipped)} samples skipped, more than --max-skipped {max_skipped}; "
                                      f"latest: {last['shard']}: {last['key']!r}: {last['reason']}")
             bar.update(1)
-            bar.set_postfix(images=summary.samples_written)
+            elapsed = bar.format_dict["elapsed"] or 1e-9
+            bar.set_postfix(images=summary.samples_written, img_per_s=f"{summary.samples_written / elapsed:.1f}")
     return failures

@@ -131,3 +131,28 @@ def test_rerunning_after_the_driver_dies_finishes_only_the_remaining_units(job, 
     processed, already = map(int, re.search(r"units: (\d+) processed, (\d+) already done", result.stdout).groups())
     assert (processed, already) == (24 - done, done)
     assert _arrays(out) == _arrays(root / "ref.zarr")
+
+
+def test_a_unit_that_keeps_failing_is_retried_then_named_and_the_job_fails(tmp_path):
+    import io
+    import tarfile
+
+    from pipeline.synth import synth_dataset
+
+    info = synth_dataset(tmp_path / "d", num_train=64, num_val=4, image_size=32, shard_size=32, seed=1)
+    bad = tmp_path / "d" / "train-000001.tar"
+    with tarfile.open(bad, "a") as tar:  # a sample with no label in the second shard
+        payload = b"not an image"
+        member = tarfile.TarInfo("broken.jpg")
+        member.size = len(payload)
+        tar.addfile(member, io.BytesIO(payload))
+    args = ["precompute", "--data", info["train"], *TEACHER, "--threads", "1", "--on-bad-sample", "fail",
+            "--max-retries", "1", "--ray", "local", "--quiet"]
+    result = _run(args, dict(os.environ, PYTHONPATH=str(ROOT)), tmp_path / "f.zarr", timeout=300)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "UnitsFailed: 1 unit(s) failed after 1 retries" in result.stderr
+    assert "shard 000001 (train-000001.tar)" in result.stderr and "broken" in result.stderr
+    from pipeline.store import CacheStore
+
+    store = CacheStore.open(tmp_path / "f.zarr")
+    assert store.read_marker(0, 0) is not None and store.read_marker(0, 1) is None
