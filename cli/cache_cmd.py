@@ -42,7 +42,9 @@ def make_teacher_config(teacher: str, model_args, checkpoint, random_init, seed,
 @click.option("--compression", default=_DEFAULTS.compression, help="zstd[:LEVEL][:shuffle|bitshuffle] or none.")
 @click.option("--batch-size", default=_DEFAULTS.batch_size, help="Teacher batch size (recorded: it fixes numerics).")
 @click.option("--workers", default=_DEFAULTS.workers, help="Loader processes decoding and augmenting.")
-@click.option("--threads", default=_DEFAULTS.threads, help="Torch intra-op threads (recorded in the store).")
+@click.option("--threads", default=_DEFAULTS.threads,
+              help="Torch intra-op threads of each teacher, the same in every --ray mode (recorded in the store: "
+                   "it fixes the float numerics).")
 @click.option("--device", default="cpu", help="Device of the teacher: cpu, cuda, cuda:1 ...")
 @click.option("--on-bad-sample", type=click.Choice([p.value for p in OnBadSample]), default=_DEFAULTS.on_bad_sample.value,
               help="fail: stop at the first unusable sample; skip: record it with its reason and go on.")
@@ -52,7 +54,8 @@ def make_teacher_config(teacher: str, model_args, checkpoint, random_init, seed,
                    "127.0.0.1:6379, ray://host:10001); none: run in this process with loader workers.")
 @click.option("--num-workers", type=int, default=None,
               help="Ray teacher actors (default: one per --cpus-per-worker CPUs, or per GPU).")
-@click.option("--cpus-per-worker", default=1.0, help="CPUs reserved per Ray teacher actor.")
+@click.option("--cpus-per-worker", type=float, default=None,
+              help="CPUs reserved per Ray teacher actor [default: --threads, so actors never oversubscribe].")
 @click.option("--gpus-per-worker", default=0.0, help="GPUs per Ray teacher actor (1 for one per GPU).")
 @click.option("--max-retries", default=2, help="Ray: re-runs of a unit that raised before it counts as failed.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")

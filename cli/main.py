@@ -6,13 +6,14 @@ from cli.data_cmd import data
 from cli.demo_cmd import demo
 from pipeline.data import BadSample, DataError
 from pipeline.precompute import TooManySkipped
-from pipeline.ray_runner import UnitsFailed
+from pipeline.ray_runner import ClusterTooSmall, UnitsFailed
 from pipeline.store import StoreError
 from pipeline.teacher import TeacherError
 from storage_schema import SchemaError
 
 # errors that are about the user's input, not bugs: one line naming file, key and cause, exit 1
-USER_ERRORS = (BadSample, DataError, TooManySkipped, StoreError, SchemaError, TeacherError, UnitsFailed)
+USER_ERRORS = (BadSample, DataError, TooManySkipped, StoreError, SchemaError, TeacherError, UnitsFailed,
+               ClusterTooSmall)
 
 
 class _Group(click.Group):

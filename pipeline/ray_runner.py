@@ -24,11 +24,15 @@ class UnitsFailed(RuntimeError):
     """Some units still failed after their retries; the message names each unit and its error."""
 
 
+class ClusterTooSmall(RuntimeError):
+    """No node can host a teacher worker of the asked shape; Ray would wait for one forever."""
+
+
 @dataclass(frozen=True)
 class RayOptions:
     address: str = "local"  # "local" starts Ray here; anything else joins that cluster
     num_workers: int | None = None  # default: one per `cpus_per_worker` CPUs (or per GPU)
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float | None = None  # default: the job's intra-op thread count (no oversubscription)
     gpus_per_worker: float = 0.0
     max_retries: int = 2
     object_store_memory: int = 256 * 1024 * 1024
@@ -62,6 +66,11 @@ def _connect(options: RayOptions, config: PrecomputeConfig):
 
 
 def _worker_count(ray, options: RayOptions) -> int:
+    """Workers that fit; refuses up front a worker shape no node can host (it would wait forever)."""
+    largest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+    if options.cpus_per_worker > largest:
+        raise ClusterTooSmall(f"each teacher worker needs {options.cpus_per_worker:g} CPUs (--cpus-per-worker, default "
+                         f"--threads) but the largest Ray node has {largest:g}: lower --threads or --cpus-per-worker")
     if options.num_workers:
         return options.num_workers
     resources = ray.cluster_resources()
@@ -77,6 +86,8 @@ def run_precompute_ray(config: PrecomputeConfig, options: RayOptions) -> Summary
     summary = Summary(units_total=len(units), units_already_done=len(units) - len(todo))
     if not todo:
         return summary
+    if options.cpus_per_worker is None:
+        options = dataclasses.replace(options, cpus_per_worker=float(config.threads))
     ray = _connect(options, config)
     started = time.perf_counter()
     try:

@@ -156,3 +156,11 @@ def test_a_unit_that_keeps_failing_is_retried_then_named_and_the_job_fails(tmp_p
 
     store = CacheStore.open(tmp_path / "f.zarr")
     assert store.read_marker(0, 0) is not None and store.read_marker(0, 1) is None
+
+
+def test_a_worker_shape_no_node_can_host_is_refused_instead_of_hanging(job, cluster):
+    root, args = job
+    address, env = cluster
+    result = _run([*args, "--ray", address, "--cpus-per-worker", "2"], env, root / "too-big.zarr", timeout=120)
+    assert result.returncode == 1
+    assert "needs 2 CPUs" in result.stderr and "largest Ray node has 1" in result.stderr
