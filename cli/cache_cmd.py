@@ -72,6 +72,9 @@ def precompute(data, teacher, model_args, checkpoint, random_init, seed, out, vi
         views=views, seed=seed, recipe=recipe, layers=layers, heads=heads, encoding=encoding, compression=compression,
         batch_size=batch_size, workers=workers, threads=threads, on_bad_sample=OnBadSample(on_bad_sample),
         max_skipped=max_skipped, progress=not quiet)
+    if gpus_per_worker and device == "cpu":
+        raise click.UsageError("--gpus-per-worker reserves GPUs, but the teacher runs on --device cpu: "
+                               "pass --device cuda")
     if ray_address == "none":
         summary = run_precompute(config)
     else:

@@ -49,11 +49,8 @@ class UnitWorker:
     def run(self, unit: Unit) -> Summary:
         return process_unit(self.job, unit)
 
-    def pid(self) -> int:
-        return os.getpid()
 
-
-def _connect(options: RayOptions, config: PrecomputeConfig):
+def _connect(options: RayOptions):
     import ray
 
     if options.address == "local":
@@ -88,7 +85,7 @@ def run_precompute_ray(config: PrecomputeConfig, options: RayOptions) -> Summary
         return summary
     if options.cpus_per_worker is None:
         options = dataclasses.replace(options, cpus_per_worker=float(config.threads))
-    ray = _connect(options, config)
+    ray = _connect(options)
     started = time.perf_counter()
     try:
         actor = ray.remote(num_cpus=options.cpus_per_worker, num_gpus=options.gpus_per_worker,

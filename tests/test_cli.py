@@ -66,3 +66,10 @@ def test_bad_input_is_one_clear_line_not_a_traceback(tmp_path):
     assert "DataError" in result.output and "none-0.tar" in result.output and "Traceback" not in result.output
     result = CliRunner().invoke(cli, ["inspect", str(tmp_path / "missing.zarr")])
     assert result.exit_code == 1 and "missing.zarr" in result.output
+
+
+def test_reserving_gpus_for_a_cpu_teacher_is_refused(synth_data, tmp_path):
+    result = CliRunner().invoke(cli, ["precompute", "--data", synth_data["val"], *TEACHER, "--out",
+                                      str(tmp_path / "g.zarr"), "--gpus-per-worker", "1"])
+    assert result.exit_code == 2 and "--device cuda" in result.output
+    assert not (tmp_path / "g.zarr").exists()

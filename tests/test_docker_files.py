@@ -17,6 +17,7 @@ def test_rayjob_entrypoint_is_a_valid_precompute_command():
     assert argv[:2] == ["attncache", "precompute"]
     ctx = precompute.make_context("precompute", argv[2:], resilient_parsing=False)  # unknown options raise
     assert ctx.params["ray_address"] == "auto" and ctx.params["gpus_per_worker"] == 1.0
+    assert ctx.params["device"] == "cuda"  # GPUs reserved are GPUs used
     images = {c["image"] for c in job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"]}
     for group in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]:
         images |= {c["image"] for c in group["template"]["spec"]["containers"]}
