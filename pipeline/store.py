@@ -309,9 +309,6 @@ class CacheStore:
         return sum(self.files.size(rel) or 0 for rel in self.unit_files(unit.view, unit.shard_index)
                    if "/factors/" in rel)
 
-    def factor_bytes(self) -> int:
-        return sum(self.unit_factor_bytes(u) for u in self.units() if self.unit_done(u))
-
 
 def _exists(path: str) -> bool:
     if "://" not in path:
