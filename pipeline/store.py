@@ -141,6 +141,13 @@ class _Files:
         except FileNotFoundError:
             pass
 
+    def remove_partials(self, rel: str) -> None:
+        """zarr's LocalStore writes `<file>.<uuid>.partial` and renames it; a writer killed in
+        between leaves the partial behind. Only this unit writes beside its own shard files."""
+        if self.local:
+            for stale in Path(self._full(rel)).parent.glob(Path(rel).name + ".*.partial"):
+                stale.unlink(missing_ok=True)
+
     def size(self, rel: str) -> int | None:
         try:
             return os.path.getsize(self._full(rel)) if self.local else int(self.fs.size(self._full(rel)))
@@ -275,6 +282,8 @@ class CacheStore:
             if block.shape != expected:
                 raise StoreError(f"{unit.name}: array {name} has shape {block.shape}, store expects {expected}")
             self.group[f"views/{unit.view}/{spec['path']}"][start:stop] = block
+        for rel in self.unit_files(unit.view, unit.shard_index):
+            self.files.remove_partials(rel)  # left by a writer of this unit that was killed
         files = {rel: self.file_sha256(rel) for rel in self.unit_files(unit.view, unit.shard_index)}
         marker = {"schema_version": SCHEMA_VERSION, "cache_id": self.meta["cache_id"], "view": unit.view,
                   "shard_index": unit.shard_index, "shard_url": unit.url, "slot_start": start, "count": count,

@@ -291,3 +291,14 @@ def test_store_and_shards_by_url_through_fsspec(synth_data, tmp_path):
     assert verify_store(out).ok
     assert run_precompute(_config(data, out, views=1)).units_already_done == 1
     assert inspect_store(out)["bytes_per_sample"] > 0
+
+
+def test_rewriting_a_unit_removes_what_a_killed_writer_left(synth_data, tmp_path):
+    out = tmp_path / "p.zarr"
+    run_precompute(_config(synth_data["val"], out, views=1))
+    shard_file = out / "views/0/factors/a/c/0/0/0/0/0"
+    stale = shard_file.parent / f"{shard_file.name}.0123abcd.partial"
+    stale.write_bytes(b"half a write")
+    (out / "units/0/000000.json").unlink()
+    assert run_precompute(_config(synth_data["val"], out, views=1)).units_processed == 1
+    assert not stale.exists() and verify_store(out).ok
