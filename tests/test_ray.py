@@ -129,7 +129,9 @@ def test_rerunning_after_the_driver_dies_finishes_only_the_remaining_units(job, 
     result = _run([*args, "--ray", address], env, out, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     processed, already = map(int, re.search(r"units: (\d+) processed, (\d+) already done", result.stdout).groups())
-    assert (processed, already) == (24 - done, done)
+    # actors of the killed driver may finish a unit before Ray reaps them, so "already done" can
+    # exceed what was on disk at the kill; the rerun must process exactly the rest
+    assert already >= done and processed == 24 - already
     assert _arrays(out) == _arrays(root / "ref.zarr")
 
 
