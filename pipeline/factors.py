@@ -145,8 +145,9 @@ class LowRankEncoding:
     """A, B of shape (N, r) with A B^T ~= scale * Q (K - mean_tokens K)^T, the best rank-r fit.
 
     Centring K removes a per-row constant from the logits, which softmax ignores, and shrinks the
-    dynamic range that int8 must cover. The factorisation is QR of Q and of centred K, then an SVD
-    of the small d x d core, split as sqrt(S) on both sides so A and B have similar ranges.
+    dynamic range that int8 must cover. The factorisation whitens Q and centred K (Cholesky of
+    their Gram matrices, standing in for QR), takes the top-r singular pairs of the small d x d core
+    (see `factorize`), and splits sqrt(S) to both sides so A and B have similar ranges.
     """
 
     rank: int = 16
