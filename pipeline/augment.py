@@ -1,12 +1,13 @@
 """Augmentation recipes whose randomness is drawn once, stored, and replayed bit for bit.
 
 A recipe is a spec of named ops (`rrc|flip|randaug(n=2,m=9)|normalize|erase(p=0.25)`, or the
-presets `train` and `eval`). Op i of sample `key` in view `v` draws its parameters from
+presets `train`, `train_mix` and `eval`). Op i of sample `key` in view `v` draws its parameters from
 `sample_rng(seed, key, v, i)` into a fixed-length float64 vector; `apply` replays those vectors on
 the raw image and never draws. Drawing depends only on the current image size, never on pixels.
 Ops before `normalize` work on PIL images, `normalize` turns the image into a float tensor
-[3, S, S], ops after it work on that tensor. A pairwise op (mixup/cutmix within a unit) would draw
-a partner index and a mixing weight the same way and take the partner's replayed image in apply.
+[3, S, S], ops after it work on that tensor. The pairwise op `mix` (mixup/cutmix with a partner
+from the same unit, before the teacher sees the image) comes last and needs the whole unit: here it
+is the identity with zero params; pipeline/mix.py draws, stores and replays it unit by unit.
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ class RecipeDefaults:
 
 
 class Op:
-    """One named op. `stage` is pil (before normalize), convert (normalize) or tensor (after)."""
+    """One named op. `stage` is pil (before normalize), convert (normalize), tensor (after) or pair (last)."""
 
     name = ""
     stage = "pil"
@@ -274,10 +275,28 @@ class RandomErasing(Op):
         return out
 
 
+class Mix(Op):
+    """timm's Mixup(mode='elem') with a partner from the same unit, drawn and replayed unit by unit
+    in pipeline/mix.py. Per sample it is the identity with params 0 (`applied` = 0)."""
+
+    name, stage = "mix", "pair"
+    defaults = {"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "prob": 1.0, "switch_prob": 0.5}
+    fields = staticmethod(lambda args: ["applied", "partner", "lam", "cutmix", "top", "left", "height", "width"])
+    draw = staticmethod(lambda args, rng, width, height: np.zeros(8))
+    apply = staticmethod(lambda args, params, image: image)
+
+    @staticmethod
+    def fill(args, d):
+        if args["mixup_alpha"] <= 0 and args["cutmix_alpha"] <= 0:
+            raise ValueError("op 'mix' needs mixup_alpha > 0 or cutmix_alpha > 0")
+        return args
+
+
 OPS: dict[str, type[Op]] = {op.name: op for op in (RandomResizedCrop, HorizontalFlip, ColorJitter, RandAugment,
-                                                    Resize, CenterCrop, Normalize, RandomErasing)}
+                                                    Resize, CenterCrop, Normalize, RandomErasing, Mix)}
 PRESETS = {"train": "rrc(scale=(0.08,1.0))|flip|randaug(n=2,m=9,mstd=0.5,inc=1)|normalize|erase(p=0.25)",
            "eval": "resize|center_crop|normalize"}
+PRESETS["train_mix"] = PRESETS["train"] + "|mix"
 
 
 # ---------------------------------------------------------------------------------------------- recipe
@@ -338,12 +357,17 @@ class Recipe:
     def is_random(self) -> bool:
         return self.num_params > 0
 
+    @property
+    def has_pairs(self) -> bool:
+        """True when the last op mixes pairs: replay then needs the whole unit (pipeline/mix.py)."""
+        return OPS[self.ops[-1].name].stage == "pair"
+
     def describe(self) -> str:
         return "|".join(op.name + ("(" + ",".join(f"{k}={v!r}" for k, v in op.args) + ")" if op.args else "")
                         for op in self.ops)
 
     def draw_and_apply(self, image: Image.Image, seed: int, key: str, view: int) -> tuple[np.ndarray, torch.Tensor]:
-        """Params float64 [P] and the image float32 [3, S, S] that the teacher sees."""
+        """Params float64 [P] and the image float32 [3, S, S] the teacher sees, before any pair op (mix.py)."""
         parts = []
         for index, op in enumerate(self.ops):
             cls, args = OPS[op.name], op.kwargs
@@ -354,7 +378,7 @@ class Recipe:
         return (np.concatenate(parts) if parts else np.zeros(0)), image
 
     def apply(self, params: np.ndarray, image: Image.Image) -> torch.Tensor:
-        """Replay stored params: no randomness at all."""
+        """Replay stored params: no randomness at all. A pair op is identity here (pipeline/mix.py replays it)."""
         for op, part in zip(self.ops, self.param_layout()):
             image = OPS[op.name].apply(op.kwargs, params[part["offset"]:part["offset"] + part["length"]], image)
         return image
@@ -367,6 +391,9 @@ def _validate(ops: tuple[OpSpec, ...]) -> None:
         raise ValueError(f"unknown augmentation op {unknown[0]!r}; known: {sorted(OPS)}")
     if names.count("normalize") != 1:
         raise ValueError(f"a recipe needs exactly one 'normalize' op (got {names.count('normalize')}): {names}")
+    pairs = [i for i, n in enumerate(names) if OPS[n].stage == "pair"]
+    if len(pairs) > 1 or (pairs and pairs[0] != len(names) - 1):
+        raise ValueError(f"op {names[pairs[0]]!r} mixes pairs of samples: at most one, as the last op: {names}")
     cut = names.index("normalize")
     late = [n for n in names[:cut] if OPS[n].stage == "tensor"]
     early = [n for n in names[cut + 1:] if OPS[n].stage == "pil"]

@@ -7,7 +7,9 @@ axis is the sample, and turns those arrays back into logits [B, L, H, N, N] on t
 Logits are only defined up to a per-row constant (softmax ignores it), which `lowrank` exploits.
 
 Spec strings: `exact:fp16`, `exact:fp32`, `exact:bf16`, `lowrank:r=16`, `lowrank:r=16:int8`,
-`lowrank:r=8:fp32`. `storage_schema/README.md` gives the arithmetic for readers in other languages.
+`lowrank:r=8:fp32`; `pipeline/encodings_extra.py` adds int4 / fp8 rows, quantised exact Q/K and
+per-layer rank schedules (`exact:int8`, `lowrank:r=16:int4`, `lowrank:r=4,4,8,8:int8`).
+`storage_schema/README.md` gives the arithmetic for readers in other languages.
 """
 from __future__ import annotations
 
@@ -131,6 +133,11 @@ class ExactEncoding:
     def encode(self, q_BLHNd: torch.Tensor, k_BLHNd: torch.Tensor, scale: float) -> dict[str, np.ndarray]:
         return {"q": _to_storage(q_BLHNd, self.dtype), "k": _to_storage(k_BLHNd, self.dtype)}
 
+    def decode_qk(self, arrays: dict, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """Float32 Q and K [B, L, H, N, d]: what copy_q / copy_k modes need (every Q/K encoding has it)."""
+        return (_from_storage(_as_tensor(arrays["q"], device), self.dtype),
+                _from_storage(_as_tensor(arrays["k"], device), self.dtype))
+
     def decode_logits(self, arrays: dict, scale: float, device="cpu") -> torch.Tensor:
         q = _from_storage(_as_tensor(arrays["q"], device), self.dtype)
         k = _from_storage(_as_tensor(arrays["k"], device), self.dtype)
@@ -224,33 +231,25 @@ class LowRankEncoding:
         return {"kind": "lowrank", "rank": self.rank, "quant": self.quant, "spec": self.spec}
 
 
+# the classes in pipeline/encodings_extra.py (QuantExactEncoding, RankedLowRankEncoding) share this interface
 Encoding = ExactEncoding | LowRankEncoding
 
 
 def parse_encoding(spec: str) -> Encoding:
-    """`exact:fp16` | `exact:fp32` | `exact:bf16` | `lowrank:r=R[:fp16|fp32|int8]`."""
+    """`exact[:fp16|fp32|bf16|int8|int4|fp8]` | `lowrank:r=RANKS[:fp16|fp32|bf16|int8|int4|fp8]`, RANKS = `R`
+    or one rank per cached layer `R,R,...` (`RxK` repeats R K times). The core specs give the core
+    classes; the rest come from `pipeline.encodings_extra`, which holds the grammar."""
+    from pipeline.encodings_extra import GRAMMAR, parse_exact, parse_lowrank
+
     parts = [p.strip() for p in spec.strip().split(":") if p.strip()]
     if not parts:
-        raise ValueError("empty encoding spec; expected e.g. 'exact:fp16' or 'lowrank:r=16:int8'")
+        raise ValueError(f"empty encoding spec; expected e.g. 'exact:fp16' or 'lowrank:r=16:int8' ({GRAMMAR})")
     kind, rest = parts[0], parts[1:]
     if kind == "exact":
-        dtype = rest[0] if rest else "fp16"
-        if dtype not in _FLOAT_DTYPES or len(rest) > 1:
-            raise ValueError(f"bad encoding {spec!r}: exact takes one of {sorted(_FLOAT_DTYPES)}")
-        return ExactEncoding(dtype)
+        return parse_exact(spec, rest)
     if kind == "lowrank":
-        rank, quant = None, "fp16"
-        for part in rest:
-            if part.startswith("r="):
-                rank = int(part[2:])
-            elif part in ("fp16", "fp32", "int8"):
-                quant = part
-            else:
-                raise ValueError(f"bad encoding {spec!r}: unknown part {part!r} (expected r=R, fp16, fp32 or int8)")
-        if rank is None or rank < 1:
-            raise ValueError(f"bad encoding {spec!r}: lowrank needs a rank r>=1, e.g. 'lowrank:r=16:int8'")
-        return LowRankEncoding(rank, quant)
-    raise ValueError(f"unknown encoding kind {kind!r} in {spec!r}; known: exact, lowrank")
+        return parse_lowrank(spec, rest)
+    raise ValueError(f"unknown encoding kind {kind!r} in {spec!r}; known: exact, lowrank ({GRAMMAR})")
 
 
 def encoding_from_json(d: dict) -> Encoding:

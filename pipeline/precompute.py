@@ -17,7 +17,7 @@ import time
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from pipeline.augment import Recipe, parse_recipe
 from pipeline.data import BadSample, DatasetManifest, build_manifest, decode_sample, expand_shards, iter_shard
 from pipeline.factors import Encoding, attention_kl, exact_logits, parse_encoding
+from pipeline.mix import draw_mix, fill_mix_params, mix_unit
 from pipeline.store import CacheStore, Unit, base_arrays, factor_arrays, parse_compression
 from pipeline.teacher import Teacher, TeacherConfig, resolve_heads, resolve_layers
 
@@ -167,9 +168,45 @@ def build_job(config: PrecomputeConfig, manifest: DatasetManifest | None = None)
 # ---------------------------------------------------------------------------------------------- CPU side
 
 
-def prepare_unit(unit: Unit, recipe: Recipe, seed: int, batch_size: int) -> Iterator[PreparedBatch]:
-    """Decode and augment one shard for one view; bad samples become records, never exceptions."""
-    buf: list[tuple[int, str, int, torch.Tensor, np.ndarray]] = []
+class _Entry(NamedTuple):
+    """One tar entry of a unit: a usable sample or the record of a bad one."""
+
+    count: int  # entries of the shard seen up to and including this one
+    skip: dict | None  # the bad sample's record, else None
+    sample: tuple | None  # (position, key, label, pixels [3, S, S], params [P]), else None
+
+
+def _augmented(unit: Unit, recipe: Recipe, seed: int) -> Iterator[_Entry]:
+    count = 0
+    for entry in iter_shard(unit.url):
+        count += 1
+        try:
+            image, label = decode_sample(unit.url, entry)
+        except BadSample as bad:
+            yield _Entry(count, {"position": entry.position, "key": entry.key, "reason": bad.reason,
+                                 "shard": unit.url}, None)
+            continue
+        params, pixels = recipe.draw_and_apply(image, seed, entry.key, unit.view)
+        yield _Entry(count, None, (entry.position, entry.key, label, pixels, params))
+
+
+def _mixed(unit: Unit, recipe: Recipe, seed: int, entries: list[_Entry]) -> list[_Entry]:
+    """The unit's usable samples mixed with partners drawn among them only (a skipped sample is
+    never a partner), through pipeline/mix.py's `mix_unit`, the path the trainer's replay takes."""
+    usable = [e.sample for e in entries if e.sample is not None]
+    if not usable:
+        return entries
+    positions = [s[0] for s in usable]
+    mix_B8 = draw_mix(recipe, seed, unit.view, [s[1] for s in usable], positions)
+    aug = dict(zip(positions, fill_mix_params(recipe, np.stack([s[4] for s in usable]), mix_B8)))
+    pixels = mix_unit(recipe, {s[0]: s[3] for s in usable}, aug)
+    return [e if e.sample is None else e._replace(sample=(*e.sample[:3], pixels[e.sample[0]], aug[e.sample[0]]))
+            for e in entries]
+
+
+def _batches(unit: Unit, entries: Iterator[_Entry], batch_size: int, num_params: int) -> Iterator[PreparedBatch]:
+    """Chunks of `batch_size` usable samples in tar order; skip records ride with the next batch."""
+    buf: list[tuple] = []
     skipped: list[dict] = []
     count = 0
 
@@ -179,23 +216,33 @@ def prepare_unit(unit: Unit, recipe: Recipe, seed: int, batch_size: int) -> Iter
             unit=unit, positions=np.array([b[0] for b in buf], dtype=np.int64), keys=[b[1] for b in buf],
             labels=np.array([b[2] for b in buf], dtype=np.int64),
             images_BCHW=torch.stack([b[3] for b in buf]) if buf else torch.empty(0),
-            aug_BP=np.stack([b[4] for b in buf]) if buf else np.zeros((0, recipe.num_params)),
+            aug_BP=np.stack([b[4] for b in buf]) if buf else np.zeros((0, num_params)),
             skipped=skipped, last=last, count=count)
         buf, skipped = [], []
         return batch
 
-    for entry in iter_shard(unit.url):
-        count += 1
-        try:
-            image, label = decode_sample(unit.url, entry)
-        except BadSample as bad:
-            skipped.append({"position": entry.position, "key": entry.key, "reason": bad.reason, "shard": unit.url})
+    for entry in entries:
+        count = entry.count
+        if entry.skip is not None:
+            skipped.append(entry.skip)
             continue
-        params, pixels = recipe.draw_and_apply(image, seed, entry.key, unit.view)
-        buf.append((entry.position, entry.key, label, pixels, params))
+        buf.append(entry.sample)
         if len(buf) == batch_size:
             yield flush(last=False)
     yield flush(last=True)
+
+
+def prepare_unit(unit: Unit, recipe: Recipe, seed: int, batch_size: int) -> Iterator[PreparedBatch]:
+    """Decode and augment one shard for one view; bad samples become records, never exceptions.
+
+    With a pair op (`mix`, recipe.has_pairs) any usable sample may be any other's partner, so the
+    whole unit is decoded and augmented before the first batch is yielded: one unit of images is
+    held per loader worker, count x 3 x S x S x 4 bytes, twice that while mixing (a 1000-sample
+    shard at 224 px: 0.6 GB, 1.2 GB peak). Batches keep the boundaries they have without a pair op."""
+    entries = _augmented(unit, recipe, seed)
+    if recipe.has_pairs:
+        entries = iter(_mixed(unit, recipe, seed, list(entries)))
+    yield from _batches(unit, entries, batch_size, recipe.num_params)
 
 
 class UnitStream(torch.utils.data.IterableDataset):

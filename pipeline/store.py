@@ -267,6 +267,18 @@ class CacheStore:
         data = self.files.read(rel)
         return None if data is None else hashlib.sha256(data).hexdigest()
 
+    def file_problems(self, view: int, shard_index: int, marker: dict) -> list[str]:
+        """Where the unit's Zarr shard files differ from what its marker recorded (empty: intact)."""
+        problems = []
+        expected = set(self.unit_files(view, shard_index))
+        if set(marker["files"]) != expected:
+            problems.append(f"marker lists files {sorted(set(marker['files']) ^ expected)} that the layout does not agree on")
+        for rel, digest in sorted(marker["files"].items()):
+            actual = self.file_sha256(rel)
+            if actual != digest:
+                problems.append(f"{'missing' if actual is None else 'checksum mismatch'} in {rel}")
+        return problems
+
     # ------------------------------------------------------------------ write / read
 
     def write_unit(self, unit: Unit, *, count: int, keys: list[str], labels: np.ndarray, valid: np.ndarray,

@@ -152,7 +152,11 @@ def resolve_layers(spec: str | None, num_layers: int) -> tuple[int, ...]:
     spec = (spec or ":").strip()
     indices = list(range(num_layers))
     if "," in spec or (":" not in spec):
-        chosen = [indices[int(x)] for x in spec.split(",") if x.strip()]
+        try:
+            chosen = [indices[int(x)] for x in spec.split(",") if x.strip()]
+        except (IndexError, ValueError):
+            raise TeacherError(f"layer selection {spec!r}: not a slice or list of layers that exist in a model "
+                               f"with {num_layers} layers") from None
     else:
         parts = [int(p) if p.strip() else None for p in spec.split(":")]
         if len(parts) > 3:
@@ -171,6 +175,18 @@ def resolve_heads(spec: str | None, num_heads: int) -> tuple[int, ...]:
     if bad or len(set(heads)) != len(heads) or not heads:
         raise TeacherError(f"head selection {spec!r} invalid for a teacher with {num_heads} heads")
     return heads
+
+
+def model_recipe_defaults(model: torch.nn.Module, name: str) -> RecipeDefaults:
+    """Mean, std, crop and interpolation from the pretrained config; the size from the model
+    itself, since `img_size=32` style arguments change it but not the pretrained config."""
+    data_cfg = timm.data.resolve_model_data_config(model)
+    height, width = (int(v) for v in model.patch_embed.img_size)
+    if height != width:
+        raise TeacherError(f"{name}: non-square input {height}x{width} is not supported")
+    return RecipeDefaults(image_size=height, mean=tuple(data_cfg["mean"]),
+                          std=tuple(data_cfg["std"]), crop_pct=float(data_cfg.get("crop_pct", 0.875)),
+                          interpolation=str(data_cfg.get("interpolation", "bicubic")))
 
 
 class Teacher:
@@ -192,15 +208,7 @@ class Teacher:
         self.weights_sha256 = weights_fingerprint(self.model)
 
     def recipe_defaults(self) -> RecipeDefaults:
-        """Mean, std, crop and interpolation from the pretrained config; the size from the model
-        itself, since `img_size=32` style arguments change it but not the pretrained config."""
-        data_cfg = timm.data.resolve_model_data_config(self.model)
-        height, width = (int(v) for v in self.model.patch_embed.img_size)
-        if height != width:
-            raise TeacherError(f"{self.config.name}: non-square input {height}x{width} is not supported")
-        return RecipeDefaults(image_size=height, mean=tuple(data_cfg["mean"]),
-                              std=tuple(data_cfg["std"]), crop_pct=float(data_cfg.get("crop_pct", 0.875)),
-                              interpolation=str(data_cfg.get("interpolation", "bicubic")))
+        return model_recipe_defaults(self.model, self.config.name)
 
     def identity(self) -> dict:
         cfg = self.config

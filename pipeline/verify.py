@@ -63,15 +63,7 @@ def _check_unit(store: CacheStore, unit: Unit, expected_count: int) -> list[str]
         problems.append(f"marker counts {marker['count']} samples, dataset manifest has {expected_count}")
     if marker["written"] + len(marker["skipped"]) != marker["count"]:
         problems.append(f"written {marker['written']} + skipped {len(marker['skipped'])} != count {marker['count']}")
-    expected = set(store.unit_files(unit.view, unit.shard_index))
-    if set(marker["files"]) != expected:
-        problems.append(f"marker lists files {sorted(set(marker['files']) ^ expected)} that the layout does not agree on")
-    for rel, digest in sorted(marker["files"].items()):
-        actual = store.file_sha256(rel)
-        if actual != digest:
-            state = "missing" if actual is None else "checksum mismatch"
-            problems.append(f"{state} in {rel}")
-    return problems
+    return problems + store.file_problems(unit.view, unit.shard_index, marker)
 
 
 # ---------------------------------------------------------------------------------------------- recompute

@@ -1,0 +1,83 @@
+"""`attncache bench fidelity`: the fidelity-bytes frontier of encodings. Thin: parse, call pipeline.fidelity."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from cli.cache_cmd import make_teacher_config, teacher_options
+from pipeline.fidelity import DEFAULT_GRID, FidelityConfig, format_table, is_store, plot_frontier, run_fidelity, \
+    run_store_fidelity
+
+_DEFAULTS = FidelityConfig(teacher=None)
+
+
+@click.group()
+def bench() -> None:
+    """Benchmarks measured on this machine (more in benchmarks/ and BENCHMARKS.md)."""
+
+
+@bench.command()
+@click.argument("store_or_teacher")
+@click.option("--teacher", default=None,
+              help="STORE mode: a teacher name or directory to load weights from [default: the store's teacher].")
+@teacher_options
+@click.option("--data", "data", multiple=True,
+              help="Teacher mode: webdataset shards, e.g. 'd/val-{000000..000003}.tar' (repeatable). "
+                   "STORE mode reads the store's own shards.")
+@click.option("--samples", default=_DEFAULTS.samples, help="Samples to capture Q/K for (the first K in shard order).")
+@click.option("--recipe", default=None,
+              help="Teacher mode: augmentation recipe [default: eval]. STORE mode replays the store's.")
+@click.option("--layers", default=None, help="Teacher mode: layers, slice or list [default: all]. STORE mode: the store's.")
+@click.option("--heads", default=None, help="Teacher mode: comma list of heads [default: all]. STORE mode: the store's.")
+@click.option("--view", default=0, help="STORE mode: which view's cached samples to read.")
+@click.option("--encodings", "encodings", multiple=True, metavar="SPEC",
+              help="Encodings to compare, repeatable or space-separated [default: teacher mode "
+                   f"{' '.join(DEFAULT_GRID)} (ranks above the head dim skipped); STORE mode the store's encoding "
+                   "and exact:fp16].")
+@click.option("--compression", default=None,
+              help="zstd[:LEVEL][:shuffle|bitshuffle] or none for stored bytes [default: zstd:3; STORE mode: the "
+                   "store's].")
+@click.option("--batch-size", default=_DEFAULTS.batch_size, help="Samples per encode / decode call (and teacher batch).")
+@click.option("--threads", default=_DEFAULTS.threads, help="Torch intra-op threads.")
+@click.option("--device", default="cpu", help="Device of the teacher, encoding and decoding: cpu, cuda, ...")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout instead of the tables.")
+@click.option("--out-png", type=click.Path(dir_okay=False), default=None,
+              help="Also draw KL against bytes (and KL per layer) to this PNG.")
+def fidelity(store_or_teacher, teacher, model_args, checkpoint, random_init, seed, data, samples, recipe, layers,
+             heads, view, encodings, compression, batch_size, threads, device, as_json, out_png):
+    """Mean KL per layer and overall against bytes per sample, encode and decode MB/s, for a grid of encodings.
+
+    STORE_OR_TEACHER is a store (its cached factors are scored against the teacher re-run on the
+    same replayed pixels) or a teacher: a timm name or directory, with --checkpoint, --random-init
+    and --model-arg as for precompute, and --data. Random-weight teachers are flagged: their flat
+    attention makes every encoding look better than it is.
+    """
+    specs = tuple(s for text in encodings for s in text.split())
+    try:
+        if is_store(store_or_teacher):
+            given = {"--data": data, "--recipe": recipe, "--layers": layers, "--heads": heads}
+            wrong = [name for name, value in given.items() if value]
+            if wrong:
+                raise click.UsageError(f"{', '.join(wrong)}: STORE mode uses the store's own shards, recipe, "
+                                       "layers and heads")
+            cfg = make_teacher_config(teacher or "", model_args, checkpoint, random_init, seed, device)
+            report = run_store_fidelity(store_or_teacher, cfg, samples, view, specs, compression, batch_size, threads)
+        else:
+            if not data:
+                raise click.UsageError("teacher mode needs --data GLOB (or give a store)")
+            if teacher:
+                raise click.UsageError("--teacher is for STORE mode; the teacher is the argument here")
+            config = FidelityConfig(
+                teacher=make_teacher_config(store_or_teacher, model_args, checkpoint, random_init, seed, device),
+                data=tuple(data), samples=samples, recipe=recipe or "eval", seed=seed, layers=layers or ":",
+                heads=heads, encodings=specs, compression=compression or "zstd:3", batch_size=batch_size,
+                threads=threads)
+            report = run_fidelity(config)
+    except ValueError as exc:  # bad spec, rank above head dim, wrong weights, no samples
+        raise click.UsageError(str(exc)) from exc
+    if out_png:
+        report["png"] = plot_frontier(report, out_png)
+    click.echo(json.dumps(report) if as_json else format_table(report))
+    for warning in report["warnings"]:
+        click.echo(f"WARNING: {warning}", err=True)
