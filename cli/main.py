@@ -1,10 +1,14 @@
 """Entry point of the `attncache` console script."""
 import click
 
+from cli.bench_cmd import bench
 from cli.cache_cmd import inspect, precompute, show, verify
 from cli.data_cmd import data
 from cli.demo_cmd import demo
+from cli.train_cmd import evaluate, train
+from cli.plan_cmd import plan
 from pipeline.data import BadSample, DataError
+from pipeline.student import StudentMismatch
 from pipeline.precompute import TooManySkipped
 from pipeline.ray_runner import ClusterTooSmall, UnitsFailed
 from pipeline.store import StoreError
@@ -13,7 +17,7 @@ from storage_schema import SchemaError
 
 # errors that are about the user's input, not bugs: one line naming file, key and cause, exit 1
 USER_ERRORS = (BadSample, DataError, TooManySkipped, StoreError, SchemaError, TeacherError, UnitsFailed,
-               ClusterTooSmall)
+               ClusterTooSmall, StudentMismatch)
 
 
 class _Group(click.Group):
@@ -30,7 +34,7 @@ def cli() -> None:
     """attncache: precompute a teacher ViT's attention once, train students from the cache."""
 
 
-for command in (data, precompute, verify, inspect, show, demo):
+for command in (data, precompute, verify, inspect, show, demo, plan, bench, train, evaluate):
     cli.add_command(command)
 
 

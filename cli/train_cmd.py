@@ -1,0 +1,150 @@
+"""`train` and `evaluate`: students from the cache (or an online teacher). Thin: parse, build config, call."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from pipeline.optim import OptimConfig
+from pipeline.precompute import default_threads
+from pipeline.student import MODES, StudentConfig
+from pipeline.teacher import TeacherConfig, parse_model_args
+from pipeline.train import TrainConfig
+
+_T = TrainConfig(data=(), out="", spec=None)
+_O = OptimConfig()
+
+
+def _teacher(teacher, model_args, checkpoint, random_init, teacher_seed, device) -> TeacherConfig | None:
+    if teacher is None:
+        return None
+    return TeacherConfig(teacher, parse_model_args(model_args), checkpoint, random_init, teacher_seed, device)
+
+
+def _recipe_with_mix(recipe: str, mixup: float, cutmix: float) -> str:
+    if mixup <= 0 and cutmix <= 0:
+        return recipe
+    from pipeline.augment import PRESETS
+
+    return PRESETS.get(recipe, recipe) + f"|mix(mixup_alpha={mixup},cutmix_alpha={cutmix})"
+
+
+@click.command()
+@click.option("--data", multiple=True, required=True, help="Training shards (brace pattern; repeatable).")
+@click.option("--cache", default=None, type=click.Path(), help="Store written by `precompute` for these shards.")
+@click.option("--teacher", default=None, help="Online teacher (timm name or teacher dir) instead of a cache; "
+                                                "also the weights of --mode finetune.")
+@click.option("--model-arg", "model_args", multiple=True, metavar="K=V", help="timm argument of the teacher.")
+@click.option("--checkpoint", default=None, type=click.Path(dir_okay=False), help="Teacher weights file.")
+@click.option("--random-init", is_flag=True, help="Seeded random teacher (tests).")
+@click.option("--teacher-seed", default=0, help="Seed of --random-init teacher weights.")
+@click.option("--mode", type=click.Choice(list(MODES)), default="distill",
+              help="How the teacher's attention is transferred (scratch/finetune are the baselines).")
+@click.option("--student", required=True, help="timm model name of the student.")
+@click.option("--student-arg", "student_args", multiple=True, metavar="K=V", help="timm argument of the student.")
+@click.option("--num-classes", type=int, default=None, help="Classes [default: classes.json beside the shards].")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory (resumed if present).")
+@click.option("--max-steps", type=int, default=None, help="Optimiser steps (or give --epochs).")
+@click.option("--epochs", type=int, default=None, help="Epochs; epoch e reads cached view e mod V.")
+@click.option("--batch-size", default=_T.batch_size, help="Samples per step per rank.")
+@click.option("--layers", default=None, help="Student layers to transfer (slice or list) [default: all but last 3].")
+@click.option("--distill-weight", default=_T.distill_weight, help="Weight of the transfer loss (distill modes).")
+@click.option("--lr", default=_O.lr, help="Peak learning rate (timm --lr).")
+@click.option("--min-lr", default=_O.min_lr, help="Final learning rate of the cosine schedule.")
+@click.option("--weight-decay", default=_O.weight_decay, help="AdamW weight decay.")
+@click.option("--warmup-epochs", default=_O.warmup_epochs, help="Linear warmup, in epochs.")
+@click.option("--layer-decay", type=float, default=None, help="Layer-wise lr decay (e.g. 0.75) [default: off].")
+@click.option("--drop-path", default=0.0, help="Stochastic depth of the student (the teacher never drops).")
+@click.option("--smoothing", default=_T.smoothing, help="Label smoothing.")
+@click.option("--mixup", default=0.0, help="Mixup alpha; without a cache only (a cache fixes its mix at precompute: "
+                                          "use --recipe train_mix there).")
+@click.option("--cutmix", default=0.0, help="CutMix alpha; without a cache only.")
+@click.option("--clip-grad", type=float, default=None, help="Clip the gradient norm [default: off].")
+@click.option("--model-ema-decay", type=float, default=None, help="Keep an EMA of the weights [default: off].")
+@click.option("--recipe", default=_T.recipe, help="Augmentation recipe without a cache (a cache carries its own).")
+@click.option("--eval-cache", default=None, type=click.Path(), help="Eval store (precompute --recipe eval).")
+@click.option("--eval-data", multiple=True, help="Eval shards (with the eval recipe, or matching --eval-cache).")
+@click.option("--seed", default=_T.seed, help="Seed of the student init, unit order, shuffle and drop path.")
+@click.option("--workers", default=_T.workers, help="Loader processes per rank.")
+@click.option("--shuffle-buffer", default=_T.shuffle_buffer, help="Samples in each worker's shuffle buffer.")
+@click.option("--amp", type=click.Choice(["auto", "bf16", "none"]), default="auto",
+              help="bf16 autocast: auto = on CUDA devices that support it.")
+@click.option("--device", default="cpu", help="Training device: cpu, cuda, cuda:1 ...")
+@click.option("--threads", default=default_threads(), help="Torch intra-op threads (fixes numerics).")
+@click.option("--checkpoint-every", default=_T.checkpoint_every, help="Steps between resumable checkpoints.")
+@click.option("--log-every", default=_T.log_every, help="Steps between metrics lines.")
+@click.option("--json", "as_json", is_flag=True, help="Print the final result as one JSON object.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train(data, cache, teacher, model_args, checkpoint, random_init, teacher_seed, mode, student, student_args,
+          num_classes, out, max_steps, epochs, batch_size, layers, distill_weight, lr, min_lr, weight_decay,
+          warmup_epochs, layer_decay, drop_path, smoothing, mixup, cutmix, clip_grad, model_ema_decay, recipe,
+          eval_cache, eval_data, seed, workers, shuffle_buffer, amp, device, threads, checkpoint_every, log_every,
+          as_json, quiet):
+    """Train a student ViT with attention transfer from a cache (or an online teacher).
+
+    Re-running the same command in the same --out resumes from its last checkpoint. Under
+    `torchrun --nproc_per_node N` the units are split across ranks; rank 0 writes and evaluates.
+    """
+    from pipeline.setup import TransferSpec, infer_num_classes
+    from pipeline.train import train as run_train
+
+    if (max_steps is None) == (epochs is None):
+        raise click.UsageError("give exactly one of --max-steps or --epochs")
+    if cache and (mixup > 0 or cutmix > 0):
+        raise click.UsageError("--mixup/--cutmix: the cache fixes its mixing at precompute time "
+                               "(precompute --recipe train_mix); they apply only without --cache")
+    if cache and recipe != _T.recipe:
+        raise click.UsageError("--recipe: the cache carries the recipe the teacher saw; it applies only without --cache")
+    classes = num_classes or infer_num_classes(tuple(data), cache)
+    teacher_cfg = _teacher(teacher, model_args, checkpoint, random_init, teacher_seed, device)
+    spec = TransferSpec(StudentConfig(student, parse_model_args(student_args), classes, drop_path, seed), mode,
+                        layers, cache, teacher_cfg)
+    optim = OptimConfig(lr=lr, min_lr=min_lr, weight_decay=weight_decay, layer_decay=layer_decay,
+                        warmup_epochs=warmup_epochs, clip_grad=clip_grad, model_ema_decay=model_ema_decay)
+    config = TrainConfig(data=tuple(data), out=out, spec=spec, distill_weight=distill_weight, max_steps=max_steps,
+                         epochs=epochs, batch_size=batch_size, seed=seed, workers=workers,
+                         shuffle_buffer=shuffle_buffer, smoothing=smoothing,
+                         recipe=_recipe_with_mix(recipe, mixup, cutmix), eval_cache=eval_cache,
+                         eval_data=tuple(eval_data), amp=amp, device=device, threads=threads,
+                         checkpoint_every=checkpoint_every, log_every=log_every, progress=not quiet, optim=optim)
+    result = run_train(config)
+    summary = {"steps": result.steps, "samples": result.samples, "seconds": round(result.seconds, 2),
+               "out": result.out, "eval": result.final}
+    if as_json:
+        click.echo(json.dumps(summary))
+    else:
+        click.echo(f"trained {result.steps} steps ({result.samples} samples) in {result.seconds:.1f} s -> {out}")
+        if result.final:
+            click.echo(f"eval: top1 {result.final['top1']:.2f}  top5 {result.final['top5']:.2f}  "
+                       f"({result.final['samples']} samples)")
+
+
+@click.command()
+@click.argument("run", type=click.Path(exists=True))
+@click.option("--data", multiple=True, help="Eval shards [default: the --cache store's shards].")
+@click.option("--cache", default=None, type=click.Path(), help="Eval store (needed by copy modes; its recipe is used).")
+@click.option("--batch-size", default=128, help="Samples per batch.")
+@click.option("--workers", default=2, help="Loader processes.")
+@click.option("--device", default="cpu", help="Device.")
+@click.option("--out", "out_file", default=None, type=click.Path(dir_okay=False),
+              help="JSON file to write [default: eval.json in the run directory].")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (top1, top5, loss, confusion).")
+def evaluate(run, data, cache, batch_size, workers, device, out_file, as_json):
+    """Top-1/top-5 of a trained student (run directory, or its model.safetensors) on an eval split."""
+    from pipeline.setup import evaluate_run
+
+    if not data and not cache:
+        raise click.UsageError("give --data (eval shards) and/or --cache (an eval store)")
+    report = evaluate_run(run, tuple(data), cache, batch_size, workers, device)
+    target = Path(out_file) if out_file else Path(report["run_dir"]) / "eval.json"
+    target.write_text(json.dumps(report, indent=1))
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    click.echo(f"top1 {report['top1']:.2f}  top5 {report['top5']:.2f}  loss {report['loss']:.4f}  "
+               f"({report['samples']} samples) -> {target}")
+    for pair in report["most_confused"]:
+        click.echo(f"  class {pair['true']} taken for {pair['predicted']}: {pair['count']}")
+    sys.stdout.flush()

@@ -1,0 +1,304 @@
+"""The student training loop: stream the cache, transfer attention, checkpoint, resume, evaluate.
+
+Loss = soft-target cross-entropy (mixup/cutmix targets from the cache, label smoothing on top)
++ `distill_weight` x the strategy's transfer loss (summed over layers, as the paper's code). A run
+directory holds `student.json` (what to rebuild), `checkpoint.safetensors` + `state.json` (the
+resumable state: weights, EMA, optimiser, step, loader position) and `metrics.jsonl`.
+
+Resume is exact: the loader's batches are a pure function of (seed, epoch, rank, workers), so
+skipping the batches an epoch already gave rebuilds the loader position; the drop-path random state
+is reseeded from (seed, step, rank) before every step, so no generator state has to be saved.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from pipeline.distributed import World, barrier, global_count, init_world, reduce_gradients, shutdown
+from pipeline.evaluate import EvalResult, evaluate_model
+from pipeline.loader import StreamConfig, epoch_loader, steps_in_epoch, view_of
+from pipeline.optim import (OptimConfig, WeightEma, build_optimizer, load_optimizer_tensors, lr_at,
+                            optimizer_tensors, set_lr)
+from pipeline.precompute import default_threads
+from pipeline.setup import Session, TransferSpec, build_session, eval_stream, infer_num_classes, train_stream
+from pipeline.student import transfer_loss
+
+STATE_FILE, CHECKPOINT_FILE, SPEC_FILE = "state.json", "checkpoint.safetensors", "student.json"
+MODEL_FILE, METRICS_FILE = "model.safetensors", "metrics.jsonl"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: tuple[str, ...]
+    out: str
+    spec: TransferSpec
+    distill_weight: float = 3.0
+    max_steps: int | None = None
+    epochs: int | None = None
+    batch_size: int = 64
+    seed: int = 0
+    workers: int = 2
+    shuffle_buffer: int = 256
+    smoothing: float = 0.1
+    recipe: str = "train"  # used only without a cache
+    eval_cache: str | None = None
+    eval_data: tuple[str, ...] = ()
+    amp: str = "auto"  # auto | bf16 | none
+    device: str = "cpu"
+    threads: int = field(default_factory=default_threads)
+    checkpoint_every: int = 200
+    log_every: int = 10
+    progress: bool = True
+    optim: OptimConfig = OptimConfig()
+
+
+def set_determinism(threads: int) -> None:
+    """The one place that fixes numerics: thread count and deterministic kernels."""
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def reseed_step(seed: int, step: int, rank: int) -> None:
+    """Drop path draws from torch's global generator inside timm; seed it per step from identity."""
+    digest = hashlib.sha256(f"{seed}:{step}:{rank}".encode()).digest()
+    torch.manual_seed(int.from_bytes(digest[:8], "big") & ((1 << 63) - 1))
+
+
+def autocast_dtype(amp: str, device: str) -> torch.dtype | None:
+    if amp == "none":
+        return None
+    if amp == "bf16":
+        return torch.bfloat16
+    cuda = device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return torch.bfloat16 if cuda else None
+
+
+# ---------------------------------------------------------------------------------------------- steps
+
+
+def step_losses(session: Session, batch: dict, device, distill_weight: float, amp: torch.dtype | None):
+    """(total loss, cross-entropy, transfer loss or None) of one batch, all means over the batch."""
+    images = batch["image"].to(device, non_blocking=True)
+    targets = batch["target"].to(device, non_blocking=True)
+    session.context.set_teacher(session.signal(batch, device))
+    with torch.autocast(torch.device(device).type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+        logits = session.model(images)
+    ce = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+    transfer = transfer_loss(session.mode.strategy, session.context)
+    total = ce if transfer is None else ce + distill_weight * transfer
+    return total, ce, transfer
+
+
+def epoch_counts(stream: StreamConfig, epoch: int) -> list[int]:
+    """Samples per shard in this epoch's view: exact from the markers, or the shard counts."""
+    from pipeline.data import build_manifest
+    from pipeline.store import CacheStore
+
+    if stream.cache:
+        store = CacheStore.open(stream.cache)
+        view = view_of(epoch, stream.views)
+        return [(store.read_marker(view, i) or {"written": 0})["written"] for i in range(len(stream.shards))]
+    return [s.count for s in build_manifest(list(stream.shards)).shards]
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def _atomic_save(tensors: dict, path: Path) -> str:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    save_file(tensors, str(tmp))
+    digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+    os.replace(tmp, path)
+    return digest
+
+
+def save_checkpoint(out: Path, session: Session, optimizer, ema: WeightEma | None, position: dict) -> None:
+    """Weights, EMA and optimiser state in safetensors, then `state.json` last (atomic)."""
+    tensors = {f"model.{k}": v.detach().clone().contiguous() for k, v in session.model.state_dict().items()}
+    if ema is not None:
+        tensors.update({f"ema.{k}": v.clone().contiguous() for k, v in ema.state.items()})
+    optim_tensors, groups = optimizer_tensors(optimizer)
+    tensors.update(optim_tensors)
+    digest = _atomic_save(tensors, out / CHECKPOINT_FILE)
+    state = dict(position, checkpoint_sha256=digest, param_groups=groups)
+    tmp = out / f"{STATE_FILE}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(state, indent=1))
+    os.replace(tmp, out / STATE_FILE)
+
+
+def load_checkpoint(out: Path, session: Session, optimizer, ema: WeightEma | None) -> dict | None:
+    state_file = out / STATE_FILE
+    if not state_file.is_file():
+        return None
+    state = json.loads(state_file.read_text())
+    raw = (out / CHECKPOINT_FILE).read_bytes()
+    if hashlib.sha256(raw).hexdigest() != state["checkpoint_sha256"]:
+        raise RuntimeError(f"{out / CHECKPOINT_FILE} does not match {state_file}: the checkpoint is corrupt")
+    tensors = load_file(str(out / CHECKPOINT_FILE))
+    session.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    if ema is not None:
+        ema.state = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
+    load_optimizer_tensors(optimizer, tensors, state["param_groups"])
+    return state
+
+
+def _check_same_run(out: Path, spec_json: dict, cfg: TrainConfig) -> None:
+    saved = json.loads((out / SPEC_FILE).read_text())
+    if saved.get("transfer") != spec_json or saved.get("run") != _run_identity(cfg):
+        raise RuntimeError(f"{out} holds another run ({out / SPEC_FILE} differs from these options); "
+                           "use another --out to start a new run")
+
+
+def _run_identity(cfg: TrainConfig) -> dict:
+    keep = ("data", "distill_weight", "max_steps", "epochs", "batch_size", "seed", "workers", "shuffle_buffer",
+            "smoothing", "recipe", "amp", "threads")
+    d = {k: getattr(cfg, k) for k in keep}
+    d["data"] = list(cfg.data)
+    d["optim"] = asdict(cfg.optim)
+    d["world_size"] = int(os.environ.get("WORLD_SIZE", "1"))
+    return json.loads(json.dumps(d))
+
+
+# ---------------------------------------------------------------------------------------------- loop
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    epochs_started: int
+    samples: int
+    seconds: float
+    final: dict | None
+    out: str
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    if (cfg.max_steps is None) == (cfg.epochs is None):
+        raise ValueError("give exactly one of --max-steps or --epochs")
+    world = init_world(cfg.device)
+    try:
+        return _train(cfg, world)
+    finally:
+        shutdown(world)
+
+
+def _train(cfg: TrainConfig, world: World) -> TrainResult:
+    set_determinism(cfg.threads)
+    out = Path(cfg.out)
+    num_classes = cfg.spec.student.num_classes
+    session = build_session(cfg.spec, cfg.device, cfg.recipe)
+    stream = train_stream(session, cfg.data, cfg.seed, num_classes, cfg.smoothing, cfg.shuffle_buffer)
+    evaluation = eval_stream(session, num_classes, cfg.eval_cache, cfg.eval_data)
+    optimizer = build_optimizer(session.model, cfg.optim)
+    ema = WeightEma(session.model, cfg.optim.model_ema_decay) if cfg.optim.model_ema_decay else None
+    epochs = cfg.epochs
+    per_epoch = [steps_in_epoch(epoch_counts(stream, 0), 0, cfg.seed, world.size, cfg.workers, cfg.batch_size)]
+    total_steps = cfg.max_steps if cfg.max_steps is not None else sum(
+        steps_in_epoch(epoch_counts(stream, e), e, cfg.seed, world.size, cfg.workers, cfg.batch_size)
+        for e in range(epochs))
+    warmup = int(round(cfg.optim.warmup_epochs * per_epoch[0]))
+    spec_json = cfg.spec.to_json()
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if (out / SPEC_FILE).is_file():
+            _check_same_run(out, spec_json, cfg)
+        else:
+            (out / SPEC_FILE).write_text(json.dumps({"transfer": spec_json, "run": _run_identity(cfg),
+                                                      "recipe": session.recipe.to_json()}, indent=1))
+    barrier(world)
+    state = load_checkpoint(out, session, optimizer, ema) or {"step": 0, "epoch": 0, "step_in_epoch": 0,
+                                                               "samples": 0}
+    step, epoch, skip, samples = state["step"], state["epoch"], state["step_in_epoch"], state["samples"]
+    amp = autocast_dtype(cfg.amp, cfg.device)
+    metrics = open(out / METRICS_FILE, "a") if world.is_main else None
+    started = time.perf_counter()
+    bar = tqdm(total=total_steps, initial=step, unit="step", desc=f"train {cfg.spec.mode}",
+               disable=not (cfg.progress and world.is_main), dynamic_ncols=True)
+    session.model.train()
+
+    def done() -> bool:
+        return step >= cfg.max_steps if cfg.max_steps is not None else epoch >= epochs
+
+    in_epoch = skip
+    while not done():
+        batches = iter(epoch_loader(stream, epoch, cfg.batch_size, cfg.workers, world.rank, world.size))
+        for _ in range(skip):
+            next(batches, None)
+        in_epoch, exhausted = skip, False
+        while not done():
+            batch = next(batches, None)
+            n = 0 if batch is None else len(batch["key"])
+            n_global = global_count(world, n)
+            if n_global == 0:
+                exhausted = True
+                break
+            lr = lr_at(step, total_steps, warmup, cfg.optim)
+            set_lr(optimizer, lr)
+            reseed_step(cfg.seed, step, world.rank)
+            optimizer.zero_grad(set_to_none=True)
+            loss = ce = transfer = None
+            if n:
+                loss, ce, transfer = step_losses(session, batch, cfg.device, cfg.distill_weight, amp)
+                (loss * n if world.distributed else loss).backward()
+            reduce_gradients(world, session.model, n_global)
+            if cfg.optim.clip_grad:
+                torch.nn.utils.clip_grad_norm_(session.model.parameters(), cfg.optim.clip_grad)
+            optimizer.step()
+            if ema is not None:
+                ema.update(session.model)
+            step, in_epoch, samples = step + 1, in_epoch + 1, samples + n_global
+            bar.update(1)
+            if metrics is not None and loss is not None and (step % cfg.log_every == 0 or done()):
+                record = {"step": step, "epoch": epoch, "lr": lr, "loss": float(loss.detach()), "ce": float(ce.detach()),
+                          "transfer": None if transfer is None else float(transfer.detach()), "samples": samples,
+                          "seconds": round(time.perf_counter() - started, 3)}
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}", lr=f"{lr:.2e}")
+            if step % cfg.checkpoint_every == 0 and world.is_main:
+                save_checkpoint(out, session, optimizer, ema, {"step": step, "epoch": epoch,
+                                                                "step_in_epoch": in_epoch, "samples": samples})
+        if exhausted:
+            epoch, skip, in_epoch = epoch + 1, 0, 0
+    bar.close()
+    seconds = time.perf_counter() - started
+    final = None
+    if world.is_main:
+        save_checkpoint(out, session, optimizer, ema, {"step": step, "epoch": epoch, "step_in_epoch": in_epoch,
+                                                        "samples": samples})
+        save_file({k: v.contiguous() for k, v in session.model.state_dict().items()}, str(out / MODEL_FILE))
+        if ema is not None:
+            save_file({k: v.contiguous() for k, v in ema.state.items()}, str(out / "model_ema.safetensors"))
+        if evaluation is not None:
+            final = run_eval(session, evaluation, cfg, ema)
+            metrics.write(json.dumps({"step": step, "eval": final}) + "\n")
+        metrics.close()
+    barrier(world)
+    return TrainResult(step, epoch, samples, seconds, final, str(out))
+
+
+def run_eval(session: Session, evaluation, cfg: TrainConfig, ema: WeightEma | None) -> dict:
+    stream, signal = evaluation
+    loader = epoch_loader(stream, 0, cfg.batch_size, cfg.workers)
+    num_classes = cfg.spec.student.num_classes
+    result: EvalResult = evaluate_model(session.model, session.mode.strategy, session.context, signal, loader,
+                                        cfg.device, num_classes, cfg.progress)
+    report = result.to_json()
+    if ema is not None:
+        live = {k: v.clone() for k, v in session.model.state_dict().items()}
+        session.model.load_state_dict({**live, **ema.state})
+        ema_result = evaluate_model(session.model, session.mode.strategy, session.context, signal,
+                                    epoch_loader(stream, 0, cfg.batch_size, cfg.workers), cfg.device, num_classes)
+        session.model.load_state_dict(live)
+        report.update(top1_ema=ema_result.top1, top5_ema=ema_result.top5)
+    return report
