@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from pipeline.augment import Recipe
-from pipeline.data import BadSample, DataError, decode_sample, expand_shards, iter_shard
+from pipeline.data import DataError, decode_sample, expand_shards, iter_shard
 from pipeline.mix import draw_mix, fill_mix_params, mix_targets, mix_unit, replay_unit
 from pipeline.store import BASE_ARRAYS, CacheStore, StoreError
 
@@ -136,12 +136,9 @@ def read_unit_samples(cfg: StreamConfig, recipe: Recipe, store: CacheStore | Non
             if str(cached.keys[p]) != entry.key:
                 raise DataError(f"{url}: sample at position {p} has key {entry.key!r} but the cache has "
                                 f"{str(cached.keys[p])!r}: the shard changed since precompute")
-        try:
-            image, label = decode_sample(url, entry)
-        except BadSample:
-            if cached is not None:
-                raise  # the teacher saw this sample: the shard changed since precompute
-            continue
+        # a bad sample is an error here: with a cache the teacher saw it, so the shard changed since
+        # precompute; without one, precompute (--on-bad-sample skip) is where skipping is recorded
+        image, label = decode_sample(url, entry)
         images[p], labels[p], keys[p] = image, label, entry.key
     bad = [(keys[p], labels[p]) for p in images if not 0 <= labels[p] < cfg.num_classes]
     if bad:

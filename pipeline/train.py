@@ -111,6 +111,19 @@ def epoch_counts(stream: StreamConfig, epoch: int) -> list[int]:
     return [s.count for s in build_manifest(list(stream.shards)).shards]
 
 
+class EpochIncomplete(RuntimeError):
+    """An epoch gave another number of samples than the cache (or the shards) hold."""
+
+
+def check_epoch_complete(stream: StreamConfig, epoch: int, seen: int) -> None:
+    """Every usable sample of the epoch's view, once, over all ranks: else stop, never train on less."""
+    expected = sum(epoch_counts(stream, epoch))
+    if seen != expected:
+        raise EpochIncomplete(f"epoch {epoch}: the ranks together trained on {seen} samples, but the "
+                              f"{'cache view ' + str(view_of(epoch, stream.views)) if stream.cache else 'shards'} "
+                              f"hold {expected} usable samples")
+
+
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 
@@ -217,8 +230,9 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
                                                       "recipe": session.recipe.to_json()}, indent=1))
     barrier(world)
     state = load_checkpoint(out, session, optimizer, ema) or {"step": 0, "epoch": 0, "step_in_epoch": 0,
-                                                               "samples": 0}
+                                                               "samples": 0, "epoch_samples": 0}
     step, epoch, skip, samples = state["step"], state["epoch"], state["step_in_epoch"], state["samples"]
+    epoch_samples = state["epoch_samples"]
     amp = autocast_dtype(cfg.amp, cfg.device)
     metrics = open(out / METRICS_FILE, "a") if world.is_main else None
     started = time.perf_counter()
@@ -242,6 +256,7 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
             if n_global == 0:
                 exhausted = True
                 break
+            epoch_samples += n_global
             lr = lr_at(step, total_steps, warmup, cfg.optim)
             set_lr(optimizer, lr)
             reseed_step(cfg.seed, step, world.rank)
@@ -266,16 +281,19 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
                 metrics.flush()
                 bar.set_postfix(loss=f"{float(loss.detach()):.3f}", lr=f"{lr:.2e}")
             if step % cfg.checkpoint_every == 0 and world.is_main:
-                save_checkpoint(out, session, optimizer, ema, {"step": step, "epoch": epoch,
-                                                                "step_in_epoch": in_epoch, "samples": samples})
+                save_checkpoint(out, session, optimizer, ema, {"step": step, "epoch": epoch, "step_in_epoch": in_epoch,
+                                                                "samples": samples, "epoch_samples": epoch_samples})
         if exhausted:
-            epoch, skip, in_epoch = epoch + 1, 0, 0
+            check_epoch_complete(stream, epoch, epoch_samples)
+            if metrics is not None:
+                metrics.write(json.dumps({"step": step, "epoch_end": epoch, "epoch_samples": epoch_samples}) + "\n")
+            epoch, skip, in_epoch, epoch_samples = epoch + 1, 0, 0, 0
     bar.close()
     seconds = time.perf_counter() - started
     final = None
     if world.is_main:
         save_checkpoint(out, session, optimizer, ema, {"step": step, "epoch": epoch, "step_in_epoch": in_epoch,
-                                                        "samples": samples})
+                                                        "samples": samples, "epoch_samples": epoch_samples})
         save_file({k: v.contiguous() for k, v in session.model.state_dict().items()}, str(out / MODEL_FILE))
         if ema is not None:
             save_file({k: v.contiguous() for k, v in ema.state.items()}, str(out / "model_ema.safetensors"))
