@@ -2,7 +2,7 @@
 
 The teacher's Q/K are captured once for K samples; then for every encoding of a grid, in one run:
 encode (timed), stored bytes (raw from the array specs, and compressed exactly as the store would:
-the same zarr codecs, one inner chunk per sample inside a shard, written to a scratch store),
+the same zarr codecs, the store's inner chunks inside a shard, written to a scratch store),
 decode to logits (timed, from the stored numpy arrays, as a trainer does) and
 KL(teacher softmax || decoded softmax) per layer, averaged over samples, heads and queries.
 
@@ -27,7 +27,7 @@ from pipeline.augment import Recipe, parse_recipe
 from pipeline.data import BadSample, decode_sample, expand_shards, iter_shard
 from pipeline.factors import attention_kl, exact_logits, parse_encoding
 from pipeline.precompute import default_threads
-from pipeline.store import CacheStore, _compressors, parse_compression
+from pipeline.store import CacheStore, _compressors, factor_chunk_slots, parse_compression
 from pipeline.teacher import Teacher, TeacherConfig, resolve_heads, resolve_layers
 
 DEFAULT_GRID = ("exact:fp16", "exact:fp8", "exact:int8", "exact:int4",
@@ -102,13 +102,13 @@ def raw_bytes_per_sample(encoding, num_layers: int, num_heads: int, num_tokens: 
 
 
 def stored_bytes(arrays: dict[str, np.ndarray], compression: dict) -> dict[str, int]:
-    """Bytes of each array once written as the store writes factors (one chunk per sample, one
+    """Bytes of each array once written as the store writes factors (the store's inner chunks, one
     shard for all, the store's codecs): shard files of a scratch zarr store, index included."""
     with tempfile.TemporaryDirectory(prefix="attncache-fidelity-") as tmp:
         group = zarr.open_group(tmp, mode="w", zarr_format=3)
         out = {}
         for name, block in arrays.items():
-            arr = group.create_array(name, shape=block.shape, dtype=block.dtype, chunks=(1, *block.shape[1:]),
+            arr = group.create_array(name, shape=block.shape, dtype=block.dtype, chunks=(factor_chunk_slots(len(block)), *block.shape[1:]),
                                      shards=block.shape, compressors=_compressors(compression), fill_value=0)
             arr[:] = block
             out[name] = sum(p.stat().st_size for p in Path(tmp, name, "c").rglob("*") if p.is_file())

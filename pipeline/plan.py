@@ -23,14 +23,14 @@ import torch
 from pipeline.augment import parse_recipe
 from pipeline.factors import parse_encoding
 from pipeline.precompute import default_threads
-from pipeline.store import base_arrays, parse_compression
+from pipeline.store import FACTOR_CHUNK_SLOTS, base_arrays, parse_compression
 from pipeline.teacher import Teacher, TeacherConfig, resolve_heads, resolve_layers, resolve_teacher_config
 
 # transfer mode -> whether it needs Q and K themselves (not only logits)
 TRANSFER_MODES = {"copy": False, "distill": False, "copy_q": True, "copy_k": True, "distill_q": True,
                   "distill_k": True}
 KEY_LENGTH_PREFIX = 4  # vlen-utf8 stores a 4-byte length before every string
-SHARD_INDEX_BYTES = 16  # per inner chunk (offset, length as uint64): factor arrays have one chunk per sample
+SHARD_INDEX_BYTES = 16  # per inner chunk (offset, length as uint64)
 
 
 class PlanError(ValueError):
@@ -168,7 +168,7 @@ def make_plan(config: PlanConfig) -> dict:
         factor_source = "given" if factor else "none: uncompressed size (zstd gains ~1.1x on floats, more on ints)"
     factor_bytes = sum(a["bytes_per_sample"] for a in arrays.values() if a["kind"] == "factor")
     base_bytes = sum(a["bytes_per_sample"] for a in arrays.values() if a["kind"] == "base")
-    index_bytes = SHARD_INDEX_BYTES * sum(a["kind"] == "factor" for a in arrays.values())
+    index_bytes = SHARD_INDEX_BYTES / FACTOR_CHUNK_SLOTS * sum(a["kind"] == "factor" for a in arrays.values())
     stored_factor = factor_bytes / (factor or 1.0)
     per_sample = stored_factor + base_bytes + index_bytes
     sample_views = config.samples * config.views
