@@ -31,6 +31,7 @@ from pipeline.optim import (OptimConfig, WeightEma, build_optimizer, load_optimi
 from pipeline.precompute import default_threads
 from pipeline.setup import Session, TransferSpec, build_session, eval_stream, infer_num_classes, train_stream
 from pipeline.student import transfer_loss
+from pipeline.teacher import TEACHER_CONFIG_FILE
 
 STATE_FILE, CHECKPOINT_FILE, SPEC_FILE = "state.json", "checkpoint.safetensors", "student.json"
 MODEL_FILE, METRICS_FILE = "model.safetensors", "metrics.jsonl"
@@ -122,6 +123,16 @@ def check_epoch_complete(stream: StreamConfig, epoch: int, seen: int) -> None:
         raise EpochIncomplete(f"epoch {epoch}: the ranks together trained on {seen} samples, but the "
                               f"{'cache view ' + str(view_of(epoch, stream.views)) if stream.cache else 'shards'} "
                               f"hold {expected} usable samples")
+
+
+def write_teacher_config(out: Path, spec: TransferSpec, session: Session) -> None:
+    """Make the run directory a teacher directory (`precompute --teacher RUN_DIR`): a student that
+    needs no teacher at evaluation is a ViT like any other, and can teach the next one."""
+    if session.mode.strategy.uses_teacher_at_eval:
+        return
+    args = dict(spec.student.model_args, num_classes=spec.student.num_classes)
+    (out / TEACHER_CONFIG_FILE).write_text(json.dumps({"model": spec.student.name, "model_args": args,
+                                                       "weights": MODEL_FILE}, indent=1))
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -297,6 +308,7 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
         save_file({k: v.contiguous() for k, v in session.model.state_dict().items()}, str(out / MODEL_FILE))
         if ema is not None:
             save_file({k: v.contiguous() for k, v in ema.state.items()}, str(out / "model_ema.safetensors"))
+        write_teacher_config(out, cfg.spec, session)
         if evaluation is not None:
             final = run_eval(session, evaluation, cfg, ema)
             metrics.write(json.dumps({"step": step, "eval": final}) + "\n")

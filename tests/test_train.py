@@ -1,5 +1,6 @@
 """`attncache train` / `evaluate` as users start them: options reach their use, a killed run resumes
 bit for bit, torchrun splits the cache across ranks, copy modes evaluate from an eval cache."""
+import hashlib
 import json
 import os
 import signal
@@ -207,3 +208,20 @@ def test_torchrun_splits_the_cache_across_two_ranks(synth_data, mix_cache, tmp_p
     assert json.loads((out / "student.json").read_text())["run"]["world_size"] == 2
     report = json.loads(_run(["evaluate", str(out), "--data", synth_data["val"], "--workers", "0", "--json"]))
     assert evals[0].split()[2] == f"{report['top1']:.2f}"
+
+
+def test_a_trained_run_directory_is_a_teacher_directory(synth_data, mix_cache, eval_cache, tmp_path):
+    """Any student that needs no teacher at evaluation can teach the next one: precompute loads it."""
+    _run(_train_args(synth_data, mix_cache, tmp_path / "s", "--max-steps", "1", "--mode", "scratch"))
+    config = json.loads((tmp_path / "s" / "config.json").read_text())
+    assert config["model"] == TINY_TEACHER["model"] and config["model_args"]["num_classes"] == 4
+    _run(["precompute", "--data", synth_data["val"], "--out", str(tmp_path / "next.zarr"), "--teacher",
+          str(tmp_path / "s"), "--views", "1", "--workers", "0", "--quiet"])
+    from pipeline.store import CacheStore
+    store = CacheStore.open(tmp_path / "next.zarr")
+    assert store.meta["teacher"]["checkpoint"]["file"] == "model.safetensors"
+    assert store.meta["teacher"]["checkpoint"]["sha256"] == hashlib.sha256(
+        (tmp_path / "s" / "model.safetensors").read_bytes()).hexdigest()
+    _run(_train_args(synth_data, mix_cache, tmp_path / "c", "--max-steps", "1", "--mode", "copy",
+                     "--eval-cache", str(eval_cache)))
+    assert not (tmp_path / "c" / "config.json").exists()
