@@ -7,7 +7,8 @@ Same student, batch size, loader workers and steps for every mode, through `pipe
 (c) distill with an online teacher of the student's size, (d) distill with an online teacher twice
 as wide (same heads and tokens). (t) is the bare teacher forward (Q/K capture) on one batch of
 ready tensors; the most a cache can save over an online teacher is that forward, so the speed-up
-limit of (b) over (c) is (1/a + t) / (1/a). Each mode runs `--rounds` times interleaved (a b c d
+limit of (b) over (c) is (1/a + t) / (1/a). It also times the decoding of one batch's cached
+factors to logits against a step of (b). Each mode runs `--rounds` times interleaved (a b c d
 a b c d ...) and keeps its fastest round, so drift of the machine hits every mode alike. Teachers
 are randomly initialised: the speed of a forward does not depend on the weights.
 """
@@ -27,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.optim import OptimConfig  # noqa: E402
 from pipeline.precompute import PrecomputeConfig, run_precompute  # noqa: E402
-from pipeline.setup import TransferSpec  # noqa: E402
+from pipeline.loader import epoch_loader  # noqa: E402
+from pipeline.setup import TransferSpec, build_session, train_stream  # noqa: E402
 from pipeline.student import StudentConfig  # noqa: E402
 from pipeline.synth import synth_dataset  # noqa: E402
 from pipeline.teacher import Teacher, TeacherConfig  # noqa: E402
@@ -53,6 +55,22 @@ def teacher_forward_s(cfg: TeacherConfig, batch_size: int, threads: int, repeats
     for _ in range(repeats):
         started = time.perf_counter()
         teacher.capture(x, layers)
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def decode_s_per_batch(spec: TransferSpec, data: str, batch_size: int, threads: int, repeats: int = 20) -> float:
+    """Seconds to decode one batch's cached factors to logits of the transferred layers (what (b)
+    adds per step over (a) besides the loss), on the training device."""
+    torch.set_num_threads(threads)
+    session = build_session(spec, "cpu")
+    stream = train_stream(session, (data,), 0, 4, 0.0, 0)
+    batch = next(iter(epoch_loader(stream, 0, batch_size, 0)))
+    session.signal(batch, "cpu")
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        session.signal(batch, "cpu")
         best = min(best, time.perf_counter() - started)
     return best
 
@@ -100,6 +118,7 @@ def main() -> None:
             forward["t_same"].append(teacher_forward_s(same, args.batch_size, args.threads))
             forward["t_2x_wide"].append(teacher_forward_s(wide, args.batch_size, args.threads))
         best = {m: max(v) for m, v in rates.items()}
+        decode_s = decode_s_per_batch(modes["b_distill_cache"], info["train"], args.batch_size, args.threads)
         t_same, t_wide = min(forward["t_same"]), min(forward["t_2x_wide"])
         step_a = 1.0 / best["a_scratch"]
         limit_same, limit_wide = (step_a + t_same) / step_a, (step_a + t_wide) / step_a
@@ -108,6 +127,7 @@ def main() -> None:
         report = {"steps": args.steps, "batch_size": args.batch_size, "threads": args.threads, "workers": args.workers,
                   "steps_per_s": best, "all_rounds": rates, "teacher_forward_s": {"same": t_same, "2x_wide": t_wide},
                   "b_over_a": best["b_distill_cache"] / best["a_scratch"],
+                  "decode_s_per_batch": decode_s, "decode_over_step_b": decode_s * best["b_distill_cache"],
                   "speedup_over_online_same": speedup_same, "limit_same": limit_same,
                   "fraction_of_limit_same": (speedup_same - 1) / (limit_same - 1) if limit_same > 1 else None,
                   "speedup_over_online_2x_wide": speedup_wide, "limit_2x_wide": limit_wide,

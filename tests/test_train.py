@@ -225,3 +225,13 @@ def test_a_trained_run_directory_is_a_teacher_directory(synth_data, mix_cache, e
     _run(_train_args(synth_data, mix_cache, tmp_path / "c", "--max-steps", "1", "--mode", "copy",
                      "--eval-cache", str(eval_cache)))
     assert not (tmp_path / "c" / "config.json").exists()
+
+
+def test_amp_bf16_autocasts_the_student_on_cpu(synth_data, mix_cache, tmp_path):
+    losses = {}
+    for amp in ("none", "bf16"):
+        _run(_train_args(synth_data, mix_cache, tmp_path / amp, "--max-steps", "1", "--log-every", "1", "--amp", amp))
+        losses[amp] = [m for m in _metrics(tmp_path / amp) if "loss" in m][0]
+    assert losses["bf16"]["ce"] != losses["none"]["ce"]  # the forward ran in bfloat16
+    assert losses["bf16"]["ce"] == pytest.approx(losses["none"]["ce"], rel=0.05)
+    assert losses["bf16"]["transfer"] == pytest.approx(losses["none"]["transfer"], rel=0.05)

@@ -1,0 +1,99 @@
+"""Student accuracy at equal steps: scratch against attention distillation from caches, several seeds.
+
+    .venv/bin/python benchmarks/students.py --data 'DIR/train-{000000..000007}.tar' --val DIR/val-000000.tar \\
+        --teacher TEACHER_DIR --out OUT [--encodings exact:fp16,lowrank:r=16:int8] [--seeds 0,1,2] \\
+        [--epochs 5] [--views 2] [--recipe 'rrc(scale=(0.35,1.0))|flip|normalize']
+
+Precomputes one cache per encoding (reused when present: precompute resumes), then trains, for each
+seed, a scratch student and one distilled student per cache, all with the same student, batch,
+steps, recipe and seed, through `attncache train` itself (subprocesses, as users run it). Prints
+and writes (OUT/students.json, OUT/students.md) the top-1 on the val split per run and the mean and
+sample standard deviation per arm. The cache's bytes per sample-view are reported beside.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+STUDENT = ["--student", "vit_tiny_patch16_224", "--student-arg", "img_size=32", "--student-arg", "patch_size=4",
+           "--student-arg", "depth=6", "--student-arg", "embed_dim=96", "--student-arg", "num_heads=4"]
+
+
+def attncache(*args: str) -> str:
+    result = subprocess.run([str(BIN / "attncache"), *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"attncache {' '.join(args)} failed:\n{result.stderr[-3000:]}")
+    return result.stdout
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--val", required=True)
+    parser.add_argument("--teacher", required=True)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--encodings", default="exact:fp16,lowrank:r=16:int8")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--views", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", default="2e-3")
+    parser.add_argument("--distill-weight", default="3.0")
+    parser.add_argument("--layers", default=None, help="Transferred layers [default: trainer's, all but last 3].")
+    parser.add_argument("--recipe", default="rrc(scale=(0.35,1.0))|flip|normalize")
+    parser.add_argument("--workers", default="1")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    encodings = [e for e in args.encodings.split(",") if e]
+    caches = {}
+    for enc in encodings:
+        cache = args.out / f"cache-{enc.replace(':', '_').replace('=', '')}.zarr"
+        started = time.perf_counter()
+        attncache("precompute", "--data", args.data, "--out", str(cache), "--teacher", args.teacher, "--views",
+                  str(args.views), "--recipe", args.recipe, "--encoding", enc, "--workers", args.workers, "--quiet")
+        info = json.loads(attncache("inspect", str(cache), "--json"))
+        caches[enc] = {"path": str(cache), "bytes_per_sample": info["bytes_per_sample"],
+                       "precompute_s": round(time.perf_counter() - started, 1)}
+        print(f"cache {enc}: {info['bytes_per_sample']:,.0f} bytes per sample-view", flush=True)
+    arms = {"scratch": ["--mode", "scratch", "--recipe", args.recipe]}
+    for enc, c in caches.items():
+        arms[f"distill {enc}"] = ["--mode", "distill", "--cache", c["path"], "--distill-weight", args.distill_weight]
+        if args.layers:
+            arms[f"distill {enc}"] += ["--layers", args.layers]
+    runs = []
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        for arm, extra in arms.items():
+            out = args.out / f"run-{arm.replace(' ', '-').replace(':', '_').replace('=', '')}-s{seed}"
+            started = time.perf_counter()
+            summary = json.loads(attncache("train", "--data", args.data, *STUDENT, "--out", str(out), "--epochs",
+                                           str(args.epochs), "--batch-size", str(args.batch_size), "--lr", args.lr,
+                                           "--warmup-epochs", "1", "--seed", str(seed), "--eval-data", args.val,
+                                           "--workers", args.workers, "--quiet", "--json", *extra).splitlines()[-1])
+            runs.append({"arm": arm, "seed": seed, "top1": summary["eval"]["top1"], "steps": summary["steps"],
+                         "seconds": round(time.perf_counter() - started, 1)})
+            print(f"seed {seed} {arm}: top1 {summary['eval']['top1']:.2f} ({summary['steps']} steps)", flush=True)
+    table = {}
+    for arm in arms:
+        accs = [r["top1"] for r in runs if r["arm"] == arm]
+        table[arm] = {"mean": statistics.mean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                      "runs": accs}
+    report = {"args": {k: str(v) for k, v in vars(args).items()}, "caches": caches, "runs": runs, "table": table}
+    (args.out / "students.json").write_text(json.dumps(report, indent=1))
+    lines = ["| arm | top-1 mean | std | runs | cache bytes per sample-view |", "|---|---:|---:|---|---:|"]
+    for arm, row in table.items():
+        enc = arm.removeprefix("distill ")
+        size = f"{caches[enc]['bytes_per_sample']:,.0f}" if enc in caches else "-"
+        lines.append(f"| {arm} | {row['mean']:.2f} | {row['std']:.2f} | "
+                     f"{', '.join(f'{a:.2f}' for a in row['runs'])} | {size} |")
+    (args.out / "students.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
