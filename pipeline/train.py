@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -231,6 +232,10 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
         steps_in_epoch(epoch_counts(stream, e), e, cfg.seed, world.size, cfg.workers, cfg.batch_size)
         for e in range(epochs))
     warmup = int(round(cfg.optim.warmup_epochs * per_epoch[0]))
+    if warmup >= total_steps and world.is_main and cfg.optim.warmup_epochs > 0:
+        print(f"attncache train: warning: the warmup ({cfg.optim.warmup_epochs} epochs = {warmup} steps) is as long "
+              f"as the whole run ({total_steps} steps): the peak --lr is never reached; lower --warmup-epochs",
+              file=sys.stderr)
     spec_json = cfg.spec.to_json()
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)

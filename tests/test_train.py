@@ -56,7 +56,7 @@ def _train_args(synth_data, cache, out, *extra):
 def _run(args):
     result = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    return result.output
+    return result.stdout
 
 
 def _metrics(out):
@@ -91,7 +91,10 @@ def test_layers_mode_weight_and_lr_reach_their_use(synth_data, mix_cache, tmp_pa
 
 
 def test_epochs_cover_every_cached_sample_once_over_the_views(synth_data, mix_cache, tmp_path):
-    out = _run(_train_args(synth_data, mix_cache, tmp_path / "r", "--epochs", "3", "--json"))
+    result = CliRunner().invoke(cli, _train_args(synth_data, mix_cache, tmp_path / "r", "--epochs", "3", "--json"))
+    assert result.exit_code == 0, result.output
+    assert "warmup (5.0 epochs = 40 steps) is as long as the whole run (24 steps)" in result.stderr
+    out = result.stdout
     ends = [m for m in _metrics(tmp_path / "r") if "epoch_end" in m]
     assert [(m["epoch_end"], m["epoch_samples"]) for m in ends] == [(0, 512), (1, 512), (2, 512)]
     assert json.loads(out.splitlines()[-1])["samples"] == 3 * 512
