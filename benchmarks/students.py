@@ -1,7 +1,7 @@
 """Student accuracy at equal steps: scratch against attention distillation from caches, several seeds.
 
     .venv/bin/python benchmarks/students.py --data 'DIR/train-{000000..000007}.tar' --val DIR/val-000000.tar \\
-        --teacher TEACHER_DIR --out OUT [--encodings exact:fp16,lowrank:r=16:int8] [--seeds 0,1,2] \\
+        --teacher TEACHER_DIR --out OUT [--encodings exact:fp16,lowrank:r=8:int8] [--seeds 0,1,2] \\
         [--epochs 5] [--views 2] [--recipe 'rrc(scale=(0.35,1.0))|flip|normalize']
 
 Precomputes one cache per encoding (reused when present: precompute resumes), then trains, for each
@@ -38,7 +38,7 @@ def main() -> None:
     parser.add_argument("--val", required=True)
     parser.add_argument("--teacher", required=True)
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--encodings", default="exact:fp16,lowrank:r=16:int8")
+    parser.add_argument("--encodings", default="exact:fp16,lowrank:r=8:int8")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--views", type=int, default=2)

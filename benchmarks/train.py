@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/train.py [--steps 40] [--batch-size 64] [--rounds 2] [--json out.json]
 
 Same student, batch size, loader workers and steps for every mode, through `pipeline.train.train`
-(the code `attncache train` runs): (a) scratch, (b) distill from a `lowrank:r=16:int8` cache,
+(the code `attncache train` runs): (a) scratch, (b) distill from a cache with the default encoding,
 (c) distill with an online teacher of the student's size, (d) distill with an online teacher twice
 as wide (same heads and tokens). (t) is the bare teacher forward (Q/K capture) on one batch of
 ready tensors; the most a cache can save over an online teacher is that forward, so the speed-up
@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.optim import OptimConfig  # noqa: E402
 from pipeline.precompute import PrecomputeConfig, run_precompute  # noqa: E402
+from pipeline.factors import DEFAULT_ENCODING  # noqa: E402
 from pipeline.loader import epoch_loader  # noqa: E402
 from pipeline.setup import TransferSpec, build_session, train_stream  # noqa: E402
 from pipeline.student import StudentConfig  # noqa: E402
@@ -101,7 +102,7 @@ def main() -> None:
         same, wide = teacher_cfg(args.width), teacher_cfg(2 * args.width)
         cache = tmp / "cache.zarr"
         run_precompute(PrecomputeConfig(data=(info["train"],), out=str(cache), teacher=same, views=1,
-                                        encoding="lowrank:r=16:int8", batch_size=64, workers=1, threads=args.threads,
+                                        encoding=DEFAULT_ENCODING, batch_size=64, workers=1, threads=args.threads,
                                         progress=False))
         student = StudentConfig(MODEL, tuple(sorted(dict(SHAPE, embed_dim=args.width).items())), 4, 0.0, 0)
         layers = f"0:{SHAPE['depth'] - 3}"

@@ -38,7 +38,9 @@ def make_teacher_config(teacher: str, model_args, checkpoint, random_init, seed,
 @click.option("--recipe", default=_DEFAULTS.recipe, help="'train', 'eval', or an op spec like 'rrc|flip|normalize'.")
 @click.option("--layers", default=_DEFAULTS.layers, help="Layers to cache, Python slice syntax ('0:-3') or list.")
 @click.option("--heads", default=None, help="Comma list of heads to cache (default: all).")
-@click.option("--encoding", default=_DEFAULTS.encoding, help="exact:fp16|exact:fp32|exact:bf16|lowrank:r=R[:int8].")
+@click.option("--encoding", default=_DEFAULTS.encoding,
+              help="exact[:fp16|fp32|bf16|int8|int4|fp8] or lowrank:r=RANKS[:fp16|fp32|bf16|int8|int4|fp8] "
+                   "(RANKS: R, or one per cached layer); `bench fidelity` compares them.")
 @click.option("--compression", default=_DEFAULTS.compression, help="zstd[:LEVEL][:shuffle|bitshuffle] or none.")
 @click.option("--batch-size", default=_DEFAULTS.batch_size, help="Teacher batch size (recorded: it fixes numerics).")
 @click.option("--workers", default=_DEFAULTS.workers, help="Loader processes decoding and augmenting.")

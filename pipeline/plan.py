@@ -21,7 +21,7 @@ import timm
 import torch
 
 from pipeline.augment import parse_recipe
-from pipeline.factors import parse_encoding
+from pipeline.factors import DEFAULT_ENCODING, parse_encoding
 from pipeline.precompute import default_threads
 from pipeline.store import FACTOR_CHUNK_SLOTS, base_arrays, parse_compression
 from pipeline.teacher import Teacher, TeacherConfig, resolve_heads, resolve_layers, resolve_teacher_config
@@ -44,7 +44,7 @@ class PlanConfig:
     views: int = 1
     layers: str = ":"
     heads: str | None = None
-    encoding: str = "lowrank:r=16:int8"
+    encoding: str = DEFAULT_ENCODING
     compression: str = "zstd:3"
     compression_factor: str = "none"  # none | a number | measured
     recipe: str = "train"

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from pipeline.augment import Recipe, parse_recipe
 from pipeline.data import BadSample, DatasetManifest, build_manifest, decode_sample, expand_shards, iter_shard
-from pipeline.factors import Encoding, attention_kl, exact_logits, parse_encoding
+from pipeline.factors import DEFAULT_ENCODING, Encoding, attention_kl, exact_logits, parse_encoding
 from pipeline.mix import draw_mix, fill_mix_params, mix_unit
 from pipeline.store import CacheStore, Unit, base_arrays, factor_arrays, parse_compression
 from pipeline.teacher import Teacher, TeacherConfig, resolve_heads, resolve_layers
@@ -54,7 +54,7 @@ class PrecomputeConfig:
     recipe: str = "train"
     layers: str = ":"
     heads: str | None = None
-    encoding: str = "lowrank:r=16:int8"
+    encoding: str = DEFAULT_ENCODING
     compression: str = "zstd:3"
     batch_size: int = 64
     workers: int = 2

@@ -10,7 +10,7 @@ from pipeline.factors import parse_encoding
 
 TINY = ["--teacher", "vit_tiny_patch16_224", "--model-arg", "img_size=32", "--model-arg", "patch_size=8",
         "--model-arg", "depth=4", "--model-arg", "embed_dim=64", "--model-arg", "num_heads=4"]
-BASE = [*TINY, "--samples", 1000, "--images-per-s", 50]  # L 4, H 4, N 17, d 16
+BASE = [*TINY, "--samples", 1000, "--images-per-s", 50, "--encoding", "lowrank:r=16:int8"]  # L 4, H 4, N 17, d 16
 
 
 def _plan(*args, ok=True):
@@ -31,7 +31,7 @@ def base():
 
 def test_help_lists_every_option_with_its_default():
     text = CliRunner().invoke(cli, ["plan", "--help"]).output
-    assert "Usage:" in text and "default: lowrank:r=16:int8" in text and "default: zstd:3" in text
+    assert "Usage:" in text and "default: lowrank:r=8:int8" in text and "default: zstd:3" in text
     for option in ("--samples", "--views", "--layers", "--heads", "--encoding", "--compression-factor", "--mode",
                    "--images-per-s", "--recipe", "--key-bytes", "--batch-size", "--measure-batches", "--threads",
                    "--device", "--json"):
@@ -132,5 +132,6 @@ def test_197_token_teacher_sizes_match_the_measured_store_figures():
     """BENCHMARKS.md measured lowrank:r=16:int8 without compression at 510,688 factor bytes per
     sample-view on disk with one-slot inner chunks: the arrays plus 16 bytes of shard index per
     array and sample. With 16-slot chunks the index costs 1 byte per array and sample."""
-    p = _json("--teacher", "vit_small_patch16_224", "--samples", 1, "--images-per-s", 1)
+    p = _json("--teacher", "vit_small_patch16_224", "--samples", 1, "--images-per-s", 1, "--encoding",
+              "lowrank:r=16:int8")
     assert p["tokens"] == 197 and p["factor_bytes_per_sample"] + p["index_bytes_per_sample"] == 510_688 - 4 * 16 + 4
