@@ -101,25 +101,38 @@ def step_losses(session: Session, batch: dict, device, distill_weight: float, am
     return total, ce, transfer
 
 
-def epoch_counts(stream: StreamConfig, epoch: int) -> list[int]:
-    """Samples per shard in this epoch's view: exact from the markers, or the shard counts."""
-    from pipeline.data import build_manifest
-    from pipeline.store import CacheStore
+class EpochCounts:
+    """Samples per shard of an epoch: from the markers of its cached view (exact, skips excluded),
+    or from one scan of the shards without a cache. Read once per view, not once per epoch: the
+    schedule needs every epoch's step count at start-up."""
 
-    if stream.cache:
-        store = CacheStore.open(stream.cache)
-        view = view_of(epoch, stream.views)
-        return [(store.read_marker(view, i) or {"written": 0})["written"] for i in range(len(stream.shards))]
-    return [s.count for s in build_manifest(list(stream.shards)).shards]
+    def __init__(self, stream: StreamConfig):
+        self.stream = stream
+        self._by_view: dict[int | None, list[int]] = {}
+
+    def __call__(self, epoch: int) -> list[int]:
+        view = view_of(epoch, self.stream.views) if self.stream.cache else None
+        if view not in self._by_view:
+            self._by_view[view] = self._read(view)
+        return self._by_view[view]
+
+    def _read(self, view: int | None) -> list[int]:
+        from pipeline.data import build_manifest
+        from pipeline.store import CacheStore
+
+        if view is None:
+            return [s.count for s in build_manifest(list(self.stream.shards)).shards]
+        store = CacheStore.open(self.stream.cache)
+        return [(store.read_marker(view, i) or {"written": 0})["written"] for i in range(len(self.stream.shards))]
 
 
 class EpochIncomplete(RuntimeError):
     """An epoch gave another number of samples than the cache (or the shards) hold."""
 
 
-def check_epoch_complete(stream: StreamConfig, epoch: int, seen: int) -> None:
+def check_epoch_complete(stream: StreamConfig, counts: EpochCounts, epoch: int, seen: int) -> None:
     """Every usable sample of the epoch's view, once, over all ranks: else stop, never train on less."""
-    expected = sum(epoch_counts(stream, epoch))
+    expected = sum(counts(epoch))
     if seen != expected:
         raise EpochIncomplete(f"epoch {epoch}: the ranks together trained on {seen} samples, but the "
                               f"{'cache view ' + str(view_of(epoch, stream.views)) if stream.cache else 'shards'} "
@@ -227,11 +240,11 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
     optimizer = build_optimizer(session.model, cfg.optim)
     ema = WeightEma(session.model, cfg.optim.model_ema_decay) if cfg.optim.model_ema_decay else None
     epochs = cfg.epochs
-    per_epoch = [steps_in_epoch(epoch_counts(stream, 0), 0, cfg.seed, world.size, cfg.workers, cfg.batch_size)]
+    counts = EpochCounts(stream)
+    first_epoch_steps = steps_in_epoch(counts(0), 0, cfg.seed, world.size, cfg.workers, cfg.batch_size)
     total_steps = cfg.max_steps if cfg.max_steps is not None else sum(
-        steps_in_epoch(epoch_counts(stream, e), e, cfg.seed, world.size, cfg.workers, cfg.batch_size)
-        for e in range(epochs))
-    warmup = int(round(cfg.optim.warmup_epochs * per_epoch[0]))
+        steps_in_epoch(counts(e), e, cfg.seed, world.size, cfg.workers, cfg.batch_size) for e in range(epochs))
+    warmup = int(round(cfg.optim.warmup_epochs * first_epoch_steps))
     if warmup >= total_steps and world.is_main and cfg.optim.warmup_epochs > 0:
         print(f"attncache train: warning: the warmup ({cfg.optim.warmup_epochs} epochs = {warmup} steps) is as long "
               f"as the whole run ({total_steps} steps): the peak --lr is never reached; lower --warmup-epochs",
@@ -300,7 +313,7 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
                 save_checkpoint(out, session, optimizer, ema, {"step": step, "epoch": epoch, "step_in_epoch": in_epoch,
                                                                 "samples": samples, "epoch_samples": epoch_samples})
         if exhausted:
-            check_epoch_complete(stream, epoch, epoch_samples)
+            check_epoch_complete(stream, counts, epoch, epoch_samples)
             if metrics is not None:
                 metrics.write(json.dumps({"step": step, "epoch_end": epoch, "epoch_samples": epoch_samples}) + "\n")
             epoch, skip, in_epoch, epoch_samples = epoch + 1, 0, 0, 0
