@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.synth import synth_dataset  # noqa: E402
+from pipeline.factors import DEFAULT_ENCODING  # noqa: E402
 from pipeline.precompute import PrecomputeConfig, build_job, run_precompute  # noqa: E402
 from pipeline.teacher import Teacher, TeacherConfig  # noqa: E402
 from pipeline.verify import inspect_store  # noqa: E402
@@ -68,7 +69,8 @@ def main() -> None:
         batches = max(2, args.images // args.batch_size)
         rows = []
         bare = bare_forward_rate(teacher, args.batch_size, batches)
-        for encoding, compression in [("exact:fp16", "zstd:3"), ("lowrank:r=16:int8", "zstd:3")]:
+        for encoding, compression in [("exact:fp16", "zstd:3"), ("lowrank:r=16:int8", "zstd:3"),
+                                      (DEFAULT_ENCODING, "zstd:3")]:
             rate, stats = precompute_rate(info["train"], work / f"{encoding}.zarr", teacher_cfg, encoding,
                                           compression, args.batch_size, args.workers, args.threads)
             rows.append({"encoding": encoding, "compression": compression, "images_per_s": rate,
