@@ -23,6 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import HelpFormatter  # noqa: E402
+
 from pipeline.synth import synth_dataset  # noqa: E402
 from pipeline.factors import DEFAULT_ENCODING  # noqa: E402
 from pipeline.precompute import PrecomputeConfig, build_job, run_precompute  # noqa: E402
@@ -51,15 +53,16 @@ def precompute_rate(data: str, out: Path, teacher_cfg: TeacherConfig, encoding: 
     return summary.images_per_s, inspect_store(str(out))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--teacher", default="vit_small_patch16_224")
-    parser.add_argument("--images", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog=f"attncache bench {Path(__file__).stem.replace('_', '-')}",
+                                     description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--teacher", default="vit_small_patch16_224", help="timm teacher (random init, seeded)")
+    parser.add_argument("--images", type=int, default=256, help="synthetic 64 px images to precompute")
+    parser.add_argument("--batch-size", type=int, default=32, help="teacher batch size")
+    parser.add_argument("--workers", type=int, default=1, help="loader workers")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     parser.add_argument("--json", type=Path, default=None, help="Also write the results here.")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="attncache-bench-"))
     try:

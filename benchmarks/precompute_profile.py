@@ -14,19 +14,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import HelpFormatter  # noqa: E402
+
 from pipeline.precompute import PrecomputeConfig, UnitAccumulator, build_job, prepare_unit  # noqa: E402
 from pipeline.synth import synth_dataset  # noqa: E402
 from pipeline.teacher import TeacherConfig  # noqa: E402
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--teacher", default="vit_small_patch16_224")
-    parser.add_argument("--encoding", default="exact:fp16")
-    parser.add_argument("--compression", default="zstd:3")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog=f"attncache bench {Path(__file__).stem.replace('_', '-')}",
+                                     description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--teacher", default="vit_small_patch16_224", help="timm teacher (random init, seeded)")
+    parser.add_argument("--encoding", default="exact:fp16", help="encoding spec")
+    parser.add_argument("--compression", default="zstd:3", help="compressor of the factor arrays")
+    parser.add_argument("--batch-size", type=int, default=32, help="teacher batch size")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="attncache-prof-"))
     try:
         info = synth_dataset(work / "d", 64, 1, image_size=64, shard_size=64, seed=0)

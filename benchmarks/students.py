@@ -20,6 +20,10 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import HelpFormatter  # noqa: E402
+
 BIN = Path(sys.executable).parent
 STUDENT = ["--student", "vit_tiny_patch16_224", "--student-arg", "img_size=32", "--student-arg", "patch_size=4",
            "--student-arg", "depth=6", "--student-arg", "embed_dim=96", "--student-arg", "num_heads=4"]
@@ -32,23 +36,26 @@ def attncache(*args: str) -> str:
     return result.stdout
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--val", required=True)
-    parser.add_argument("--teacher", required=True)
-    parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--encodings", default="exact:fp16,lowrank:r=8:int8")
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--views", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", default="2e-3")
-    parser.add_argument("--distill-weight", default="3.0")
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog=f"attncache bench {Path(__file__).stem.replace('_', '-')}",
+                                     description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--data", required=True, help="training shards (brace pattern)")
+    parser.add_argument("--val", required=True, help="val shards")
+    parser.add_argument("--teacher", required=True, help="teacher name or directory")
+    parser.add_argument("--out", required=True, type=Path, help="directory for caches, runs and the report")
+    parser.add_argument("--encodings", default="exact:fp16,lowrank:r=8:int8",
+                        help="comma list of encodings, one cache each")
+    parser.add_argument("--seeds", default="0,1,2", help="comma list of seeds")
+    parser.add_argument("--epochs", type=int, default=5, help="epochs per student")
+    parser.add_argument("--views", type=int, default=2, help="cached views per cache")
+    parser.add_argument("--batch-size", type=int, default=128, help="student batch size")
+    parser.add_argument("--lr", default="2e-3", help="peak learning rate")
+    parser.add_argument("--distill-weight", default="3.0", help="weight of the attention loss")
     parser.add_argument("--layers", default=None, help="Transferred layers [default: trainer's, all but last 3].")
-    parser.add_argument("--recipe", default="rrc(scale=(0.35,1.0))|flip|normalize")
-    parser.add_argument("--workers", default="1")
-    args = parser.parse_args()
+    parser.add_argument("--recipe", default="rrc(scale=(0.35,1.0))|flip|normalize",
+                        help="augmentation recipe of caches and scratch students")
+    parser.add_argument("--workers", default="1", help="loader workers")
+    args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     encodings = [e for e in args.encodings.split(",") if e]
     caches = {}

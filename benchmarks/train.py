@@ -26,6 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import HelpFormatter  # noqa: E402
+
 from pipeline.optim import OptimConfig  # noqa: E402
 from pipeline.precompute import PrecomputeConfig, run_precompute  # noqa: E402
 from pipeline.factors import DEFAULT_ENCODING  # noqa: E402
@@ -85,16 +87,17 @@ def run_mode(name: str, spec: TransferSpec, data: str, out: Path, args) -> float
     return result.steps / result.seconds
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--batch-size", type=int, default=64)
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog=f"attncache bench {Path(__file__).stem.replace('_', '-')}",
+                                     description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--steps", type=int, default=40, help="optimiser steps per run")
+    parser.add_argument("--batch-size", type=int, default=64, help="samples per step")
     parser.add_argument("--width", type=int, default=96, help="Embed dim of the student and same-size teacher.")
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
+    parser.add_argument("--workers", type=int, default=1, help="loader workers")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of all modes (fastest kept)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the report here")
+    args = parser.parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-train-"))
     try:

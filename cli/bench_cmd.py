@@ -1,6 +1,7 @@
-"""`attncache bench fidelity`: the fidelity-bytes frontier of encodings. Thin: parse, call pipeline.fidelity."""
+"""`attncache bench`: the fidelity-bytes frontier (pipeline.fidelity) and the scripts of benchmarks/."""
 from __future__ import annotations
 
+import importlib
 import json
 
 import click
@@ -81,3 +82,25 @@ def fidelity(store_or_teacher, teacher, model_args, checkpoint, random_init, see
     click.echo(json.dumps(report) if as_json else format_table(report))
     for warning in report["warnings"]:
         click.echo(f"WARNING: {warning}", err=True)
+
+
+def _script_command(name: str, module: str, summary: str) -> click.Command:
+    """A benchmark script of benchmarks/ as `attncache bench NAME`: its own options (see
+    `attncache bench NAME --help`) pass through unchanged, so the script and the command agree."""
+
+    @click.command(name=name, help=summary + " Options: `attncache bench " + name + " --help`.",
+                   context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                     "help_option_names": []})
+    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+    def command(args: tuple[str, ...]) -> None:
+        importlib.import_module(module).main(list(args))
+
+    return command
+
+
+for _name, _module, _summary in (
+        ("precompute", "benchmarks.precompute", "Precompute images/s against the bare teacher, and bytes per encoding."),
+        ("precompute-profile", "benchmarks.precompute_profile", "Where precompute time goes, per stage."),
+        ("train", "benchmarks.train", "Student steps/s: scratch, distill from the cache, distill online."),
+        ("students", "benchmarks.students", "Student accuracy: scratch against distillation per encoding, seeds.")):
+    bench.add_command(_script_command(_name, _module, _summary))

@@ -1,5 +1,8 @@
 """The public command forms of DESIGN.md's CLI contract, invoked as users type them."""
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -73,3 +76,12 @@ def test_reserving_gpus_for_a_cpu_teacher_is_refused(synth_data, tmp_path):
                                       str(tmp_path / "g.zarr"), "--gpus-per-worker", "1"])
     assert result.exit_code == 2 and "--device cuda" in result.output
     assert not (tmp_path / "g.zarr").exists()
+
+
+@pytest.mark.parametrize("name, default", [("precompute", "(default: 256)"), ("precompute-profile", "(default: 32)"),
+                                           ("train", "(default: 40)"), ("students", "(default: 0,1,2)")])
+def test_bench_scripts_are_commands_whose_help_names_their_defaults(name, default):
+    result = subprocess.run([str(Path(sys.executable).parent / "attncache"), "bench", name, "--help"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert f"usage: attncache bench {name}" in result.stdout and default in result.stdout
