@@ -22,7 +22,7 @@ import torch
 
 from pipeline.augment import Recipe
 from pipeline.data import DataError, decode_sample, expand_shards, iter_shard
-from pipeline.mix import draw_mix, fill_mix_params, mix_targets, mix_unit, replay_unit
+from pipeline.mix import draw_and_mix_unit, mix_targets, replay_unit
 from pipeline.store import BASE_ARRAYS, CacheStore, StoreError
 
 
@@ -174,11 +174,7 @@ def draw_unit(recipe: Recipe, images: dict, keys: dict, seed: int, view: int):
         aug[p], base[p] = recipe.draw_and_apply(images[p], seed, keys[p], view)
     if not recipe.has_pairs or not aug:
         return aug, base
-    positions = sorted(aug)
-    mixed_BP = fill_mix_params(recipe, np.stack([aug[p] for p in positions]),
-                               draw_mix(recipe, seed, view, [keys[p] for p in positions], positions))
-    aug = {p: mixed_BP[i] for i, p in enumerate(positions)}
-    return aug, mix_unit(recipe, base, aug)
+    return draw_and_mix_unit(recipe, seed, view, keys, aug, base)
 
 
 class CacheStream(torch.utils.data.IterableDataset):

@@ -90,6 +90,19 @@ def fill_mix_params(recipe: Recipe, aug_BP: np.ndarray, mix_B8: np.ndarray) -> n
     return out
 
 
+def draw_and_mix_unit(recipe: Recipe, seed: int, view: int, keys_by_position: Mapping[int, str],
+                      aug_by_position: Mapping[int, np.ndarray], base_by_position: Mapping[int, torch.Tensor]
+                      ) -> tuple[dict[int, np.ndarray], dict[int, torch.Tensor]]:
+    """The drawing twin of `replay_unit`, shared by precompute and the cache-less trainer: given a
+    unit's usable samples with their per-sample params drawn and images augmented, draw the mix
+    rows among them, fill them into the params, and mix. Returns (params, mixed images) by position."""
+    positions = sorted(aug_by_position)
+    mix_B8 = draw_mix(recipe, seed, view, [keys_by_position[p] for p in positions], positions)
+    filled_BP = fill_mix_params(recipe, np.stack([aug_by_position[p] for p in positions]), mix_B8)
+    aug = {p: filled_BP[i] for i, p in enumerate(positions)}
+    return aug, mix_unit(recipe, base_by_position, aug)
+
+
 # ---------------------------------------------------------------------------------------------- applying
 
 

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from pipeline.augment import Recipe, parse_recipe
 from pipeline.data import BadSample, DatasetManifest, build_manifest, decode_sample, expand_shards, iter_shard
 from pipeline.factors import DEFAULT_ENCODING, Encoding, attention_kl, exact_logits, parse_encoding
-from pipeline.mix import draw_mix, fill_mix_params, mix_unit
+from pipeline.mix import draw_and_mix_unit
 from pipeline.store import CacheStore, Unit, base_arrays, factor_arrays, parse_compression
 from pipeline.teacher import Teacher, TeacherConfig, resolve_heads, resolve_layers
 
@@ -192,14 +192,12 @@ def _augmented(unit: Unit, recipe: Recipe, seed: int) -> Iterator[_Entry]:
 
 def _mixed(unit: Unit, recipe: Recipe, seed: int, entries: list[_Entry]) -> list[_Entry]:
     """The unit's usable samples mixed with partners drawn among them only (a skipped sample is
-    never a partner), through pipeline/mix.py's `mix_unit`, the path the trainer's replay takes."""
+    never a partner), through pipeline/mix.py's `draw_and_mix_unit`, which the cache-less trainer uses too."""
     usable = [e.sample for e in entries if e.sample is not None]
     if not usable:
         return entries
-    positions = [s[0] for s in usable]
-    mix_B8 = draw_mix(recipe, seed, unit.view, [s[1] for s in usable], positions)
-    aug = dict(zip(positions, fill_mix_params(recipe, np.stack([s[4] for s in usable]), mix_B8)))
-    pixels = mix_unit(recipe, {s[0]: s[3] for s in usable}, aug)
+    aug, pixels = draw_and_mix_unit(recipe, seed, unit.view, {s[0]: s[1] for s in usable},
+                                    {s[0]: s[4] for s in usable}, {s[0]: s[3] for s in usable})
     return [e if e.sample is None else e._replace(sample=(*e.sample[:3], pixels[e.sample[0]], aug[e.sample[0]]))
             for e in entries]
 

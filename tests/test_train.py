@@ -26,23 +26,24 @@ STUDENT = ["--student", TINY_TEACHER["model"]] + [
     a for k, v in TINY_TEACHER["model_args"].items() if k != "num_classes" for a in ("--student-arg", f"{k}={v}")]
 
 
+def _cache(data, teacher_dir, out, recipe, views):
+    run_precompute(PrecomputeConfig(data=(data,), out=str(out), teacher=TeacherConfig(str(teacher_dir)), views=views,
+                                    recipe=recipe, encoding="lowrank:r=8:int8", batch_size=64, workers=0, threads=2,
+                                    progress=False))
+    return out
+
+
 @pytest.fixture(scope="module")
 def mix_cache(synth_data, trained_teacher_dir, tmp_path_factory):
     """The train split with mixup/cutmix the teacher saw, 2 views, every layer, lowrank int8."""
-    out = tmp_path_factory.mktemp("train") / "mix.zarr"
-    run_precompute(PrecomputeConfig(data=(synth_data["train"],), out=str(out), teacher=TeacherConfig(str(trained_teacher_dir)),
-                                    views=2, recipe="train_mix", encoding="lowrank:r=8:int8", batch_size=64, workers=0,
-                                    threads=2, progress=False))
-    return out
+    return _cache(synth_data["train"], trained_teacher_dir, tmp_path_factory.mktemp("train") / "mix.zarr",
+                  "train_mix", views=2)
 
 
 @pytest.fixture(scope="module")
 def eval_cache(synth_data, trained_teacher_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("train") / "eval.zarr"
-    run_precompute(PrecomputeConfig(data=(synth_data["val"],), out=str(out), teacher=TeacherConfig(str(trained_teacher_dir)),
-                                    views=1, recipe="eval", encoding="lowrank:r=8:int8", batch_size=64, workers=0,
-                                    threads=2, progress=False))
-    return out
+    return _cache(synth_data["val"], trained_teacher_dir, tmp_path_factory.mktemp("train") / "eval.zarr", "eval",
+                  views=1)
 
 
 def _train_args(synth_data, cache, out, *extra):
