@@ -199,6 +199,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def decode_sample(url: str, entry: ShardEntry) -> tuple[Image.Image, int]:
     """An RGB image and its integer label, or BadSample saying why not."""
+    image = decode_image(url, entry)
+    return image, _label(url, entry)
+
+
+def decode_image(url: str, entry: ShardEntry) -> Image.Image:
+    """An RGB image, or BadSample saying why not; unlabelled shards (a pretraining pool) read through this."""
     if entry.error:
         raise BadSample(url, entry.key, entry.error)
     found = _image_member(entry)
@@ -207,7 +213,6 @@ def decode_sample(url: str, entry: ShardEntry) -> tuple[Image.Image, int]:
     ext, data = found
     if not data:
         raise BadSample(url, entry.key, f"zero-byte image member .{ext}")
-    label = _label(url, entry)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -222,7 +227,7 @@ def decode_sample(url: str, entry: ShardEntry) -> tuple[Image.Image, int]:
         raise BadSample(url, entry.key, f"decompression bomb: {exc}") from None
     except Exception as exc:  # PIL raises many types for undecodable bytes
         raise BadSample(url, entry.key, f"undecodable .{ext} image ({type(exc).__name__}: {exc})") from None
-    return to_rgb(image), label
+    return to_rgb(image)
 
 
 # ---------------------------------------------------------------------------------------------- manifest
