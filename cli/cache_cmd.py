@@ -60,10 +60,13 @@ def make_teacher_config(teacher: str, model_args, checkpoint, random_init, seed,
               help="CPUs reserved per Ray teacher actor [default: --threads, so actors never oversubscribe].")
 @click.option("--gpus-per-worker", default=0.0, help="GPUs per Ray teacher actor (1 for one per GPU).")
 @click.option("--max-retries", default=2, help="Ray: re-runs of a unit that raised before it counts as failed.")
+@click.option("--lease-timeout", default=_DEFAULTS.lease_timeout,
+              help="Seconds without a heartbeat after which another job may take over this store's lease "
+                   "(one precompute writes a store at a time; a holder dead on this host frees it at once).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def precompute(data, teacher, model_args, checkpoint, random_init, seed, out, views, recipe, layers, heads,
                encoding, compression, batch_size, workers, threads, device, on_bad_sample, max_skipped, ray_address,
-               num_workers, cpus_per_worker, gpus_per_worker, max_retries, quiet):
+               num_workers, cpus_per_worker, gpus_per_worker, max_retries, lease_timeout, quiet):
     """Run the teacher once over the data and write attention factors to a Zarr store.
 
     Units (input shard x view) whose marker is valid are skipped, so re-running the same
@@ -73,7 +76,7 @@ def precompute(data, teacher, model_args, checkpoint, random_init, seed, out, vi
         data=tuple(data), out=out, teacher=make_teacher_config(teacher, model_args, checkpoint, random_init, seed, device),
         views=views, seed=seed, recipe=recipe, layers=layers, heads=heads, encoding=encoding, compression=compression,
         batch_size=batch_size, workers=workers, threads=threads, on_bad_sample=OnBadSample(on_bad_sample),
-        max_skipped=max_skipped, progress=not quiet)
+        max_skipped=max_skipped, progress=not quiet, lease_timeout=lease_timeout)
     if gpus_per_worker and device == "cpu":
         raise click.UsageError("--gpus-per-worker reserves GPUs, but the teacher runs on --device cpu: "
                                "pass --device cuda")
@@ -97,6 +100,7 @@ def precompute(data, teacher, model_args, checkpoint, random_init, seed, out, vi
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 def verify(store, recompute, teacher, model_args, checkpoint, random_init, seed, tolerance, as_json):
     """Check a store: schema, every unit's marker, checksums and counts. Exit 1 naming each bad unit."""
+    from pipeline.data import redact
     from pipeline.store import CacheStore
     from pipeline.verify import recompute_check, verify_store
 
@@ -113,7 +117,7 @@ def verify(store, recompute, teacher, model_args, checkpoint, random_init, seed,
     if as_json:
         click.echo(json.dumps(result))
     else:
-        click.echo(f"{store}: {report.units_ok}/{report.units_total} units ok")
+        click.echo(f"{redact(store)}: {report.units_ok}/{report.units_total} units ok")
         for problem in report.problems:
             click.echo(f"  PROBLEM {problem}")
         if "recompute" in result:

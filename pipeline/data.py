@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import tarfile
 import warnings
 from dataclasses import dataclass
@@ -27,11 +28,32 @@ LABEL_EXTENSIONS = ("cls", "label", "class")
 MAX_IMAGE_PIXELS = 178_956_970  # PIL's own default bomb limit, applied here without touching PIL globals
 
 
+_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^@\s'\"]*@")
+_SECRET_QUERY = re.compile(r"(?i)(?P<name>[?&;][^=&\s'\"]*(?:sig|signature|token|secret|password|passwd|credential|"
+                           r"key)[^=&\s'\"]*=)[^&\s'\"]*")
+
+
+def redact(text: str, *urls: str) -> str:
+    """A URL or message with object-store credentials blanked: `user:password@` in a URL and the
+    values of query parameters that carry signatures, tokens, secrets or keys (presigned URLs);
+    the userinfo of each of `urls` is blanked wherever it appears (a backend's error message may
+    quote the path without its scheme).
+
+    Every URL that reaches the store's metadata, a summary line, an error or a log goes through
+    this, so a credential given in `--data` or `--out` is used to read and write but never shown."""
+    text = str(text)
+    for url in urls:
+        found = re.match(r"[A-Za-z][A-Za-z0-9+.-]*://([^@\s'\"/]*)@", str(url))
+        if found and found.group(1):
+            text = text.replace(found.group(1), "***")
+    return _SECRET_QUERY.sub(r"\g<name>***", _USERINFO.sub(r"\g<scheme>***@", text))
+
+
 class BadSample(Exception):
-    """One sample cannot be used; carries where and why."""
+    """One sample cannot be used; carries where and why (the message has the URL redacted)."""
 
     def __init__(self, url: str, key: str, reason: str):
-        super().__init__(f"{url}: sample {key!r}: {reason}")
+        super().__init__(f"{redact(url)}: sample {key!r}: {reason}")
         self.url, self.key, self.reason = url, key, reason
 
     def __reduce__(self):  # survives pickling across loader workers and Ray
@@ -51,11 +73,11 @@ def expand_shards(spec: str | Sequence[str]) -> list[str]:
             if url not in urls:
                 urls.append(url)
     if not urls:
-        raise DataError(f"data pattern {spec!r} matches no shards")
+        raise DataError(f"data pattern {redact(repr(spec))} matches no shards")
     missing = [u for u in urls if "://" not in u and not os.path.isfile(u)]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise DataError(f"data pattern {spec!r}: no such shard file(s): {shown}")
+        raise DataError(f"data pattern {redact(repr(spec))}: no such shard file(s): {redact(shown)}")
     return urls
 
 
@@ -85,12 +107,12 @@ def iter_shard(url: str) -> Iterator[ShardEntry]:
     try:
         fileobj = _open(url)
     except OSError as exc:
-        raise DataError(f"{url}: cannot open shard ({exc})") from exc
+        raise DataError(redact(f"{url}: cannot open shard ({exc})", url)) from None
     with fileobj:
         try:
             stream = tarfile.open(fileobj=fileobj, mode="r|*")
         except tarfile.TarError as exc:
-            raise DataError(f"{url}: not a readable tar file ({exc})") from exc
+            raise DataError(redact(f"{url}: not a readable tar file ({exc})", url)) from None
         yield from _group(url, _members(url, stream))
 
 
@@ -263,7 +285,8 @@ class DatasetManifest:
         return max((s.count for s in self.shards), default=0)
 
     def to_json(self) -> dict:
-        return {"shards": [{"url": s.url, "count": s.count, "keys_sha256": s.keys_sha256,
+        """What the store's metadata records: URLs with credentials redacted (`redact`)."""
+        return {"shards": [{"url": redact(s.url), "count": s.count, "keys_sha256": s.keys_sha256,
                             "size_bytes": s.size_bytes, "errors": list(s.errors)} for s in self.shards],
                 "duplicate_keys_across_shards": list(self.duplicate_keys_across_shards)}
 

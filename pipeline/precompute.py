@@ -24,8 +24,9 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.augment import Recipe, parse_recipe
-from pipeline.data import BadSample, DatasetManifest, build_manifest, decode_sample, expand_shards, iter_shard
+from pipeline.data import BadSample, DatasetManifest, build_manifest, decode_sample, expand_shards, iter_shard, redact
 from pipeline.factors import DEFAULT_ENCODING, Encoding, attention_kl, exact_logits, parse_encoding
+from pipeline.lease import DEFAULT_LEASE_TIMEOUT_S, Lease, LeaseConfig
 from pipeline.mix import draw_and_mix_unit
 from pipeline.store import CacheStore, Unit, base_arrays, factor_arrays, parse_compression
 from pipeline.teacher import Teacher, TeacherConfig, resolve_heads, resolve_layers
@@ -62,6 +63,7 @@ class PrecomputeConfig:
     on_bad_sample: OnBadSample = OnBadSample.SKIP
     max_skipped: int | None = None
     progress: bool = True
+    lease_timeout: float = DEFAULT_LEASE_TIMEOUT_S  # seconds without a heartbeat before the store's lease is free
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,7 @@ class Summary:
     skipped: list[dict] = field(default_factory=list)
     factor_bytes: int = 0
     seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
 
     @property
     def images_per_s(self) -> float:
@@ -108,13 +111,14 @@ class Summary:
     def lines(self) -> list[str]:
         reasons = Counter(s["reason"].split(":")[0] for s in self.skipped)
         per = self.factor_bytes / self.samples_written if self.samples_written else 0
-        out = [f"units: {self.units_processed} processed, {self.units_already_done} already done, "
+        out = list(self.notes)
+        out += [f"units: {self.units_processed} processed, {self.units_already_done} already done, "
                f"{self.units_total} in the job",
                f"samples written: {self.samples_written}   skipped: {len(self.skipped)}",
                f"factor bytes written: {self.factor_bytes:,} ({per:,.0f} per sample-view)",
                f"time: {self.seconds:.1f} s   throughput: {self.images_per_s:.1f} images/s"]
         out += [f"  skipped ({n}): {reason}" for reason, n in reasons.most_common()]
-        out += [f"    {s['shard']}: {s['key']!r}: {s['reason']}" for s in self.skipped[:20]]
+        out += [f"    {redact(s['shard'])}: {s['key']!r}: {s['reason']}" for s in self.skipped[:20]]
         return out
 
 
@@ -332,7 +336,7 @@ def _check_policy(job: Job, batch: PreparedBatch, summary: Summary) -> None:
     if limit is not None and len(summary.skipped) > limit:
         last = summary.skipped[-1]
         raise TooManySkipped(f"{len(summary.skipped)} samples skipped, more than --max-skipped {limit}; "
-                             f"latest: {last['shard']}: {last['key']!r}: {last['reason']}")
+                             f"latest: {redact(last['shard'])}: {last['key']!r}: {last['reason']}")
 
 
 def consume(job: Job, batches: Iterator[PreparedBatch], summary: Summary, bar=None) -> None:
@@ -387,12 +391,43 @@ def process_unit(job: Job, unit: Unit) -> Summary:
     return summary
 
 
+def job_units(job: Job) -> list[Unit]:
+    """The store's units with the shard URLs as given to this run (the metadata holds them with
+    credentials redacted, and the data may have moved since the store was made)."""
+    urls = [s.url for s in job.manifest.shards]
+    return [Unit(u.view, u.shard_index, urls[u.shard_index]) for u in job.store.units()]
+
+
+def job_notes(job: Job, lease: Lease) -> list[str]:
+    """Lines the summary starts with: a lease taken over, keys that more than one shard holds
+    (each is cached in its own unit; nothing is dropped, but a key no longer names one sample)."""
+    notes = [] if lease.took_over is None else [f"took over the lease of a dead or stalled precompute ({lease.took_over})"]
+    dups = job.manifest.duplicate_keys_across_shards
+    if dups:
+        notes.append(f"warning: {len(dups)}{'+' if len(dups) >= 100 else ''} keys appear in more than one shard "
+                     f"(each copy is cached in its own unit): {', '.join(map(repr, dups[:5]))}")
+    return notes
+
+
+def _guarded(batches: Iterator[PreparedBatch], lease: Lease) -> Iterator[PreparedBatch]:
+    """Stop before a unit is handed to the writer if another job has taken the store's lease."""
+    for batch in batches:
+        if batch.last:
+            lease.check()
+        yield batch
+
+
 def run_precompute(config: PrecomputeConfig, job: Job | None = None) -> Summary:
-    """The in-process runner (`--ray none`): loader workers decode, this process runs the teacher."""
-    job = job or build_job(config)
-    units = job.store.units()
+    """The in-process runner (`--ray none`): loader workers decode, this process runs the teacher.
+    The store's lease (pipeline/lease.py) is held from before the store is created to the end."""
+    with Lease(config.out, LeaseConfig(config.lease_timeout)) as lease:
+        return _run_in_process(config, job or build_job(config), lease)
+
+
+def _run_in_process(config: PrecomputeConfig, job: Job, lease: Lease) -> Summary:
+    units = job_units(job)
     todo = [u for u in units if not job.store.unit_done(u)]
-    summary = Summary(units_total=len(units), units_already_done=len(units) - len(todo))
+    summary = Summary(units_total=len(units), units_already_done=len(units) - len(todo), notes=job_notes(job, lease))
     started = time.perf_counter()
     counts = [s.count for s in job.manifest.shards]
     workers = min(config.workers, len(todo))
@@ -401,6 +436,6 @@ def run_precompute(config: PrecomputeConfig, job: Job | None = None) -> Summary:
                                          prefetch_factor=2 if workers else None)
     with tqdm(total=sum(counts[u.shard_index] for u in todo), unit="img", disable=not config.progress,
               desc="precompute", dynamic_ncols=True) as bar:
-        consume(job, iter(loader) if todo else iter(()), summary, bar)
+        consume(job, _guarded(iter(loader), lease) if todo else iter(()), summary, bar)
     summary.seconds = time.perf_counter() - started
     return summary

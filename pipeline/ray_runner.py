@@ -16,7 +16,9 @@ from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
-from pipeline.precompute import PrecomputeConfig, Summary, TooManySkipped, build_job, process_unit
+from pipeline.data import redact
+from pipeline.lease import Lease, LeaseConfig
+from pipeline.precompute import PrecomputeConfig, Summary, TooManySkipped, build_job, job_notes, job_units, process_unit
 from pipeline.store import Unit
 
 
@@ -54,12 +56,30 @@ def _connect(options: RayOptions):
     import ray
 
     if options.address == "local":
-        ray.init(num_cpus=os.cpu_count(), num_gpus=None, include_dashboard=False, log_to_driver=False,
-                 object_store_memory=options.object_store_memory, _node_ip_address="127.0.0.1",
-                 ignore_reinit_error=True)
+        _init_loopback(ray, options)
     else:
         ray.init(address=options.address, log_to_driver=False, ignore_reinit_error=True)
     return ray
+
+
+def _init_loopback(ray, options: RayOptions) -> None:
+    """A one-machine Ray whose servers listen on 127.0.0.1 only, with no dashboard.
+
+    `ray.init(_node_ip_address="127.0.0.1")` alone is not enough: Ray 2.60 replaces a loopback
+    address by the machine's address unless its cluster support is off (the flag that
+    `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER` sets), and then GCS, raylet and workers listen on every
+    interface (found by tests/reliability/test_security.py). The flag is turned off for this
+    call only, so a later `ray start` in the same process still forms clusters."""
+    from ray._private import ray_constants
+
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(num_cpus=os.cpu_count(), num_gpus=None, include_dashboard=False, log_to_driver=False,
+                 object_store_memory=options.object_store_memory, _node_ip_address="127.0.0.1",
+                 ignore_reinit_error=True)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
 
 
 def _worker_count(ray, options: RayOptions) -> int:
@@ -77,10 +97,16 @@ def _worker_count(ray, options: RayOptions) -> int:
 
 
 def run_precompute_ray(config: PrecomputeConfig, options: RayOptions) -> Summary:
+    """The driver holds the store's lease (pipeline/lease.py) for the whole job; actors never take it."""
+    with Lease(config.out, LeaseConfig(config.lease_timeout)) as lease:
+        return _run(config, options, lease)
+
+
+def _run(config: PrecomputeConfig, options: RayOptions, lease: Lease) -> Summary:
     job = build_job(config)
-    units = job.store.units()
+    units = job_units(job)
     todo = [u for u in units if not job.store.unit_done(u)]
-    summary = Summary(units_total=len(units), units_already_done=len(units) - len(todo))
+    summary = Summary(units_total=len(units), units_already_done=len(units) - len(todo), notes=job_notes(job, lease))
     if not todo:
         return summary
     if options.cpus_per_worker is None:
@@ -93,7 +119,8 @@ def run_precompute_ray(config: PrecomputeConfig, options: RayOptions) -> Summary
         worker_config = dataclasses.replace(config, progress=False)
         manifest_json = job.manifest.to_json()
         workers = [actor.remote(worker_config, manifest_json) for _ in range(min(_worker_count(ray, options), len(todo)))]
-        failures = _dispatch(ray, workers, todo, options.max_retries, summary, config.progress, config.max_skipped)
+        failures = _dispatch(ray, workers, todo, options.max_retries, summary, config.progress, config.max_skipped,
+                             lease.check)
     finally:
         ray.shutdown()
     summary.seconds = time.perf_counter() - started
@@ -104,8 +131,9 @@ def run_precompute_ray(config: PrecomputeConfig, options: RayOptions) -> Summary
 
 
 def _dispatch(ray, workers, todo: list[Unit], max_retries: int, summary: Summary, progress: bool,
-              max_skipped: int | None):
-    """Two units in flight per worker: the next one is queued while the current one runs."""
+              max_skipped: int | None, check_lease=lambda: None):
+    """Two units in flight per worker: the next one is queued while the current one runs. The
+    lease is checked before each dispatch: a driver whose store was taken over stops handing out units."""
     pending = list(reversed(todo))
     attempts: dict[Unit, int] = {}
     in_flight: dict = {}
@@ -114,6 +142,7 @@ def _dispatch(ray, workers, todo: list[Unit], max_retries: int, summary: Summary
     with tqdm(total=len(todo), unit="unit", desc="precompute (ray)", disable=not progress) as bar:
         while pending or in_flight:
             while pending and idle:
+                check_lease()
                 worker, unit = idle.pop(), pending.pop()
                 in_flight[worker.run.remote(unit)] = (worker, unit)
             done, _ = ray.wait(list(in_flight), num_returns=1)
@@ -135,7 +164,7 @@ def _dispatch(ray, workers, todo: list[Unit], max_retries: int, summary: Summary
             if max_skipped is not None and len(summary.skipped) > max_skipped:
                 last = summary.skipped[-1]
                 raise TooManySkipped(f"{len(summary.skipped)} samples skipped, more than --max-skipped {max_skipped}; "
-                                     f"latest: {last['shard']}: {last['key']!r}: {last['reason']}")
+                                     f"latest: {redact(last['shard'])}: {last['key']!r}: {last['reason']}")
             bar.update(1)
             elapsed = bar.format_dict["elapsed"] or 1e-9
             bar.set_postfix(images=summary.samples_written, img_per_s=f"{summary.samples_written / elapsed:.1f}")

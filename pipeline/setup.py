@@ -64,6 +64,21 @@ class Session:
     teacher: Teacher | None
 
 
+def open_checked(path: str, role: str) -> CacheStore:
+    """Open a store to train or evaluate from, refusing one that fails the quick checks (schema,
+    every unit's marker, files present): a student never starts on an unfinished or damaged cache."""
+    from pipeline.data import redact
+    from pipeline.verify import quick_problems
+
+    store = CacheStore.open(path)
+    problems = quick_problems(store)
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise StoreError(f"{role} {redact(path)} fails its quick checks ({len(problems)} problems): {shown}. "
+                         "Run `attncache verify` and re-run the precompute to finish or repair it")
+    return store
+
+
 def _load_teacher(cfg: TeacherConfig | None, why: str) -> Teacher:
     if cfg is None:
         raise StudentMismatch(f"{why} needs a teacher: pass --cache STORE or --teacher NAME_OR_DIR")
@@ -80,7 +95,7 @@ def build_session(spec: TransferSpec, device: str, recipe_spec: str = "train", t
     model = build_student(spec.student, init_from=spec.teacher if mode.init_from_teacher and not evaluating else None)
     geometry = Geometry.of(model)
     layers = resolve_layers(spec.layers or default_layers(geometry.num_layers), geometry.num_layers)
-    store = CacheStore.open(spec.cache) if spec.cache and not evaluating else None
+    store = open_checked(spec.cache, "cache") if spec.cache and not evaluating else None
     teacher = None
     if mode.strategy.signal is Signal.NONE or (evaluating and (spec.cache or not mode.strategy.uses_teacher_at_eval)):
         signal = NoSignal()
@@ -136,9 +151,12 @@ def eval_stream(session: Session, num_classes: int, eval_cache: str | None,
     view 0, and its factors for copy modes) or raw shards with the eval recipe."""
     strategy = session.mode.strategy
     if eval_cache:
-        store = CacheStore.open(eval_cache)
+        store = open_checked(eval_cache, "eval cache")
         recipe = Recipe.from_json(store.meta["recipe"]["ops"])
-        check_same_normalisation(session.recipe, recipe, f"eval cache {eval_cache}")
+        try:
+            check_same_normalisation(session.recipe, recipe, f"eval cache {eval_cache}")
+        except ValueError as exc:  # a user error, refused before the first step with both values
+            raise StudentMismatch(str(exc)) from None
         signal = NoSignal()
         if strategy.uses_teacher_at_eval:
             if session.store is not None and store.meta["teacher"]["weights_sha256"] != \

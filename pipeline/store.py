@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
+from pipeline.data import redact
 from pipeline.factors import Encoding, encoding_from_json
 from storage_schema import SCHEMA_VERSION, SchemaError, validate_marker, validate_store_metadata
 
@@ -39,7 +42,7 @@ class Unit:
 
     @property
     def name(self) -> str:
-        return f"view {self.view} shard {self.shard_index:06d} ({Path(self.url).name})"
+        return f"view {self.view} shard {self.shard_index:06d} ({redact(Path(self.url).name)})"
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,32 @@ class UnitData:
     valid: np.ndarray
     aug: np.ndarray
     factors: dict[str, np.ndarray]
+
+
+FAULT_ENV = "ATTNCACHE_FAULT"
+_fault_hits: Counter = Counter()
+
+
+def fault_point(name: str, torn_file: str | None = None) -> None:
+    """Test hook for the crash tests: `ATTNCACHE_FAULT=POINT:N` SIGKILLs this process the N-th time
+    it passes POINT; `POINT:N:torn` first leaves what a kill in the middle of writing `torn_file`
+    would (half of it as zarr's `.partial` temp file, and the file itself cut to half, as on a file
+    system without atomic rename). Points: store-create, unit-start, array-written, data-written,
+    marker-tmp, unit-done. Unset (always, outside tests), it costs one dict lookup."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    point, nth, *mode = spec.split(":")
+    if point != name:
+        return
+    _fault_hits[name] += 1
+    if _fault_hits[name] != int(nth):
+        return
+    if mode == ["torn"] and torn_file is not None and os.path.isfile(torn_file):
+        data = Path(torn_file).read_bytes()
+        Path(f"{torn_file}.{'0' * 32}.partial").write_bytes(data[:len(data) // 2])
+        Path(torn_file).write_bytes(data[:len(data) // 2])
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def cache_id(meta: dict) -> str:
@@ -133,6 +162,7 @@ class _Files:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        fault_point("marker-tmp")
         os.replace(tmp, path)
 
     def delete(self, rel: str) -> None:
@@ -141,11 +171,12 @@ class _Files:
         except FileNotFoundError:
             pass
 
-    def remove_partials(self, rel: str) -> None:
-        """zarr's LocalStore writes `<file>.<uuid>.partial` and renames it; a writer killed in
-        between leaves the partial behind. Only this unit writes beside its own shard files."""
+    def remove_partials(self, rel: str, pattern: str = ".*.partial") -> None:
+        """zarr's LocalStore writes `<file>.<uuid>.partial` and renames it (and markers go through
+        `<marker>.tmp-<pid>`); a writer killed in between leaves the temp file behind. Only this
+        unit writes beside its own files."""
         if self.local:
-            for stale in Path(self._full(rel)).parent.glob(Path(rel).name + ".*.partial"):
+            for stale in Path(self._full(rel)).parent.glob(Path(rel).name + pattern):
                 stale.unlink(missing_ok=True)
 
     def size(self, rel: str) -> int | None:
@@ -178,11 +209,11 @@ class CacheStore:
         try:
             group = zarr.open_group(path, mode=mode, zarr_format=3)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
-            raise StoreError(f"{path}: no attncache store here ({exc})") from exc
+            raise StoreError(redact(f"{path}: no attncache store here ({exc})", path)) from None
         meta = group.attrs.get(META_ATTR)
-        validate_store_metadata(meta, where=path)
+        validate_store_metadata(meta, where=redact(path))
         if meta["cache_id"] != cache_id(meta):
-            raise SchemaError(f"{path}: metadata edited after creation: cache_id {meta['cache_id'][:12]} does not "
+            raise SchemaError(f"{redact(path)}: metadata edited after creation: cache_id {meta['cache_id'][:12]} does not "
                               f"match its contents ({cache_id(meta)[:12]})")
         return cls(path, group, meta)
 
@@ -192,14 +223,20 @@ class CacheStore:
         path = str(path)
         meta = dict(meta, schema_version=SCHEMA_VERSION)
         meta["cache_id"] = cache_id(meta)
-        validate_store_metadata(meta, where=path)
+        validate_store_metadata(meta, where=redact(path))
         if _exists(path):
-            store = cls.open(path, mode="r+")
-            _require_same_job(path, store.meta, meta)
-            return store
-        group = zarr.open_group(path, mode="w-", zarr_format=3)
+            group = zarr.open_group(path, mode="r+", zarr_format=3)
+            if dict(group.attrs):
+                store = cls.open(path, mode="r+")
+                _require_same_job(path, store.meta, meta)
+                return store
+            # a group without any attributes: a creation killed before its metadata; finish it
+        else:
+            _require_empty(path)
+            group = zarr.open_group(path, mode="a", zarr_format=3)  # "a": the lease file may be here
         store = cls(path, group, meta)
         store._create_arrays()
+        fault_point("store-create")
         group.attrs[META_ATTR] = meta  # last: a store without metadata is not a store
         return store
 
@@ -215,7 +252,7 @@ class CacheStore:
                     f"views/{view}/{spec['path']}", shape=(n_slots, *trailing), dtype=dtype,
                     chunks=(inner, *trailing), shards=(self.slots_per_shard, *trailing),
                     compressors=compressors if dtype is not str else ZstdCodec(level=3),
-                    fill_value=FILL_VALUES.get(name, 0))
+                    fill_value=FILL_VALUES.get(name, 0), overwrite=True)
 
     # ------------------------------------------------------------------ layout helpers
 
@@ -246,7 +283,7 @@ class CacheStore:
         raw = self.files.read(self.marker_path(view, shard_index))
         if raw is None:
             return None
-        where = f"{self.path}/{self.marker_path(view, shard_index)}"
+        where = f"{redact(self.path)}/{self.marker_path(view, shard_index)}"
         try:
             marker = json.loads(raw)
         except json.JSONDecodeError as exc:
@@ -284,25 +321,33 @@ class CacheStore:
                    aug: np.ndarray, factors: dict[str, np.ndarray], skipped: list[dict],
                    fidelity_kl: list[float] | None = None, seconds: float = 0.0) -> dict:
         """Write every array's shard whole, then the marker. Re-running a unit overwrites it in place."""
-        self.files.delete(self.marker_path(unit.view, unit.shard_index))  # not done until rewritten
+        marker_rel = self.marker_path(unit.view, unit.shard_index)
+        self.files.delete(marker_rel)  # not done until rewritten
+        self.files.remove_partials(marker_rel, ".tmp-*")  # a marker temp file of a killed writer
+        fault_point("unit-start")
         start, stop = self.slot_range(unit.shard_index)
         blocks = {"key": np.array(keys, dtype=object), "label": labels, "valid": valid, "aug": aug, **factors}
-        for name, spec in self.meta["arrays"].items():
+        rels = self.unit_files(unit.view, unit.shard_index)
+        for rel in rels:  # zarr merges into an existing shard file, and a torn one would fail its crc32c
+            self.files.delete(rel)
+        for (name, spec), rel in zip(self.meta["arrays"].items(), rels):
             block = blocks[name]
             expected = (self.slots_per_shard, *spec["trailing_shape"])
             if block.shape != expected:
                 raise StoreError(f"{unit.name}: array {name} has shape {block.shape}, store expects {expected}")
             self.group[f"views/{unit.view}/{spec['path']}"][start:stop] = block
-        for rel in self.unit_files(unit.view, unit.shard_index):
+            fault_point("array-written", self.files._full(rel) if self.files.local else None)
+        for rel in rels:
             self.files.remove_partials(rel)  # left by a writer of this unit that was killed
+        fault_point("data-written")
         files = {rel: self.file_sha256(rel) for rel in self.unit_files(unit.view, unit.shard_index)}
         marker = {"schema_version": SCHEMA_VERSION, "cache_id": self.meta["cache_id"], "view": unit.view,
-                  "shard_index": unit.shard_index, "shard_url": unit.url, "slot_start": start, "count": count,
+                  "shard_index": unit.shard_index, "shard_url": redact(unit.url), "slot_start": start, "count": count,
                   "written": int(valid.sum()), "skipped": skipped, "files": files,
                   "fidelity_kl": fidelity_kl, "seconds": round(float(seconds), 3)}
         validate_marker(marker)
-        self.files.write_atomic(self.marker_path(unit.view, unit.shard_index),
-                                json.dumps(marker, indent=1, sort_keys=True).encode())
+        self.files.write_atomic(marker_rel, json.dumps(marker, indent=1, sort_keys=True).encode())
+        fault_point("unit-done")
         return marker
 
     def read_unit(self, view: int, shard_index: int) -> UnitData:
@@ -350,6 +395,16 @@ def _exists(path: str) -> bool:
     return fs.exists(f"{base.rstrip('/')}/zarr.json")
 
 
+def _require_empty(path: str) -> None:
+    """A new store goes into a new or empty directory (the precompute lease may already be there)."""
+    if "://" in path or not os.path.isdir(path):
+        return
+    other = sorted(n for n in os.listdir(path) if not n.startswith("precompute.lease"))
+    if other:
+        raise StoreError(f"{path} exists and is not an attncache store (it holds {other[:5]}): "
+                         "give a new or empty --out")
+
+
 def _require_same_job(path: str, old: dict, new: dict) -> None:
     """Resume only the same job: every field that decides the bytes must agree, and the data too."""
     fields = ("teacher", "recipe", "seed", "views", "layers", "heads", "encoding", "compression", "compute")
@@ -358,7 +413,7 @@ def _require_same_job(path: str, old: dict, new: dict) -> None:
         diffs.append("dataset")
     if diffs:
         detail = "; ".join(f"{f}: store has {_short(old.get(f))}, this run has {_short(new.get(f))}" for f in diffs)
-        raise StoreError(f"{path} holds a different cache ({detail}). Use another --out, or delete the store.")
+        raise StoreError(f"{redact(path)} holds a different cache ({detail}). Use another --out, or delete the store.")
 
 
 def _short(value) -> str:

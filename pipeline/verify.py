@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.augment import Recipe
-from pipeline.data import decode_sample, iter_shard
+from pipeline.data import decode_sample, iter_shard, redact
 from pipeline.factors import attention_kl, exact_logits
 from pipeline.store import CacheStore, Unit
 from pipeline.teacher import Teacher, TeacherConfig
@@ -38,7 +38,7 @@ def verify_store(path: str, progress: bool = False) -> VerifyReport:
     try:
         store = CacheStore.open(path)
     except Exception as exc:  # noqa: BLE001 - a store that cannot open is the one problem to report
-        report.problems.append(f"store: {exc}")
+        report.problems.append(f"store: {redact(str(exc), str(path))}")
         return report
     shards = store.meta["dataset"]["shards"]
     for unit in tqdm(store.units(), desc="verify", unit="unit", disable=not progress):
@@ -51,7 +51,25 @@ def verify_store(path: str, progress: bool = False) -> VerifyReport:
     return report
 
 
-def _check_unit(store: CacheStore, unit: Unit, expected_count: int) -> list[str]:
+def quick_problems(store: CacheStore) -> list[str]:
+    """What `train` checks before its first step, without hashing: every unit has a valid marker
+    whose counts add up, and (local stores) every file it lists exists. A unit's bytes are checked
+    against its marker's sha256 when the loader reads it, so a flipped bit is caught before use."""
+    problems = []
+    shards = store.meta["dataset"]["shards"]
+    for unit in store.units():
+        found = _check_marker(store, unit, shards[unit.shard_index]["count"])
+        if isinstance(found, list):
+            problems += [f"{unit.name}: {p}" for p in found]
+            continue
+        if store.files.local:
+            problems += [f"{unit.name}: missing {rel}" for rel, digest in found["files"].items()
+                         if digest is not None and store.files.size(rel) is None]  # None: all fill value, not written
+    return problems
+
+
+def _check_marker(store: CacheStore, unit: Unit, expected_count: int) -> list[str] | dict:
+    """The unit's marker, or the problems that make it unusable."""
     try:
         marker = store.read_marker(unit.view, unit.shard_index)
     except SchemaError as exc:
@@ -63,7 +81,14 @@ def _check_unit(store: CacheStore, unit: Unit, expected_count: int) -> list[str]
         problems.append(f"marker counts {marker['count']} samples, dataset manifest has {expected_count}")
     if marker["written"] + len(marker["skipped"]) != marker["count"]:
         problems.append(f"written {marker['written']} + skipped {len(marker['skipped'])} != count {marker['count']}")
-    return problems + store.file_problems(unit.view, unit.shard_index, marker)
+    return problems or marker
+
+
+def _check_unit(store: CacheStore, unit: Unit, expected_count: int) -> list[str]:
+    found = _check_marker(store, unit, expected_count)
+    if isinstance(found, list):
+        return found
+    return store.file_problems(unit.view, unit.shard_index, found)
 
 
 # ---------------------------------------------------------------------------------------------- recompute
@@ -156,7 +181,7 @@ def inspect_store(path: str) -> dict:
     raw_fp32 = n_layers * n_heads * n_tokens * n_tokens * 4
     per_sample = factor_bytes / written if written else 0.0
     return {
-        "path": str(path), "cache_id": meta["cache_id"], "schema_version": meta["schema_version"],
+        "path": redact(str(path)), "cache_id": meta["cache_id"], "schema_version": meta["schema_version"],
         "teacher": meta["teacher"]["name"], "teacher_weights_sha256": meta["teacher"]["weights_sha256"],
         "recipe": meta["recipe"]["spec"], "seed": meta["seed"], "views": meta["views"],
         "encoding": meta["encoding"]["spec"], "compression": meta["compression"],
