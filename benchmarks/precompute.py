@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import HelpFormatter  # noqa: E402
 
-from pipeline.synth import synth_dataset  # noqa: E402
+from pipeline.synth import SynthConfig, synth_dataset  # noqa: E402
 from pipeline.factors import DEFAULT_ENCODING  # noqa: E402
 from pipeline.precompute import PrecomputeConfig, build_job, run_precompute  # noqa: E402
 from pipeline.teacher import Teacher, TeacherConfig  # noqa: E402
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="attncache-bench-"))
     try:
-        info = synth_dataset(work / "data", num_train=args.images, num_val=1, image_size=64, shard_size=64, seed=0)
+        info = synth_dataset(work / "data", num_train=args.images, num_val=1, config=SynthConfig(image_size=64, num_classes=4), shard_size=64, seed=0)
         teacher_cfg = TeacherConfig(args.teacher, random_init=True, seed=0)
         teacher = Teacher(teacher_cfg)
         batches = max(2, args.images // args.batch_size)
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
                          "x_smaller_than_fp32_maps": stats["ratio_to_raw_fp32_maps"]})
         bare_again = bare_forward_rate(teacher, args.batch_size, batches)
         size_rows = []
-        small = synth_dataset(work / "small", num_train=64, num_val=1, image_size=64, shard_size=64, seed=1)
+        small = synth_dataset(work / "small", num_train=64, num_val=1, config=SynthConfig(image_size=64, num_classes=4), shard_size=64, seed=1)
         for encoding, compression in [("exact:fp32", "none"), ("exact:fp16", "none"), ("exact:fp16", "zstd:3"),
                                       ("exact:fp16", "zstd:9:shuffle"), ("exact:bf16", "zstd:3"),
                                       ("lowrank:r=16:fp16", "zstd:3"), ("lowrank:r=16:int8", "none"),

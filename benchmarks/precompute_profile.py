@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import HelpFormatter  # noqa: E402
 
 from pipeline.precompute import PrecomputeConfig, UnitAccumulator, build_job, prepare_unit  # noqa: E402
-from pipeline.synth import synth_dataset  # noqa: E402
+from pipeline.synth import SynthConfig, synth_dataset  # noqa: E402
 from pipeline.teacher import TeacherConfig  # noqa: E402
 
 
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="attncache-prof-"))
     try:
-        info = synth_dataset(work / "d", 64, 1, image_size=64, shard_size=64, seed=0)
+        info = synth_dataset(work / "d", 64, 1, config=SynthConfig(image_size=64, num_classes=4), shard_size=64, seed=0)
         job = build_job(PrecomputeConfig(data=(info["train"],), out=str(work / "c.zarr"),
                                          teacher=TeacherConfig(args.teacher, random_init=True), views=1,
                                          encoding=args.encoding, compression=args.compression,

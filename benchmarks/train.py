@@ -34,7 +34,7 @@ from pipeline.factors import DEFAULT_ENCODING  # noqa: E402
 from pipeline.loader import epoch_loader  # noqa: E402
 from pipeline.setup import TransferSpec, build_session, train_stream  # noqa: E402
 from pipeline.student import StudentConfig  # noqa: E402
-from pipeline.synth import synth_dataset  # noqa: E402
+from pipeline.synth import SynthConfig, synth_dataset  # noqa: E402
 from pipeline.teacher import Teacher, TeacherConfig  # noqa: E402
 from pipeline.train import TrainConfig, train  # noqa: E402
 
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-train-"))
     try:
-        info = synth_dataset(tmp / "data", num_train=1024, num_val=0, image_size=32, shard_size=256, seed=0)
+        info = synth_dataset(tmp / "data", num_train=1024, num_val=0, config=SynthConfig(image_size=32, num_classes=4), shard_size=256, seed=0)
         same, wide = teacher_cfg(args.width), teacher_cfg(2 * args.width)
         cache = tmp / "cache.zarr"
         run_precompute(PrecomputeConfig(data=(info["train"],), out=str(cache), teacher=same, views=1,

@@ -11,23 +11,45 @@ def data():
     """Make webdataset tar shards: the embedded synthetic set, or your own image folder."""
 
 
+def _synth_defaults():
+    from pipeline.synth import SynthConfig
+    return SynthConfig()
+
+
 @data.command()
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--num-train", default=2048, show_default=True, help="Training images.")
-@click.option("--num-val", default=512, show_default=True, help="Validation images.")
-@click.option("--image-size", default=32, show_default=True, help="Side of the square images in pixels.")
+@click.option("--num-train", default=2048, show_default=True, help="Labelled training images.")
+@click.option("--num-val", default=512, show_default=True, help="Labelled validation images.")
+@click.option("--num-pool", default=0, show_default=True, help="Unlabelled images for MAE pre-training (pool-*.tar).")
+@click.option("--num-shifted", default=0, show_default=True,
+              help="Shifted-style pool images; also writes shifted-train/-val of --num-train/--num-val.")
+@click.option("--image-size", default=_synth_defaults().image_size, show_default=True, help="Image side in pixels.")
+@click.option("--num-classes", default=_synth_defaults().num_classes, show_default=True, help="Shape classes (2 to 8).")
+@click.option("--decoys", default=_synth_defaults().decoys, show_default=True,
+              help="At most this many flat shapes of other classes per image.")
+@click.option("--blobs", default=_synth_defaults().blobs, show_default=True, help="At most this many soft blobs.")
+@click.option("--scale", default=_synth_defaults().scale, type=(float, float), show_default=True,
+              help="Target radius range, fraction of the image side.")
+@click.option("--texture/--no-texture", default=_synth_defaults().texture, show_default=True,
+              help="Stripe texture inside the target.")
+@click.option("--noise", default=_synth_defaults().noise, show_default=True, help="Background pixel noise (std).")
 @click.option("--shard-size", default=256, show_default=True, help="Samples per tar shard.")
-@click.option("--seed", default=0, show_default=True, help="Every image is a function of (seed, split, index).")
-@click.option("--num-classes", default=4, show_default=True, help="Shape classes (2 to 8).")
-def synth(out_dir, num_train, num_val, image_size, shard_size, seed, num_classes):
-    """Write the embedded synthetic data set (shapes among distractors) as train/val shards."""
-    from pipeline.synth import synth_dataset
+@click.option("--seed", default=0, show_default=True, help="Every image is a function of (seed, split, index, knobs).")
+def synth(out_dir, num_train, num_val, num_pool, num_shifted, image_size, num_classes, decoys, blobs, scale,
+          texture, noise, shard_size, seed):
+    """Write the embedded synthetic data set: the class is the shape of the one outlined, striped
+    object among decoy shapes and blobs. Splits train/val, optional unlabelled pool and shifted style."""
+    from pipeline.synth import SynthConfig, synth_dataset
 
-    info = synth_dataset(out_dir, num_train, num_val, image_size, shard_size, seed, num_classes)
-    click.echo(f"wrote {num_train} train and {num_val} val images ({', '.join(info['classes'])}) to {out_dir}")
-    click.echo(f"  --data '{info['train']}'")
-    if info["val"]:
-        click.echo(f"  --data '{info['val']}'   (validation)")
+    try:
+        config = SynthConfig(image_size, num_classes, decoys, blobs, tuple(scale), texture, noise)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    info = synth_dataset(out_dir, num_train, num_val, shard_size, seed, config, num_pool, num_shifted)
+    click.echo(f"wrote to {out_dir} ({', '.join(info['classes'])}):")
+    for split in ("train", "val", "pool", "shifted-pool", "shifted-train", "shifted-val"):
+        if info.get(split):
+            click.echo(f"  {split:<14} {info['num_' + split]:>7}  '{info[split]}'")
 
 
 @data.command()

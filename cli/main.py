@@ -7,9 +7,12 @@ from cli.data_cmd import data
 from cli.demo_cmd import demo
 from cli.train_cmd import evaluate, train
 from cli.plan_cmd import plan
+from cli.repro_cmd import repro
+from cli.teacher_cmd import teacher
 from pipeline.data import BadSample, DataError
 from pipeline.student import StudentMismatch
 from pipeline.precompute import TooManySkipped
+from pipeline.pretrain import PretrainError
 from pipeline.ray_runner import ClusterTooSmall, UnitsFailed
 from pipeline.store import StoreError
 from pipeline.teacher import TeacherError
@@ -17,7 +20,7 @@ from storage_schema import SchemaError
 
 # errors that are about the user's input, not bugs: one line naming file, key and cause, exit 1
 USER_ERRORS = (BadSample, DataError, TooManySkipped, StoreError, SchemaError, TeacherError, UnitsFailed,
-               ClusterTooSmall, StudentMismatch)
+               ClusterTooSmall, StudentMismatch, PretrainError)
 
 
 class _Group(click.Group):
@@ -34,7 +37,7 @@ def cli() -> None:
     """attncache: precompute a teacher ViT's attention once, train students from the cache."""
 
 
-for command in (data, precompute, verify, inspect, show, demo, plan, bench, train, evaluate):
+for command in (data, teacher, precompute, verify, inspect, show, demo, repro, plan, bench, train, evaluate):
     cli.add_command(command)
 
 

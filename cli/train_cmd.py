@@ -46,10 +46,13 @@ def _recipe_with_mix(recipe: str, mixup: float, cutmix: float) -> str:
 @click.option("--student-arg", "student_args", multiple=True, metavar="K=V", help="timm argument of the student.")
 @click.option("--num-classes", type=int, default=None, help="Classes [default: classes.json beside the shards].")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory (resumed if present).")
+@click.option("--views", type=int, default=None, help="Use only the cache's first N views [default: all].")
 @click.option("--max-steps", type=int, default=None, help="Optimiser steps (or give --epochs).")
 @click.option("--epochs", type=int, default=None, help="Epochs; epoch e reads cached view e mod V.")
 @click.option("--batch-size", default=_T.batch_size, help="Samples per step per rank.")
 @click.option("--layers", default=None, help="Student layers to transfer (slice or list) [default: all but last 3].")
+@click.option("--heads", default=None, help="Distill modes: comma list of heads to transfer [default: all]; "
+                                         "the other heads of those layers learn freely.")
 @click.option("--distill-weight", default=_T.distill_weight, help="Weight of the transfer loss (distill modes).")
 @click.option("--lr", default=_O.lr, help="Peak learning rate (timm --lr).")
 @click.option("--min-lr", default=_O.min_lr, help="Final learning rate of the cosine schedule.")
@@ -78,7 +81,7 @@ def _recipe_with_mix(recipe: str, mixup: float, cutmix: float) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the final result as one JSON object.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(data, cache, teacher, model_args, checkpoint, random_init, teacher_seed, mode, student, student_args,
-          num_classes, out, max_steps, epochs, batch_size, layers, distill_weight, lr, min_lr, weight_decay,
+          num_classes, out, views, max_steps, epochs, batch_size, layers, heads, distill_weight, lr, min_lr, weight_decay,
           warmup_epochs, layer_decay, drop_path, smoothing, mixup, cutmix, clip_grad, model_ema_decay, recipe,
           eval_cache, eval_data, seed, workers, shuffle_buffer, amp, device, threads, checkpoint_every, log_every,
           as_json, quiet):
@@ -100,11 +103,11 @@ def train(data, cache, teacher, model_args, checkpoint, random_init, teacher_see
     classes = num_classes or infer_num_classes(tuple(data), cache)
     teacher_cfg = _teacher(teacher, model_args, checkpoint, random_init, teacher_seed, device)
     spec = TransferSpec(StudentConfig(student, parse_model_args(student_args), classes, drop_path, seed), mode,
-                        layers, cache, teacher_cfg)
+                        layers, cache, teacher_cfg, heads)
     optim = OptimConfig(lr=lr, min_lr=min_lr, weight_decay=weight_decay, layer_decay=layer_decay,
                         warmup_epochs=warmup_epochs, clip_grad=clip_grad, model_ema_decay=model_ema_decay)
     config = TrainConfig(data=tuple(data), out=out, spec=spec, distill_weight=distill_weight, max_steps=max_steps,
-                         epochs=epochs, batch_size=batch_size, seed=seed, workers=workers,
+                         epochs=epochs, views=views, batch_size=batch_size, seed=seed, workers=workers,
                          shuffle_buffer=shuffle_buffer, smoothing=smoothing,
                          recipe=_recipe_with_mix(recipe, mixup, cutmix), eval_cache=eval_cache,
                          eval_data=tuple(eval_data), amp=amp, device=device, threads=threads,
@@ -130,13 +133,29 @@ def train(data, cache, teacher, model_args, checkpoint, random_init, teacher_see
 @click.option("--device", default="cpu", help="Device.")
 @click.option("--out", "out_file", default=None, type=click.Path(dir_okay=False),
               help="JSON file to write [default: eval.json in the run directory].")
+@click.option("--ensemble", "others", multiple=True, type=click.Path(exists=True),
+              help="Other run(s) to average class probabilities with (e.g. distill + finetune); prints the "
+                   "ensemble's top-1 and each member's.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (top1, top5, loss, confusion).")
-def evaluate(run, data, cache, batch_size, workers, device, out_file, as_json):
+def evaluate(run, data, cache, batch_size, workers, device, out_file, others, as_json):
     """Top-1/top-5 of a trained student (run directory, or its model.safetensors) on an eval split."""
     from pipeline.setup import evaluate_run
 
     if not data and not cache:
         raise click.UsageError("give --data (eval shards) and/or --cache (an eval store)")
+    if others:
+        from pipeline.ensemble import ensemble_top1
+
+        runs = [run, *others]
+        report = ensemble_top1(runs, tuple(data), [cache] * len(runs), batch_size, workers, device)
+        if out_file:
+            Path(out_file).write_text(json.dumps(report, indent=1))
+        if as_json:
+            click.echo(json.dumps(report))
+        else:
+            click.echo(f"ensemble top1 {report['top1']:.2f} ({report['samples']} samples); members: "
+                       + ", ".join(f"{r} {a:.2f}" for r, a in zip(runs, report["top1_each"])))
+        return
     report = evaluate_run(run, tuple(data), cache, batch_size, workers, device)
     target = Path(out_file) if out_file else Path(report["run_dir"]) / "eval.json"
     target.write_text(json.dumps(report, indent=1))

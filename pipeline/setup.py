@@ -18,7 +18,7 @@ from pipeline.signals import CacheSignal, NoSignal, OnlineSignal, SignalGeometry
 from pipeline.store import CacheStore, StoreError
 from pipeline.student import (Geometry, Mode, Signal, StudentConfig, StudentMismatch, TransferContext, build_student,
                               default_layers, get_mode, install_transfer)
-from pipeline.teacher import Teacher, TeacherConfig, model_recipe_defaults, resolve_layers
+from pipeline.teacher import Teacher, TeacherConfig, model_recipe_defaults, resolve_heads, resolve_layers
 
 
 @dataclass(frozen=True)
@@ -30,12 +30,13 @@ class TransferSpec:
     layers: str | None = None
     cache: str | None = None
     teacher: TeacherConfig | None = None
+    heads: str | None = None  # distill modes: comma list of heads to transfer (default every head)
 
     def to_json(self) -> dict:
         s, t = self.student, self.teacher
         return {"student": {"name": s.name, "model_args": dict(s.model_args), "num_classes": s.num_classes,
                             "drop_path": s.drop_path, "seed": s.seed},
-                "mode": self.mode, "layers": self.layers, "cache": self.cache,
+                "mode": self.mode, "layers": self.layers, "cache": self.cache, "heads": self.heads,
                 "teacher": None if t is None else {"name": t.name, "model_args": dict(t.model_args),
                                                    "checkpoint": t.checkpoint, "random_init": t.random_init,
                                                    "seed": t.seed, "device": t.device}}
@@ -47,7 +48,7 @@ class TransferSpec:
                                 s["seed"])
         teacher = None if t is None else TeacherConfig(t["name"], tuple(sorted(t["model_args"].items())),
                                                        t["checkpoint"], t["random_init"], t["seed"], t["device"])
-        return cls(student, d["mode"], d["layers"], d.get("cache"), teacher)
+        return cls(student, d["mode"], d["layers"], d.get("cache"), teacher, d.get("heads"))
 
 
 @dataclass
@@ -79,6 +80,18 @@ def open_checked(path: str, role: str) -> CacheStore:
     return store
 
 
+def transferred_heads(spec: str | None, mode: Mode, num_heads: int) -> tuple[int, ...] | None:
+    """The heads a distill mode transfers; copy modes replace whole attention layers, so they refuse
+    a subset rather than silently transferring every head."""
+    if spec is None:
+        return None
+    heads = resolve_heads(spec, num_heads)
+    if mode.strategy.signal is Signal.NONE or mode.strategy.uses_teacher_at_eval:
+        raise StudentMismatch(f"--heads {spec}: mode {mode.name} transfers no attention loss per head; "
+                              "a head subset applies to distill, distill_q and distill_k only")
+    return None if heads == tuple(range(num_heads)) else heads
+
+
 def _load_teacher(cfg: TeacherConfig | None, why: str) -> Teacher:
     if cfg is None:
         raise StudentMismatch(f"{why} needs a teacher: pass --cache STORE or --teacher NAME_OR_DIR")
@@ -95,17 +108,21 @@ def build_session(spec: TransferSpec, device: str, recipe_spec: str = "train", t
     model = build_student(spec.student, init_from=spec.teacher if mode.init_from_teacher and not evaluating else None)
     geometry = Geometry.of(model)
     layers = resolve_layers(spec.layers or default_layers(geometry.num_layers), geometry.num_layers)
+    heads = transferred_heads(spec.heads, mode, geometry.num_heads)
     store = open_checked(spec.cache, "cache") if spec.cache and not evaluating else None
     teacher = None
     if mode.strategy.signal is Signal.NONE or (evaluating and (spec.cache or not mode.strategy.uses_teacher_at_eval)):
         signal = NoSignal()
     elif store is not None:
         check_fit(geometry, SignalGeometry.of_store(store.meta), mode.strategy, layers)
-        signal = CacheSignal(store.meta, layers, mode.strategy.signal)
+        missing = sorted(set(heads or ()) - set(store.meta["heads"]))
+        if missing:
+            raise StudentMismatch(f"heads {missing} are not in the cache (it has heads {store.meta['heads']})")
+        signal = CacheSignal(store.meta, layers, mode.strategy.signal, heads)
     else:
         teacher = _load_teacher(spec.teacher, f"mode {mode.name}")
         check_fit(geometry, SignalGeometry.of_teacher(teacher), mode.strategy, layers)
-        signal = OnlineSignal(teacher, layers, mode.strategy.signal)
+        signal = OnlineSignal(teacher, layers, mode.strategy.signal, heads)
     if trained is not None:
         recipe = trained
     elif store is not None:
@@ -115,7 +132,7 @@ def build_session(spec: TransferSpec, device: str, recipe_spec: str = "train", t
     else:
         source = teacher.model if teacher is not None else model
         recipe = parse_recipe(recipe_spec, model_recipe_defaults(source, spec.student.name))
-    context = install_transfer(model, layers, mode.strategy)
+    context = install_transfer(model, layers, mode.strategy, heads)
     return Session(model.to(device), mode, layers, context, signal, recipe, store, teacher)
 
 
@@ -135,11 +152,16 @@ def infer_num_classes(data: tuple[str, ...], cache: str | None) -> int:
 
 
 def train_stream(session: Session, data: tuple[str, ...], seed: int, num_classes: int, smoothing: float,
-                 shuffle_buffer: int) -> StreamConfig:
+                 shuffle_buffer: int, views: int | None = None) -> StreamConfig:
+    """`views` uses only the cache's first N views (epoch e reads view e mod N): how many
+    augmentations of each image a student needs is a question users ask of one cache."""
     store = session.store
+    if views is not None and (store is None or not 1 <= views <= store.meta["views"]):
+        have = "no cache" if store is None else f"a cache of {store.meta['views']} views"
+        raise StudentMismatch(f"--views {views}: needs 1 <= views <= the cache's views, but the run has {have}")
     if store is not None:
         return StreamConfig(match_shards(store, data), tuple(store.meta["recipe"]["ops"]), num_classes, store.path,
-                            seed, store.meta["views"], smoothing, shuffle_buffer,
+                            seed, views or store.meta["views"], smoothing, shuffle_buffer,
                             with_factors=session.mode.strategy.signal is not Signal.NONE)
     return StreamConfig(tuple(expand_shards(list(data))), tuple(session.recipe.to_json()), num_classes, None, seed,
                         None, smoothing, shuffle_buffer, with_factors=False)
@@ -179,13 +201,9 @@ def eval_stream(session: Session, num_classes: int, eval_cache: str | None,
     return stream, session.signal
 
 
-def evaluate_run(run: str, data: tuple[str, ...], cache: str | None, batch_size: int, workers: int,
-                 device: str) -> dict:
-    """Rebuild a trained student from its run directory and evaluate it (see `attncache evaluate`)."""
+def load_run(run: str, device: str) -> tuple[Session, TransferSpec, Path, Path]:
+    """A trained student rebuilt from its run directory (or its model.safetensors) with its weights."""
     from safetensors.torch import load_file
-
-    from pipeline.evaluate import evaluate_model
-    from pipeline.loader import epoch_loader
 
     path = Path(run)
     run_dir = path if path.is_dir() else path.parent
@@ -194,6 +212,16 @@ def evaluate_run(run: str, data: tuple[str, ...], cache: str | None, batch_size:
     spec = TransferSpec.from_json(saved["transfer"])
     session = build_session(spec, device, trained=Recipe.from_json(saved["recipe"]))
     session.model.load_state_dict(load_file(str(weights)))
+    return session, spec, run_dir, weights
+
+
+def evaluate_run(run: str, data: tuple[str, ...], cache: str | None, batch_size: int, workers: int,
+                 device: str) -> dict:
+    """Rebuild a trained student from its run directory and evaluate it (see `attncache evaluate`)."""
+    from pipeline.evaluate import evaluate_model
+    from pipeline.loader import epoch_loader
+
+    session, spec, run_dir, weights = load_run(run, device)
     stream, signal = eval_stream(session, spec.student.num_classes, cache, data)
     result = evaluate_model(session.model, session.mode.strategy, session.context, signal,
                             epoch_loader(stream, 0, batch_size, workers), device, spec.student.num_classes)

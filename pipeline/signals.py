@@ -75,7 +75,8 @@ def check_fit(student: Geometry, teacher: SignalGeometry, strategy: Strategy, la
 class CacheSignal:
     """Decodes the batch's cached factors of the transferred layers on the training device."""
 
-    def __init__(self, meta: dict, layers: tuple[int, ...], signal: Signal):
+    def __init__(self, meta: dict, layers: tuple[int, ...], signal: Signal, heads: tuple[int, ...] | None = None):
+        self.heads = None if heads is None else torch.tensor([meta["heads"].index(h) for h in heads])
         self.encoding: Encoding = encoding_from_json(meta["encoding"])
         self.scale = float(meta["teacher"]["scale"])
         self.slots = [meta["layers"].index(l) for l in layers]
@@ -85,20 +86,22 @@ class CacheSignal:
         slots = torch.tensor(self.slots)
         arrays = {n: a.index_select(1, slots).to(device, non_blocking=True) for n, a in batch["factors"].items()}
         if self.signal is Signal.LOGITS:
-            return list(self.encoding.decode_logits(arrays, self.scale, device).unbind(1))
-        name = "q" if self.signal is Signal.Q else "k"
-        qk = _from_storage(_as_tensor(arrays[name], device), self.encoding.dtype)
-        return list(qk.unbind(1))
+            out = self.encoding.decode_logits(arrays, self.scale, device)
+        else:
+            out = _from_storage(_as_tensor(arrays["q" if self.signal is Signal.Q else "k"], device), self.encoding.dtype)
+        if self.heads is not None:
+            out = out.index_select(2, self.heads.to(out.device))
+        return list(out.unbind(1))
 
 
 class OnlineSignal:
     """Runs the teacher on the batch's images (the replayed pixels) for the transferred layers."""
 
-    def __init__(self, teacher: Teacher, layers: tuple[int, ...], signal: Signal):
-        self.teacher, self.layers, self.signal = teacher, layers, signal
+    def __init__(self, teacher: Teacher, layers: tuple[int, ...], signal: Signal, heads: tuple[int, ...] | None = None):
+        self.teacher, self.layers, self.signal, self.heads = teacher, layers, signal, heads
 
     def __call__(self, batch: dict, device) -> list[torch.Tensor]:
-        q, k = self.teacher.capture(batch["image"], self.layers)
+        q, k = self.teacher.capture(batch["image"], self.layers, self.heads)
         if self.signal is Signal.LOGITS:
             out = exact_logits(q, k, self.teacher.scale)
         else:

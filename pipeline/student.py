@@ -183,10 +183,13 @@ class TransferContext:
 
     `teacher[i]` is the signal of the i-th transferred layer (set before each forward);
     `records[i]` is what the strategy recorded there (student logits, Q or K) for the loss.
+    `heads` (distill modes) names the student heads the teacher signal covers, in its order; the
+    other heads are left free. None: every head.
     """
 
-    def __init__(self, num_layers: int):
+    def __init__(self, num_layers: int, heads: tuple[int, ...] | None = None):
         self.num_layers = num_layers
+        self.heads = heads
         self.teacher: list[torch.Tensor | None] = [None] * num_layers
         self.records: list[torch.Tensor | None] = [None] * num_layers
 
@@ -295,9 +298,10 @@ def build_student(cfg: StudentConfig, init_from: TeacherConfig | None = None) ->
     return model
 
 
-def install_transfer(model: nn.Module, layers: tuple[int, ...], strategy: Strategy) -> TransferContext:
+def install_transfer(model: nn.Module, layers: tuple[int, ...], strategy: Strategy,
+                     heads: tuple[int, ...] | None = None) -> TransferContext:
     """Replace the attention of `layers` (student block indices) with TransferAttention."""
-    context = TransferContext(len(layers))
+    context = TransferContext(len(layers), heads)
     if strategy.signal is Signal.NONE:
         return context
     for slot, layer in enumerate(layers):
@@ -314,6 +318,8 @@ def transfer_loss(strategy: Strategy, context: TransferContext) -> torch.Tensor 
     for slot, (teacher, student) in enumerate(zip(context.teacher, context.records)):
         if teacher is None or student is None:
             raise RuntimeError(f"transferred layer {slot}: missing teacher signal or student record")
+        if context.heads is not None:
+            student = student[:, list(context.heads)]
         loss = strategy.layer_loss(teacher, student)
         total = loss if total is None else total + loss
     return total

@@ -53,6 +53,7 @@ class TrainConfig:
     smoothing: float = 0.1
     recipe: str = "train"  # used only without a cache
     eval_cache: str | None = None
+    views: int | None = None  # use the cache's first N views [default: all]
     eval_data: tuple[str, ...] = ()
     amp: str = "auto"  # auto | bf16 | none
     device: str = "cpu"
@@ -199,7 +200,7 @@ def _check_same_run(out: Path, spec_json: dict, cfg: TrainConfig) -> None:
 
 def _run_identity(cfg: TrainConfig) -> dict:
     keep = ("data", "distill_weight", "max_steps", "epochs", "batch_size", "seed", "workers", "shuffle_buffer",
-            "smoothing", "recipe", "amp", "threads")
+            "smoothing", "recipe", "amp", "threads", "views")
     d = {k: getattr(cfg, k) for k in keep}
     d["data"] = list(cfg.data)
     d["optim"] = asdict(cfg.optim)
@@ -235,7 +236,7 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
     out = Path(cfg.out)
     num_classes = cfg.spec.student.num_classes
     session = build_session(cfg.spec, cfg.device, cfg.recipe)
-    stream = train_stream(session, cfg.data, cfg.seed, num_classes, cfg.smoothing, cfg.shuffle_buffer)
+    stream = train_stream(session, cfg.data, cfg.seed, num_classes, cfg.smoothing, cfg.shuffle_buffer, cfg.views)
     evaluation = eval_stream(session, num_classes, cfg.eval_cache, cfg.eval_data)
     optimizer = build_optimizer(session.model, cfg.optim)
     ema = WeightEma(session.model, cfg.optim.model_ema_decay) if cfg.optim.model_ema_decay else None

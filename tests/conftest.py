@@ -29,10 +29,10 @@ def load_split(pattern):
 
 @pytest.fixture(scope="session")
 def synth_data(tmp_path_factory):
-    from pipeline.synth import synth_dataset
+    from pipeline.synth import SynthConfig, synth_dataset
 
     out = tmp_path_factory.mktemp("synth")
-    info = synth_dataset(out, num_train=512, num_val=128, image_size=32, shard_size=128, seed=0)
+    info = synth_dataset(out, num_train=512, num_val=128, config=SynthConfig(image_size=32, num_classes=4), shard_size=128, seed=0)
     return info
 
 

@@ -15,12 +15,13 @@ TEACHER = ["--teacher", "vit_tiny_patch16_224", "--random-init", "--model-arg", 
 
 
 @pytest.mark.parametrize("command", [[], ["data"], ["data", "synth"], ["data", "pack"], ["precompute"], ["verify"],
-                                     ["inspect"], ["show"], ["demo"]])
+                                     ["inspect"], ["show"], ["demo"], ["teacher"], ["teacher", "pretrain"],
+                                     ["repro"]])
 def test_every_command_has_help_that_says_what_it_does(command):
     result = CliRunner().invoke(cli, [*command, "--help"])
     assert result.exit_code == 0, result.output
     assert "Usage:" in result.output and len(result.output.splitlines()) > 4
-    if command and command[-1] in ("precompute", "synth", "pack"):
+    if command and command[-1] in ("precompute", "synth", "pack", "pretrain", "repro"):
         assert "default:" in result.output
 
 

@@ -10,7 +10,7 @@ from PIL import Image
 from cli.data_cmd import data
 from pipeline.data import (BadSample, DataError, build_manifest, decode_sample, expand_shards, iter_shard,
                            pack_image_folder)
-from pipeline.synth import synth_dataset
+from pipeline.synth import SynthConfig, synth_dataset
 
 
 def _encode(img, fmt, **kw):
@@ -169,9 +169,9 @@ def test_decompression_bomb_is_a_bad_sample_not_a_crash(tmp_path):
 
 
 def test_synth_is_reproducible_and_labelled(tmp_path):
-    a = synth_dataset(tmp_path / "a", 40, 8, image_size=32, shard_size=16, seed=1)
-    b = synth_dataset(tmp_path / "b", 40, 8, image_size=32, shard_size=16, seed=1)
-    c = synth_dataset(tmp_path / "c", 40, 8, image_size=32, shard_size=16, seed=2)
+    a = synth_dataset(tmp_path / "a", 40, 8, config=SynthConfig(image_size=32, num_classes=4), shard_size=16, seed=1)
+    b = synth_dataset(tmp_path / "b", 40, 8, config=SynthConfig(image_size=32, num_classes=4), shard_size=16, seed=1)
+    c = synth_dataset(tmp_path / "c", 40, 8, config=SynthConfig(image_size=32, num_classes=4), shard_size=16, seed=2)
     files = lambda d: [p.read_bytes() for p in sorted((tmp_path / d).glob("*.tar"))]
     assert files("a") == files("b") and files("a") != files("c")
     labels = [decode_sample(u, e)[1] for u in expand_shards(a["train"]) for e in iter_shard(u)]

@@ -17,7 +17,7 @@ from pipeline.precompute import PrecomputeConfig, prepare_unit, run_precompute
 from pipeline.store import CacheStore, Unit
 from pipeline.teacher import Teacher, TeacherConfig
 
-DEFAULTS = RecipeDefaults(image_size=32, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+DEFAULTS = RecipeDefaults(config=SynthConfig(image_size=32, num_classes=4), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 TEACHER = TeacherConfig("vit_tiny_patch16_224", (("depth", 3), ("embed_dim", 48), ("img_size", 32),
                                                   ("num_heads", 3), ("patch_size", 8)), random_init=True, seed=0)
 KEYS = [f"s{i:03d}" for i in range(40)]
@@ -195,9 +195,9 @@ def test_a_skipped_sample_is_never_a_partner_and_batches_keep_their_boundaries(t
 
 
 def test_replayed_unit_equals_what_the_teacher_saw_and_samples_are_mixed(tmp_path, monkeypatch):
-    from pipeline.synth import synth_dataset
+    from pipeline.synth import SynthConfig, synth_dataset
 
-    info = synth_dataset(tmp_path / "d", num_train=64, num_val=16, image_size=32, shard_size=32, seed=0)
+    info = synth_dataset(tmp_path / "d", num_train=64, num_val=16, config=SynthConfig(image_size=32, num_classes=4), shard_size=32, seed=0)
     seen = []
     original = Teacher.capture
 

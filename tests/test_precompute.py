@@ -257,9 +257,9 @@ def _cli(*args):
 
 @pytest.mark.slow
 def test_sigkill_part_way_then_resume_gives_the_same_bytes(tmp_path):
-    from pipeline.synth import synth_dataset
+    from pipeline.synth import SynthConfig, synth_dataset
 
-    info = synth_dataset(tmp_path / "d", num_train=384, num_val=16, image_size=32, shard_size=32, seed=3)
+    info = synth_dataset(tmp_path / "d", num_train=384, num_val=16, config=SynthConfig(image_size=32, num_classes=4), shard_size=32, seed=3)
     common = ["precompute", "--data", info["train"], *TEACHER_ARGS, "--views", "2", "--batch-size", "16",
               "--workers", "1", "--threads", "1", "--encoding", "lowrank:r=8:int8", "--ray", "none", "--quiet"]
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]))

@@ -49,10 +49,10 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
-    from pipeline.synth import synth_dataset
+    from pipeline.synth import SynthConfig, synth_dataset
 
     root = tmp_path_factory.mktemp("rayjob")
-    info = synth_dataset(root / "d", num_train=384, num_val=4, image_size=32, shard_size=32, seed=3)
+    info = synth_dataset(root / "d", num_train=384, num_val=4, config=SynthConfig(image_size=32, num_classes=4), shard_size=32, seed=3)
     args = ["precompute", "--data", info["train"], *TEACHER, "--views", "2", "--batch-size", "16", "--threads", "1",
             "--encoding", "lowrank:r=8:int8", "--quiet"]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -139,9 +139,9 @@ def test_a_unit_that_keeps_failing_is_retried_then_named_and_the_job_fails(tmp_p
     import io
     import tarfile
 
-    from pipeline.synth import synth_dataset
+    from pipeline.synth import SynthConfig, synth_dataset
 
-    info = synth_dataset(tmp_path / "d", num_train=64, num_val=4, image_size=32, shard_size=32, seed=1)
+    info = synth_dataset(tmp_path / "d", num_train=64, num_val=4, config=SynthConfig(image_size=32, num_classes=4), shard_size=32, seed=1)
     bad = tmp_path / "d" / "train-000001.tar"
     with tarfile.open(bad, "a") as tar:  # a sample with no label in the second shard
         payload = b"not an image"

@@ -16,9 +16,9 @@ BIN = Path(sys.executable).parent
 
 
 def test_precompute_submitted_as_a_ray_job_matches_in_process(tmp_path):
-    from pipeline.synth import synth_dataset
+    from pipeline.synth import SynthConfig, synth_dataset
 
-    info = synth_dataset(tmp_path / "d", num_train=96, num_val=4, image_size=32, shard_size=32, seed=5)
+    info = synth_dataset(tmp_path / "d", num_train=96, num_val=4, config=SynthConfig(image_size=32, num_classes=4), shard_size=32, seed=5)
     args = ["precompute", "--data", info["train"], *TEACHER, "--views", "2", "--batch-size", "16", "--threads", "1",
             "--encoding", "lowrank:r=8:int8", "--quiet"]
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), PYTHONPATH=str(ROOT))

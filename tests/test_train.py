@@ -239,3 +239,61 @@ def test_amp_bf16_autocasts_the_student_on_cpu(synth_data, mix_cache, tmp_path):
     assert losses["bf16"]["ce"] != losses["none"]["ce"]  # the forward ran in bfloat16
     assert losses["bf16"]["ce"] == pytest.approx(losses["none"]["ce"], rel=0.05)
     assert losses["bf16"]["transfer"] == pytest.approx(losses["none"]["transfer"], rel=0.05)
+
+
+def test_heads_subset_distils_only_those_heads(synth_data, mix_cache, trained_teacher_dir):
+    """`--heads 0,2`: the loss compares the teacher's heads 0 and 2 with the student's heads 0 and 2,
+    the same tensors an online teacher gives; copy modes refuse a subset."""
+    from pipeline.loader import epoch_loader
+    from pipeline.setup import TransferSpec, build_session, train_stream
+    from pipeline.student import StudentConfig, StudentMismatch, attention_ce, transfer_loss
+
+    args = tuple(sorted((k, v) for k, v in TINY_TEACHER["model_args"].items() if k != "num_classes"))
+    student = StudentConfig(TINY_TEACHER["model"], args, 4, 0.0, 3)
+    cached = build_session(TransferSpec(student, "distill", "0:2", str(mix_cache), heads="0,2"), "cpu")
+    online = build_session(TransferSpec(student, "distill", "0:2", None, TeacherConfig(str(trained_teacher_dir)),
+                                        heads="0,2"), "cpu")
+    batch = next(iter(epoch_loader(train_stream(cached, (synth_data["train"],), 0, 4, 0.0, 0), 0, 8, 0)))
+    t_cache, t_online = cached.signal(batch, "cpu"), online.signal(batch, "cpu")
+    assert [t.shape[1] for t in t_cache] == [2, 2]
+    for a, b in zip(t_cache, t_online):
+        assert torch.allclose(a.softmax(-1), b.softmax(-1), atol=0.05)  # lowrank int8 vs exact
+    cached.context.set_teacher(t_cache)
+    cached.model(batch["image"])
+    loss = transfer_loss(cached.mode.strategy, cached.context)
+    manual = sum(attention_ce(t, s[:, [0, 2]]) for t, s in zip(t_cache, cached.context.records))
+    assert torch.allclose(loss, manual)
+    with pytest.raises(StudentMismatch, match="distill"):
+        build_session(TransferSpec(student, "copy", "0:2", str(mix_cache), heads="0"), "cpu")
+    with pytest.raises(Exception, match="head selection"):
+        build_session(TransferSpec(student, "distill", "0:2", str(mix_cache), heads="7"), "cpu")
+
+
+def test_views_option_uses_only_the_first_views_of_the_cache(synth_data, mix_cache, tmp_path):
+    _run(_train_args(synth_data, mix_cache, tmp_path / "v1", "--epochs", "2", "--views", "1", "--lr", "1e-4"))
+    ends = [m for m in _metrics(tmp_path / "v1") if "epoch_end" in m]
+    assert len(ends) == 2
+    from pipeline.loader import view_of
+    spec = json.loads((tmp_path / "v1" / "student.json").read_text())
+    assert view_of(1, 1) == 0 and spec["run"]["views"] == 1
+    result = CliRunner().invoke(cli, _train_args(synth_data, mix_cache, tmp_path / "v3", "--epochs", "1",
+                                                 "--views", "3"))
+    assert result.exit_code != 0 and "--views 3" in result.output and "2 views" in result.output
+
+
+def test_ensemble_averages_probabilities_of_runs_on_the_same_samples(synth_data, mix_cache, tmp_path):
+    from pipeline.ensemble import ensemble_top1, predict_run
+
+    for name, seed in (("a", "0"), ("b", "1")):
+        _run(_train_args(synth_data, mix_cache, tmp_path / name, "--max-steps", "3", "--seed", seed))
+    report = ensemble_top1([str(tmp_path / "a"), str(tmp_path / "b")], (synth_data["val"],), [None, None], 64, 0)
+    (pa, labels), (pb, _) = (predict_run(str(tmp_path / n), (synth_data["val"],), None, 64, 0, "cpu") for n in "ab")
+    keys = sorted(labels)
+    manual = sum(int((pa[k] + pb[k]).argmax()) == labels[k] for k in keys) * 100.0 / len(keys)
+    assert report["samples"] == 128 and report["top1"] == pytest.approx(manual)
+    alone = json.loads(_run(["evaluate", str(tmp_path / "a"), "--data", synth_data["val"], "--workers", "0",
+                             "--json"]))
+    assert report["top1_each"][0] == pytest.approx(alone["top1"])
+    out = json.loads(_run(["evaluate", str(tmp_path / "a"), "--data", synth_data["val"], "--workers", "0",
+                           "--ensemble", str(tmp_path / "b"), "--json"]))
+    assert out["top1"] == pytest.approx(report["top1"])

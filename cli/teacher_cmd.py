@@ -1,0 +1,76 @@
+"""`attncache teacher pretrain`: a teacher directory from MAE or supervised pre-training. Thin: parse, call."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from pipeline.optim import OptimConfig
+from pipeline.precompute import default_threads
+from pipeline.pretrain import METHODS, TINY_VIT, Mae, PretrainConfig, Supervised
+from pipeline.teacher import parse_model_args
+
+_P = PretrainConfig(data=(), out="")
+_TINY = " ".join(f"{k}={v}" for k, v in TINY_VIT)
+
+
+@click.group()
+def teacher():
+    """Make teachers: pre-train a tiny ViT here instead of downloading one."""
+
+
+@teacher.command()
+@click.option("--method", type=click.Choice(sorted(METHODS)), default="mae",
+              help="mae: masked autoencoding on unlabelled images (the paper's main teacher); "
+                   "supervised: cross-entropy on a labelled split.")
+@click.option("--data", multiple=True, required=True, help="Shards to pre-train on (brace pattern; repeatable). "
+                                                           "Labels are read only for --method supervised.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Teacher directory to write.")
+@click.option("--model", default=_P.model, help="timm model name.")
+@click.option("--model-arg", "model_args", multiple=True, metavar="K=V",
+              help=f"timm argument; when none is given the tiny preset is used: {_TINY}.")
+@click.option("--epochs", default=_P.epochs, help="Passes over the data.")
+@click.option("--batch-size", default=_P.batch_size, help="Images per step.")
+@click.option("--lr", default=_P.optim.lr, help="Peak learning rate (AdamW, betas 0.9/0.95, cosine).")
+@click.option("--warmup-epochs", default=_P.optim.warmup_epochs, help="Linear warmup, in epochs.")
+@click.option("--weight-decay", default=_P.optim.weight_decay, help="AdamW weight decay.")
+@click.option("--mask-ratio", default=Mae().mask_ratio, help="MAE: fraction of patches hidden from the encoder.")
+@click.option("--decoder-dim", default=Mae().decoder_dim, help="MAE: width of the decoder.")
+@click.option("--decoder-depth", default=Mae().decoder_depth, help="MAE: blocks in the decoder.")
+@click.option("--smoothing", default=Supervised().smoothing, help="Supervised: label smoothing.")
+@click.option("--num-classes", type=int, default=None, help="Supervised: classes [default: max label + 1].")
+@click.option("--eval-data", multiple=True, help="Supervised: labelled shards to report top-1 on at the end.")
+@click.option("--seed", default=_P.seed, help="Seed of the init, the order, the crops and the masks.")
+@click.option("--threads", default=default_threads(), help="Torch intra-op threads.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+def pretrain(method, data, out, model, model_args, epochs, batch_size, lr, warmup_epochs, weight_decay, mask_ratio,
+             decoder_dim, decoder_depth, smoothing, num_classes, eval_data, seed, threads, quiet, as_json):
+    """Pre-train a teacher ViT and write a teacher directory (config.json + model.safetensors).
+
+    `precompute --teacher OUT`, `train --teacher OUT --mode finetune` and `bench fidelity OUT` then
+    load it like any other teacher. Same arguments, same weights.
+    """
+    from pipeline.pretrain import pretrain as run_pretrain
+
+    strategy = (Mae(mask_ratio=mask_ratio, decoder_dim=decoder_dim, decoder_depth=decoder_depth) if method == "mae"
+                else Supervised(smoothing=smoothing))
+    args = parse_model_args(model_args) if model_args else (TINY_VIT if model == _P.model else ())
+    optim = OptimConfig(lr=lr, min_lr=_P.optim.min_lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
+                        betas=_P.optim.betas)
+    config = PretrainConfig(data=tuple(data), out=out, method=strategy, model=model, model_args=args, epochs=epochs,
+                            batch_size=batch_size, optim=optim, num_classes=num_classes, eval_data=tuple(eval_data),
+                            seed=seed, threads=threads, progress=not quiet)
+    result = run_pretrain(config)
+    summary = {"out": result.out, "method": method, "epochs": result.epochs, "steps": result.steps,
+               "seconds": round(result.seconds, 1), "final_loss": result.final_loss, "images": result.images,
+               "skipped": result.skipped, "eval_top1": result.eval_top1}
+    if as_json:
+        click.echo(json.dumps(summary))
+        return
+    click.echo(f"pre-trained {method} teacher: {result.steps} steps on {result.images} images in "
+               f"{result.seconds:.1f} s, final loss {result.final_loss:.4f} -> {out}")
+    if result.skipped:
+        click.echo(f"  skipped {result.skipped} bad samples (listed with reasons in {out}/pretrain.json)")
+    if result.eval_top1 is not None:
+        click.echo(f"  eval top-1 {result.eval_top1:.2f}")

@@ -1,0 +1,61 @@
+"""`attncache demo --quick` and `attncache repro` end to end, as users start them."""
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from cli.main import cli
+from pipeline.repro_report import arm_stats, gap_recovered, within_noise
+
+
+@pytest.mark.slow
+def test_demo_quick_runs_the_whole_job_and_draws_both_figures(tmp_path):
+    result = CliRunner().invoke(cli, ["demo", "--quick", "--out", str(tmp_path / "demo"), "--quiet"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    for step in ("data:", "teacher: MAE", "cache cache.zarr", "cache eval.zarr", "student distill", "student scratch",
+                 "| from scratch |", "| attention distillation from the cache |", "attncache precompute"):
+        assert step in result.output
+    summary = json.loads((tmp_path / "demo" / "demo.json").read_text())
+    assert set(summary["runs"]) == {"distill", "scratch"}
+    assert summary["runs"]["distill"]["steps"] == summary["runs"]["scratch"]["steps"] > 0
+    for figure in summary["figures"].values():
+        with Image.open(figure) as image:
+            assert image.size[0] > 300 and image.size[1] > 200
+
+
+def test_gap_recovered_and_noise_are_computed_as_the_paper_states_them():
+    results = [{"arm": a, "top1": v} for a, vs in (("scratch", (40, 42)), ("finetune", (80, 82)),
+                                                   ("copy", (70, 72)), ("distill", (60, 61)),
+                                                   ("distill-online", (60.5, 62.5))) for v in vs]
+    stats = arm_stats(results)
+    assert stats["scratch"]["mean"] == 41 and stats["scratch"]["std"] == pytest.approx(2 ** 0.5)
+    assert gap_recovered(stats, "copy") == pytest.approx(30 / 40)
+    diff, se = within_noise(stats, "distill", "distill-online")
+    assert diff == pytest.approx(-1.0) and se == pytest.approx((0.5 / 2 + 2 / 2) ** 0.5)
+    assert gap_recovered({"copy": stats["copy"]}, "copy") is None
+
+
+@pytest.mark.slow
+def test_repro_at_the_smallest_scale_writes_results_and_resumes_without_retraining(tmp_path):
+    args = ["repro", "--out", str(tmp_path / "r"), "--scale", "0.0625", "--seeds", "0", "--views", "1,2",
+            "--student-epochs", "1", "--teacher-epochs", "1", "--groups", "main,views", "--batch-size", "64"]
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "r" / "RESULTS.md").read_text()
+    for needle in ("## Main table", "| scratch |", "| fine-tune |", "| attention copy |", "| copy Q |",
+                   "distill + fine-tune ensemble", "Cache vs online teacher", "## Cached views V",
+                   "attncache teacher pretrain --method mae", "attncache train --data", "scratch → fine-tune gap"):
+        assert needle in text, needle
+    report = json.loads((tmp_path / "r" / "results.json").read_text())
+    arms = {r["arm"] for r in report["results"]}
+    assert arms == {"scratch", "finetune", "copy", "copy_q", "distill", "distill-v1", "distill-online", "ensemble"}
+    for png in ("repro_main.png", "repro_views.png", "repro_curves.png"):
+        assert (tmp_path / "r" / "figures" / png).is_file()
+    again = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert again.exit_code == 0
+    rerun = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert not [c for c in rerun["commands"] if c["step"].startswith(("train", "teacher", "ensemble"))]
+    assert [r["top1"] for r in rerun["results"]] == [r["top1"] for r in report["results"]]
