@@ -35,6 +35,7 @@ from pipeline.store import StoreError
 
 LEASE_FILE = "precompute.lease"
 DEFAULT_LEASE_TIMEOUT_S = 120.0
+TORN_LEASE_GRACE_S = 5.0
 
 
 class StoreBusy(StoreError):
@@ -66,7 +67,8 @@ def holder_alive(record: dict, now: float) -> bool:
 
 def describe(record: dict, now: float) -> str:
     return (f"pid {record.get('pid')} on host {record.get('host')}, started {now - record.get('acquired', now):.0f} s "
-            f"ago, last heartbeat {now - record.get('heartbeat', now):.1f} s ago, stale after {record.get('timeout_s')} s")
+            f"ago, last heartbeat {now - record.get('heartbeat', now):.1f} s ago, "
+            f"stale after {record.get('timeout_s')} s")
 
 
 class _LeaseFiles:
@@ -114,6 +116,11 @@ class _LeaseFiles:
         Path(tmp).write_bytes(data)
         os.replace(tmp, self.path(name))
 
+    def remove_temps(self, name: str) -> None:
+        if self.local:
+            for stale in Path(self.base).glob(f"{name}.tmp-*"):
+                stale.unlink(missing_ok=True)
+
     def delete(self, name: str) -> None:
         try:
             os.remove(self.path(name)) if self.local else self.fs.rm_file(self.path(name))
@@ -160,13 +167,18 @@ class Lease:
             return None
         try:
             return json.loads(raw)
-        except json.JSONDecodeError:  # a holder killed while writing its first record
-            return {"token": None, "heartbeat": 0, "timeout_s": 0}
+        except json.JSONDecodeError:
+            # being written by a holder that has just created it, or left by one killed while
+            # writing it: binding for a few seconds after its last change, then stale
+            age = self.files.age(LEASE_FILE) or 0.0
+            return {"token": None, "host": "?", "pid": "?", "heartbeat": time.time() - age,
+                    "timeout_s": TORN_LEASE_GRACE_S}
 
     def acquire(self) -> "Lease":
         self._acquired = time.time()
         if not self.files.create(LEASE_FILE, self._record(self._acquired)):
             self._take_over()
+        self.files.remove_temps(LEASE_FILE)  # heartbeat temp files of a holder killed mid-write
         self._thread = threading.Thread(target=self._beat, name="attncache-lease", daemon=True)
         self._thread.start()
         return self
@@ -183,7 +195,8 @@ class Lease:
         try:
             record, now = self._current(), time.time()
             if record is not None and holder_alive(record, now):
-                raise StoreBusy(f"{redact(self.root)} is being written by another precompute ({describe(record, now)}). "
+                raise StoreBusy(f"{redact(self.root)} is being written by another precompute "
+                                f"({describe(record, now)}). "
                                 "Wait for it to finish; if it is dead on another machine its lease expires after "
                                 f"{record.get('timeout_s')} s without a heartbeat (--lease-timeout)")
             self.took_over = None if record is None else describe(record, now)

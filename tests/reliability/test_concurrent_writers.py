@@ -81,8 +81,11 @@ def test_a_live_lease_refuses_and_a_dead_or_stale_one_is_taken_over(tmp_path):
         assert result.exit_code == 0, (what, result.output)
         assert "took over the lease of a dead or stalled precompute (pid" in result.output, what
         assert "1 processed" in result.output and not (out / "precompute.lease").exists(), what
-    (out / "precompute.lease").write_text('{"token": "tor')  # a holder killed while writing its lease
-    assert invoke(*args, "--out", out).exit_code == 0
+    (out / "precompute.lease").write_text('{"token": "tor')  # being written, or its writer was killed
+    assert invoke(*args, "--out", out).exit_code == 1  # binding while it may still be being written
+    os.utime(out / "precompute.lease", (time.time() - 6, time.time() - 6))
+    taken = invoke(*args, "--out", out)
+    assert taken.exit_code == 0 and "took over the lease" in taken.output, taken.output
 
 
 def test_a_frozen_holder_is_taken_over_after_the_timeout_and_then_stops(job, tmp_path):
