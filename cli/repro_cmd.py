@@ -8,7 +8,7 @@ import click
 from pipeline.repro import ReproConfig
 
 _R = ReproConfig(out="")
-GROUPS = ("main", "views", "layers", "heads", "shift")
+GROUPS = ("main", "teachers", "views", "layers", "heads", "shift")
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -28,6 +28,9 @@ def _ints(text: str) -> tuple[int, ...]:
               help="Cached views compared (the largest is the cache's V and the main arms').")
 @click.option("--student-epochs", default=_R.student_epochs, show_default=True, help="Epochs of every student.")
 @click.option("--teacher-epochs", default=_R.teacher_epochs, show_default=True, help="MAE pre-training epochs.")
+@click.option("--supervised-epochs", default=_R.supervised_epochs, show_default=True,
+              help="Supervised teacher's epochs (group 'teachers').")
+@click.option("--jobs", default=_R.jobs, show_default=True, help="Student runs at a time (for a GPU or many cores).")
 @click.option("--batch-size", default=_R.batch_size, show_default=True, help="Student batch size.")
 @click.option("--lr", default=_R.lr, show_default=True, help="Student peak learning rate.")
 @click.option("--encoding", default=_R.encoding, show_default=True, help="Encoding of the low-rank caches.")
@@ -41,7 +44,7 @@ def _ints(text: str) -> tuple[int, ...]:
               help="Directory for the PNG plots [default: OUT/figures].")
 @click.option("--analysis", default=None, type=click.Path(exists=True, dir_okay=False),
               help="A markdown file whose text is put under the title of RESULTS.md.")
-def repro(out, scale, seeds, views, student_epochs, teacher_epochs, batch_size, lr, encoding, groups, device,
+def repro(out, scale, seeds, views, student_epochs, teacher_epochs, supervised_epochs, jobs, batch_size, lr, encoding, groups, device,
           threads, results_path, figures_dir, analysis):
     """Reproduce the paper's study at small scale: synthetic data, MAE teachers, one cache per teacher,
     students for scratch / fine-tune / copy / copy-Q / distill / ensemble over several seeds, and the
@@ -58,7 +61,8 @@ def repro(out, scale, seeds, views, student_epochs, teacher_epochs, batch_size, 
     if unknown:
         raise click.BadParameter(f"unknown groups {unknown}; choose from {', '.join(GROUPS)}")
     cfg = ReproConfig(out=out, scale=scale, seeds=_ints(seeds), views=_ints(views), student_epochs=student_epochs,
-                      teacher_epochs=teacher_epochs, batch_size=batch_size, lr=lr, encoding=encoding,
+                      teacher_epochs=teacher_epochs, supervised_epochs=supervised_epochs, jobs=jobs,
+                      batch_size=batch_size, lr=lr, encoding=encoding,
                       groups=tuple(dict.fromkeys(("main", *chosen))), device=device, threads=threads)
     if not cfg.seeds or not cfg.views:
         raise click.BadParameter("--seeds and --views need at least one value each")

@@ -42,10 +42,12 @@ def teacher():
 @click.option("--eval-data", multiple=True, help="Supervised: labelled shards to report top-1 on at the end.")
 @click.option("--seed", default=_P.seed, help="Seed of the init, the order, the crops and the masks.")
 @click.option("--threads", default=default_threads(), help="Torch intra-op threads.")
+@click.option("--device", default=_P.device, help="Device: cpu, cuda, cuda:1 ... (crops and masks are drawn on "
+                                                   "the CPU generator either way).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 def pretrain(method, data, out, model, model_args, epochs, batch_size, lr, warmup_epochs, weight_decay, mask_ratio,
-             decoder_dim, decoder_depth, smoothing, num_classes, eval_data, seed, threads, quiet, as_json):
+             decoder_dim, decoder_depth, smoothing, num_classes, eval_data, seed, threads, device, quiet, as_json):
     """Pre-train a teacher ViT and write a teacher directory (config.json + model.safetensors).
 
     `precompute --teacher OUT`, `train --teacher OUT --mode finetune` and `bench fidelity OUT` then
@@ -60,7 +62,7 @@ def pretrain(method, data, out, model, model_args, epochs, batch_size, lr, warmu
                         betas=_P.optim.betas)
     config = PretrainConfig(data=tuple(data), out=out, method=strategy, model=model, model_args=args, epochs=epochs,
                             batch_size=batch_size, optim=optim, num_classes=num_classes, eval_data=tuple(eval_data),
-                            seed=seed, threads=threads, progress=not quiet)
+                            seed=seed, threads=threads, device=device, progress=not quiet)
     result = run_pretrain(config)
     summary = {"out": result.out, "method": method, "epochs": result.epochs, "steps": result.steps,
                "seconds": round(result.seconds, 1), "final_loss": result.final_loss, "images": result.images,

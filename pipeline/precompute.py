@@ -307,7 +307,7 @@ class UnitAccumulator:
         scale = self.job.teacher.scale
         encoded = self.job.encoding.encode(q_BLHNd, k_BLHNd, scale)
         if self.fidelity is None:  # what the encoding loses, measured on the unit's first sample
-            est = self.job.encoding.decode_logits({n: a[:1] for n, a in encoded.items()}, scale)
+            est = self.job.encoding.decode_logits({n: a[:1] for n, a in encoded.items()}, scale, q_BLHNd.device)
             self.fidelity = attention_kl(exact_logits(q_BLHNd[:1], k_BLHNd[:1], scale), est).tolist()
         pos = batch.positions
         for name, values in encoded.items():

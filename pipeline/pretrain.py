@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from pipeline.data import BadSample, decode_image, decode_sample, expand_shards, iter_shard
 from pipeline.optim import OptimConfig, build_optimizer, lr_at, set_lr
+from pipeline.train import set_determinism
 from pipeline.teacher import TEACHER_CONFIG_FILE, TEACHER_WEIGHTS_FILE, _seeded_init, model_recipe_defaults
 
 TINY_VIT = (("depth", 6), ("embed_dim", 64), ("img_size", 32), ("num_heads", 4), ("patch_size", 4))
@@ -91,7 +92,7 @@ def random_resized_crop(images_BCHW: torch.Tensor, gen: torch.Generator, scale: 
     theta = torch.zeros(B, 2, 3)
     theta[:, 0, 0], theta[:, 0, 2] = w * sign, cx
     theta[:, 1, 1], theta[:, 1, 2] = h, cy
-    grid = F.affine_grid(theta, list(images_BCHW.shape), align_corners=False)
+    grid = F.affine_grid(theta.to(images_BCHW.device), list(images_BCHW.shape), align_corners=False)
     return F.grid_sample(images_BCHW, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
@@ -159,7 +160,7 @@ class Mae:
         prefix, patches = x[:, :1], x[:, 1:]
         B, N, D = patches.shape
         keep = max(1, int(round(N * (1 - self.mask_ratio))))
-        order_BN = torch.argsort(torch.rand(B, N, generator=gen), dim=1)
+        order_BN = torch.argsort(torch.rand(B, N, generator=gen), dim=1).to(patches.device)  # drawn on CPU: same masks on any device
         restore_BN = torch.argsort(order_BN, dim=1)
         kept = torch.gather(patches, 1, order_BN[:, :keep, None].expand(-1, -1, D))
         x = model.norm_pre(torch.cat([prefix, kept], dim=1))
@@ -169,7 +170,7 @@ class Mae:
         if self.norm_pix_loss:
             mean, var = target_BNP.mean(-1, keepdim=True), target_BNP.var(-1, keepdim=True)
             target_BNP = (target_BNP - mean) / (var + 1e-6).sqrt()
-        masked_BN = torch.ones(B, N)
+        masked_BN = torch.ones(B, N, device=patches.device)
         masked_BN[:, :keep] = 0
         masked_BN = torch.gather(masked_BN, 1, restore_BN)
         per_patch = ((pred_BNP - target_BNP) ** 2).mean(-1)
@@ -216,8 +217,8 @@ class PretrainConfig:
     eval_data: tuple[str, ...] = ()
     seed: int = 0
     threads: int = 2
+    device: str = "cpu"
     progress: bool = True
-    extra: dict = field(default_factory=dict, compare=False)
 
 
 @dataclass(frozen=True)
@@ -233,23 +234,24 @@ class PretrainResult:
 
 
 def _normalise(images_BCHW: torch.Tensor, mean: tuple, std: tuple) -> torch.Tensor:
-    return (images_BCHW - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    device = images_BCHW.device
+    return (images_BCHW - torch.tensor(mean, device=device).view(1, 3, 1, 1)) / torch.tensor(std, device=device).view(1, 3, 1, 1)
 
 
 @torch.no_grad()
-def top1(model: nn.Module, data: ImageSet, mean: tuple, std: tuple, batch_size: int = 512) -> float:
+def top1(model: nn.Module, data: ImageSet, mean: tuple, std: tuple, batch_size: int = 512, device: str = "cpu") -> float:
     model.eval()
     correct = 0
     for start in range(0, len(data.images_NCHW), batch_size):
-        x = _normalise(data.images_NCHW[start:start + batch_size].float() / 255, mean, std)
-        correct += int((model(x).argmax(-1) == data.labels_N[start:start + batch_size]).sum())
+        x = _normalise(data.images_NCHW[start:start + batch_size].to(device).float() / 255, mean, std)
+        correct += int((model(x).argmax(-1).cpu() == data.labels_N[start:start + batch_size]).sum())
     model.train()
     return 100.0 * correct / len(data.images_NCHW)
 
 
 def pretrain(config: PretrainConfig) -> PretrainResult:
     """Train, then write config.json + model.safetensors + pretrain.json into `config.out`."""
-    torch.set_num_threads(config.threads)
+    set_determinism(config.threads)  # same arguments, same weights: on CUDA too
     method = config.method
     started = time.perf_counter()
     probe = timm.create_model(config.model, pretrained=False, **dict(config.model_args))
@@ -260,7 +262,7 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
     with _seeded_init(config.seed):
         model = timm.create_model(config.model, pretrained=False, **args)
         decoder = method.extra_modules(model)
-    trainable = nn.ModuleDict({"model": model, "decoder": decoder})
+    trainable = nn.ModuleDict({"model": model, "decoder": decoder}).to(config.device)
     optimizer = build_optimizer(trainable, config.optim)
     steps_per_epoch = max(1, len(data.images_NCHW) // config.batch_size)
     total, warmup = steps_per_epoch * config.epochs, int(round(steps_per_epoch * config.optim.warmup_epochs))
@@ -272,8 +274,8 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
         losses = []
         for b in range(steps_per_epoch):
             index = order[b * config.batch_size:(b + 1) * config.batch_size]
-            raw = random_resized_crop(data.images_NCHW[index].float() / 255, gen, method.crop_scale)
-            labels = data.labels_N[index] if data.labels_N is not None else None
+            raw = random_resized_crop(data.images_NCHW[index].to(config.device).float() / 255, gen, method.crop_scale)
+            labels = data.labels_N[index].to(config.device) if data.labels_N is not None else None
             set_lr(optimizer, lr_at(step, total, warmup, config.optim))
             loss = method.loss(model, decoder, raw, _normalise(raw, defaults.mean, defaults.std), labels, gen)
             if not torch.isfinite(loss):
@@ -290,10 +292,10 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
     eval_top1 = None
     if config.eval_data and method.labelled:
         eval_set = load_images(config.eval_data, defaults.image_size, True, progress=False)
-        eval_top1 = top1(model, eval_set, defaults.mean, defaults.std)
+        eval_top1 = top1(model, eval_set, defaults.mean, defaults.std, device=config.device)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out / TEACHER_WEIGHTS_FILE), metadata={"method": method.name})
     (out / TEACHER_CONFIG_FILE).write_text(json.dumps(
         {"model": config.model, "model_args": args, "weights": TEACHER_WEIGHTS_FILE, "method": method.name}, indent=1))

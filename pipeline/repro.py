@@ -6,8 +6,10 @@ in RESULTS.md beside the numbers they produced. Every step is idempotent: a fini
 or run is not redone, so an interrupted study resumes where it stopped.
 
 Arms, as the paper's main table and ablations (all students the same tiny ViT, same steps):
-- main: scratch, fine-tune (teacher weights), attention copy, copy-Q, attention distillation,
-  and the distillation + fine-tune ensemble (evaluation only);
+- main (MAE teacher, as the paper): scratch, fine-tune (teacher weights), attention copy, copy-Q,
+  attention distillation, and the distillation + fine-tune ensemble (evaluation only);
+- teachers: fine-tune, copy and distillation from a supervised teacher (trained with labels on the
+  training split), the other kind of pre-training the paper compares;
 - views: distillation from the first V ∈ {1, 2, 4, 8} cached views, and from the online teacher
   (a fresh augmentation every epoch: the "patient teacher");
 - layers: distil the bottom k (default, the paper's all-but-last-3), the top k, or all layers;
@@ -21,6 +23,7 @@ import shlex
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -37,15 +40,17 @@ class ReproConfig:
     scale: float = 1.0  # multiplies the training set and the pre-training pools
     seeds: tuple[int, ...] = (0, 1, 2)
     views: tuple[int, ...] = (1, 2, 4, 8)
-    student_epochs: int = 10
-    teacher_epochs: int = 30
+    student_epochs: int = 8
+    teacher_epochs: int = 50  # MAE epochs over the pool
+    supervised_epochs: int = 30  # the supervised teacher's epochs over the training split
     batch_size: int = 128
     lr: float = 2e-3
     distill_weight: float = 3.0
     encoding: str = "lowrank:r=8:int8"
-    groups: tuple[str, ...] = ("main", "views", "layers", "heads", "shift")
+    groups: tuple[str, ...] = ("main", "teachers", "views", "layers", "heads", "shift")
     device: str = "cpu"
     workers: int = 1
+    jobs: int = 1  # student runs at a time (a GPU or many cores)
     threads: int | None = None
 
     @property
@@ -93,7 +98,7 @@ def shards(pattern_info: dict, split: str) -> str:
 
 def arms(cfg: ReproConfig, paths: Paths) -> list[Arm]:
     """The student arms of the selected groups, in the order they run (main first)."""
-    c = {t: str(paths.cache(f"{t}-train")) for t in ("mae", "mae-shifted")}
+    c = {t: str(paths.cache(f"{t}-train")) for t in ("mae", "mae-shifted", "supervised")}
     eval_c = str(paths.cache("mae-val"))
     exact, exact_eval = str(paths.cache("mae-train-exact")), str(paths.cache("mae-val-exact"))
     teacher_dir = str(paths.teacher("mae"))
@@ -103,6 +108,15 @@ def arms(cfg: ReproConfig, paths: Paths) -> list[Arm]:
            Arm("copy", "main", "copy", ("--cache", c["mae"], "--eval-cache", eval_c), label="attention copy"),
            Arm("copy_q", "main", "copy_q", ("--cache", exact, "--eval-cache", exact_eval), label="copy Q"),
            Arm("distill", "main", "distill", ("--cache", c["mae"]), label=f"attention distillation (V={top})")]
+    if "teachers" in cfg.groups:
+        sup = str(paths.teacher("supervised"))
+        out += [Arm("sup-finetune", "teachers", "finetune", ("--teacher", sup, "--recipe", RECIPE), "supervised",
+                    "fine-tune the supervised teacher"),
+                Arm("sup-copy", "teachers", "copy", ("--cache", c["supervised"], "--eval-cache",
+                                                     str(paths.cache("supervised-val"))), "supervised",
+                    "attention copy from the supervised teacher"),
+                Arm("sup-distill", "teachers", "distill", ("--cache", c["supervised"]), "supervised",
+                    "attention distillation from the supervised teacher")]
     if "views" in cfg.groups:
         out += [Arm(f"distill-v{v}", "views", "distill", ("--cache", c["mae"], "--views", str(v)),
                     label=f"distill, V={v} cached views") for v in cfg.views if v != top]
@@ -170,11 +184,15 @@ def make_data(cfg: ReproConfig, paths: Paths, log: Log) -> dict:
     return json.loads(marker.read_text())
 
 
-def make_teacher(cfg: ReproConfig, paths: Paths, log: Log, name: str, pool: str) -> Path:
+def make_teacher(cfg: ReproConfig, paths: Paths, log: Log, name: str, data: str, method: str = "mae",
+                 eval_data: str | None = None) -> Path:
     out = paths.teacher(name)
+    epochs = cfg.teacher_epochs if method == "mae" else cfg.supervised_epochs
     if not (out / "pretrain.json").is_file():
-        attncache(log, f"teacher {name}", ["teacher", "pretrain", "--method", "mae", "--data", pool, "--out", str(out),
-                                           "--epochs", str(cfg.teacher_epochs), "--seed", "0", "--quiet", *_threads(cfg)])
+        extra = ["--eval-data", eval_data] if eval_data else []
+        attncache(log, f"teacher {name}", ["teacher", "pretrain", "--method", method, "--data", data, "--out", str(out),
+                                           "--epochs", str(epochs), "--seed", "0", "--device", cfg.device, "--quiet",
+                                           *extra, *_threads(cfg)])
     return out
 
 
@@ -182,7 +200,7 @@ def make_cache(cfg: ReproConfig, paths: Paths, log: Log, name: str, teacher: Pat
                recipe: str, encoding: str, layers: str | None = None) -> Path:
     out = paths.cache(name)
     args = ["precompute", "--data", data, "--out", str(out), "--teacher", str(teacher), "--views", str(views),
-            "--recipe", recipe, "--encoding", encoding, "--ray", "none", "--workers", "1", "--quiet", *_threads(cfg)]
+            "--recipe", recipe, "--encoding", encoding, "--ray", "none", "--device", cfg.device, "--workers", "1", "--quiet", *_threads(cfg)]
     if layers:
         args += ["--layers", layers]
     attncache(log, f"cache {name}", args)  # a finished store is a no-op: precompute resumes unit by unit
@@ -203,7 +221,7 @@ def train_arm(cfg: ReproConfig, paths: Paths, log: Log, arm: Arm, seed: int, dat
         args += ["--eval-data", data["val"]]
     summary = json.loads(attncache(log, f"train {arm.name} seed {seed}", args).splitlines()[-1])
     result = {"arm": arm.name, "group": arm.group, "seed": seed, "top1": summary["eval"]["top1"],
-              "steps": summary["steps"], "seconds": summary["seconds"], "command": log.commands[-1]["command"]}
+              "steps": summary["steps"], "seconds": summary["seconds"], "command": "attncache " + shlex.join(args)}
     done.write_text(json.dumps(result, indent=1))
     return result
 
@@ -233,17 +251,21 @@ def run_study(cfg: ReproConfig) -> dict:
     make_cache(cfg, paths, log, "mae-val", mae, data["val"], 1, "eval", cfg.encoding, ":")
     make_cache(cfg, paths, log, "mae-train-exact", mae, data["train"], top, RECIPE, "exact:fp16", "0:3")
     make_cache(cfg, paths, log, "mae-val-exact", mae, data["val"], 1, "eval", "exact:fp16", "0:3")
+    if "teachers" in cfg.groups:
+        sup = make_teacher(cfg, paths, log, "supervised", data["train"], "supervised", data["val"])
+        make_cache(cfg, paths, log, "supervised-train", sup, data["train"], top, RECIPE, cfg.encoding)
+        make_cache(cfg, paths, log, "supervised-val", sup, data["val"], 1, "eval", cfg.encoding)
     if "shift" in cfg.groups:
         shifted = make_teacher(cfg, paths, log, "mae-shifted", data["shifted-pool"])
         make_cache(cfg, paths, log, "mae-shifted-train", shifted, data["train"], top, RECIPE, cfg.encoding)
     plan = arms(cfg, paths)
-    results = []
-    for seed in cfg.seeds:  # seed-major: a partial study already has every arm at one seed
-        for arm in plan:
-            results.append(train_arm(cfg, paths, log, arm, seed, data))
-        results.append(ensemble(cfg, paths, log, seed, data))
+    # seed-major: a partial study already has every arm at one seed
+    jobs = [(arm, seed) for seed in cfg.seeds for arm in plan]
+    with ThreadPoolExecutor(max_workers=max(1, cfg.jobs)) as pool:
+        results = list(pool.map(lambda job: train_arm(cfg, paths, log, job[0], job[1], data), jobs))
+    results += [ensemble(cfg, paths, log, seed, data) for seed in cfg.seeds]
     teachers = {name: json.loads((paths.teacher(name) / "pretrain.json").read_text())
-                for name in ("mae", "mae-shifted") if (paths.teacher(name) / "pretrain.json").is_file()}
+                for name in ("mae", "supervised", "mae-shifted") if (paths.teacher(name) / "pretrain.json").is_file()}
     caches = {}
     for store in sorted((paths.root / "caches").glob("*.zarr")):
         info = json.loads(attncache(log, f"inspect {store.name}", ["inspect", str(store), "--json"], quiet=True))

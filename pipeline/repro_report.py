@@ -17,11 +17,11 @@ def arm_stats(results: list[dict]) -> dict[str, dict]:
                   "n": len(v)} for arm, v in by_arm.items()}
 
 
-def gap_recovered(stats: dict, arm: str) -> float | None:
+def gap_recovered(stats: dict, arm: str, finetune: str = "finetune") -> float | None:
     """(arm - scratch) / (fine-tune - scratch): 77.8 % for copy on ImageNet with ViT-L in the paper."""
-    if not all(a in stats for a in (arm, "scratch", "finetune")):
+    if not all(a in stats for a in (arm, "scratch", finetune)):
         return None
-    gap = stats["finetune"]["mean"] - stats["scratch"]["mean"]
+    gap = stats[finetune]["mean"] - stats["scratch"]["mean"]
     return None if abs(gap) < 1e-9 else (stats[arm]["mean"] - stats["scratch"]["mean"]) / gap
 
 
@@ -139,6 +139,11 @@ def write_results(report: dict, path: Path, figures_dir: Path, analysis: str = "
             lines.append(f"- {arm}: recovers {100 * frac:.1f} % of the scratch → fine-tune gap "
                          f"({stats['scratch']['mean']:.2f} → {stats['finetune']['mean']:.2f}); the paper: 77.8 % for "
                          "copy with MAE ViT-L on ImageNet.")
+    for arm in ("sup-copy", "sup-distill"):
+        frac = gap_recovered(stats, arm, "sup-finetune")
+        if frac is not None:
+            lines.append(f"- {arm} (supervised teacher): recovers {100 * frac:.1f} % of the scratch → fine-tune gap "
+                         f"({stats['scratch']['mean']:.2f} → {stats['sup-finetune']['mean']:.2f}).")
     cmp = within_noise(stats, "distill", "distill-online")
     if cmp:
         diff, se = cmp
@@ -146,10 +151,11 @@ def write_results(report: dict, path: Path, figures_dir: Path, analysis: str = "
         lines += ["", f"Cache vs online teacher: distill from the cache {_fmt(stats['distill'])}, online "
                       f"{_fmt(stats['distill-online'])}: difference {diff:+.2f}, standard error {se:.2f} → {verdict} "
                       "(|difference| ≤ 2 standard errors)."]
-    for group, title in (("views", "Cached views V vs the online teacher"), ("layers", "Which layers"),
+    for group, title in (("teachers", "Another teacher: supervised pre-training"),
+                         ("views", "Cached views V vs the online teacher"), ("layers", "Which layers"),
                          ("heads", "How many heads"), ("shift", "Distribution shift")):
         if any(a["group"] == group for a in report["arms"]):
-            ref = ["distill"] if group != "shift" else ["distill", "finetune"]
+            ref = {"shift": ["distill", "finetune"], "teachers": ["scratch"]}.get(group, ["distill"])
             lines += ["", f"## {title}", ""] + _table(stats, arms, group)
             for name in ref:
                 if name in stats:
@@ -157,8 +163,11 @@ def write_results(report: dict, path: Path, figures_dir: Path, analysis: str = "
                                  f"{', '.join(f'{v:.2f}' for v in stats[name]['runs'])} |")
     lines += ["", "## Teachers and caches", ""]
     for name, t in report.get("teachers", {}).items():
-        lines.append(f"- teacher `{name}`: MAE, {t['epochs']} epochs on {t['images']} unlabelled images, "
-                     f"final loss {t['history'][-1]['loss']:.4f}, {t['seconds']:.0f} s")
+        kind = t["method"]["name"]
+        top1 = f", val top-1 {t['eval_top1']:.2f}" if t.get("eval_top1") is not None else ""
+        lines.append(f"- teacher `{name}`: {kind}, {t['epochs']} epochs on {t['images']} "
+                     f"{'unlabelled' if kind == 'mae' else 'labelled'} images, final loss "
+                     f"{t['history'][-1]['loss']:.4f}{top1}, {t['seconds']:.0f} s")
     for name, c in report.get("caches", {}).items():
         lines.append(f"- cache `{name}`: {c['encoding']}, {c['views']} views, {c['bytes_per_sample']:,.0f} bytes "
                      "per sample-view")
