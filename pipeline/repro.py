@@ -203,8 +203,21 @@ def make_cache(cfg: ReproConfig, paths: Paths, log: Log, name: str, teacher: Pat
             "--recipe", recipe, "--encoding", encoding, "--ray", "none", "--device", cfg.device, "--workers", "1", "--quiet", *_threads(cfg)]
     if layers:
         args += ["--layers", layers]
-    attncache(log, f"cache {name}", args)  # a finished store is a no-op: precompute resumes unit by unit
+    if not _complete(out):  # an unfinished store resumes unit by unit
+        attncache(log, f"cache {name}", args)
     return out
+
+
+def _complete(store: Path) -> bool:
+    from pipeline.verify import inspect_store
+
+    if not (store / "zarr.json").is_file():
+        return False
+    try:
+        info = inspect_store(str(store))
+    except Exception:  # a damaged store: let precompute say what is wrong
+        return False
+    return info["units_done"] == info["units_total"]
 
 
 def train_arm(cfg: ReproConfig, paths: Paths, log: Log, arm: Arm, seed: int, data: dict) -> dict:
@@ -267,10 +280,12 @@ def run_study(cfg: ReproConfig) -> dict:
     teachers = {name: json.loads((paths.teacher(name) / "pretrain.json").read_text())
                 for name in ("mae", "supervised", "mae-shifted") if (paths.teacher(name) / "pretrain.json").is_file()}
     caches = {}
+    from pipeline.verify import inspect_store
+
     for store in sorted((paths.root / "caches").glob("*.zarr")):
-        info = json.loads(attncache(log, f"inspect {store.name}", ["inspect", str(store), "--json"], quiet=True))
-        caches[store.stem] = {"bytes_per_sample": info["bytes_per_sample"], "views": info.get("views"),
-                              "encoding": info.get("encoding")}
+        info = inspect_store(str(store))
+        caches[store.stem] = {"bytes_per_sample": info["bytes_per_sample"], "views": info["views"],
+                              "encoding": info["encoding"]}
     report = {"config": asdict(cfg), "arms": [asdict(a) for a in plan], "results": results, "teachers": teachers,
               "caches": caches, "commands": log.commands, "seconds": round(log.elapsed(), 1)}
     (paths.root / "results.json").write_text(json.dumps(report, indent=1))

@@ -63,13 +63,21 @@ def plot(report: dict, out_dir: Path) -> list[Path]:
     stats = arm_stats(report["results"])
     labels = {a["name"]: a["label"] or a["name"] for a in report["arms"]} | {"ensemble": "distill + fine-tune ensemble"}
     written = []
-    main = [a for a in ("scratch", "copy", "copy_q", "distill", "finetune", "ensemble") if a in stats]
-    fig, ax = plt.subplots(figsize=(8, 3.6))
+    colours = {"scratch": "#999", "copy": "#4a90d9", "copy_q": "#6fb0e8", "distill": "#2c6fb3",
+               "finetune": "#e08a3c", "ensemble": "#b85c1e", "sup-copy": "#5fb85f", "sup-distill": "#2e8b2e",
+               "sup-finetune": "#a0522d"}
+    main = [a for a in colours if a in stats]
+    fig, ax = plt.subplots(figsize=(1.1 * len(main) + 1.5, 3.8))
     ax.bar(range(len(main)), [stats[a]["mean"] for a in main], yerr=[stats[a]["std"] for a in main], capsize=4,
-           color=["#999", "#4a90d9", "#6fb0e8", "#2c6fb3", "#e08a3c", "#b85c1e"][:len(main)])
-    ax.set_xticks(range(len(main)), [labels[a].replace(" (", "\n(") for a in main], fontsize=8)
+           color=[colours[a] for a in main])
+    short = {"sup-copy": "copy\n(supervised\nteacher)", "sup-distill": "distill\n(supervised\nteacher)",
+             "sup-finetune": "fine-tune\n(supervised\nteacher)", "ensemble": "distill +\nfine-tune\nensemble",
+             "distill": "distill\n(V=8)", "copy": "copy", "copy_q": "copy Q"}
+    ax.set_xticks(range(len(main)), [short.get(a, labels[a]) for a in main], fontsize=8)
     ax.set_ylabel("val top-1 (%)")
-    ax.set_title(f"attention transfer at small scale ({len(report['config']['seeds'])} seeds, mean ± std)")
+    ax.set_title(f"attention transfer at small scale: MAE teacher (blue), supervised teacher (green); "
+                 f"{len(report['config']['seeds'])} seeds, mean ± std", fontsize=9)
+    ax.set_ylim(max(0, min(stats[a]["mean"] for a in main) - 15), None)
     fig.tight_layout()
     written.append(out_dir / "repro_main.png")
     fig.savefig(written[-1], dpi=120)
@@ -126,9 +134,10 @@ def write_results(report: dict, path: Path, figures_dir: Path, analysis: str = "
     lines = ["# RESULTS: attention transfer at small scale", "",
              f"Written by `attncache repro --out {cfg['out']}` (scale {cfg['scale']}, seeds "
              f"{', '.join(map(str, cfg['seeds']))}, student epochs {cfg['student_epochs']}, batch {cfg['batch_size']}, "
-             f"teacher MAE epochs {cfg['teacher_epochs']}, cache encoding `{cfg['encoding']}`). Wall time of this "
-             f"invocation: {report['seconds'] / 60:.1f} min; sum of all step commands recorded: "
-             f"{sum(c['seconds'] for c in report['commands']) / 60:.1f} min.", "",
+             f"teacher MAE epochs {cfg['teacher_epochs']}, cache encoding `{cfg['encoding']}`, device "
+             f"`{cfg['device']}`, {cfg['jobs']} student run(s) at a time)."
+             + (f" Wall time of this invocation: {report['seconds'] / 60:.1f} min." if report.get("seconds") else ""),
+             "",
              "Top-1 on the 512-image val split of the embedded data set, mean ± sample std over seeds.", ""]
     if analysis:
         lines += [analysis.strip(), ""]

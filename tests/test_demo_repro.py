@@ -15,7 +15,7 @@ def test_demo_quick_runs_the_whole_job_and_draws_both_figures(tmp_path):
     result = CliRunner().invoke(cli, ["demo", "--quick", "--out", str(tmp_path / "demo"), "--quiet"],
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    for step in ("data:", "teacher: MAE", "cache cache.zarr", "cache eval.zarr", "student distill", "student scratch",
+    for step in ("data:", "teacher: supervised", "cache cache.zarr", "cache eval.zarr", "student distill", "student scratch",
                  "| from scratch |", "| attention distillation from the cache |", "attncache precompute"):
         assert step in result.output
     summary = json.loads((tmp_path / "demo" / "demo.json").read_text())
