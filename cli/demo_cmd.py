@@ -23,7 +23,7 @@ def demo(out, quick, teacher_method, quiet):
     eval split) -> verify -> train a student by attention distillation from the cache and one from
     scratch with the same steps -> evaluate -> table, attention figure, learning curves.
 
-    Defaults: 2048 train / 512 val / 2048 unlabelled images at 32 px, teacher 15 epochs, 2 cached
+    Defaults: 2048 train / 512 val / 2048 unlabelled images at 32 px, teacher 30 epochs, 2 cached
     views, students 6 epochs of batch 128. Each step prints the equivalent attncache command.
     About 4 minutes on 2 CPU cores (README states the measured time).
     """

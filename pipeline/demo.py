@@ -35,7 +35,7 @@ class DemoConfig:
     num_val: int = 512
     num_pool: int = 2048
     teacher_method: str = "supervised"  # or "mae" (on the unlabelled pool)
-    teacher_epochs: int = 15
+    teacher_epochs: int = 30
     student_epochs: int = 6
     views: int = 2
     batch_size: int = 128
