@@ -137,12 +137,10 @@ def table(summary: dict) -> str:
 # ---------------------------------------------------------------------------------------------- figures
 
 
-def _probs_of(run_or_teacher: Path, pixels_CHW: torch.Tensor, layer: int) -> np.ndarray:
-    """[H, N, N] attention of one layer of a model directory (teacher dir, or a run dir that has config.json)."""
+def _probs_of(model, pixels_CHW: torch.Tensor, layer: int) -> np.ndarray:
+    """[H, N, N] attention of one layer of a loaded model directory (pipeline.teacher.Teacher)."""
     from pipeline.factors import exact_logits
-    from pipeline.teacher import Teacher, TeacherConfig
 
-    model = Teacher(TeacherConfig(str(run_or_teacher)))
     q, k = model.capture(pixels_CHW[None], (layer,))
     return exact_logits(q, k, model.scale)[0, 0].softmax(-1).numpy()
 
@@ -170,7 +168,11 @@ def attention_figure(eval_cache: Path, teacher_dir: Path, runs: dict[str, Path],
     gh, gw = store.meta["tokens"]["grid"]
     url = store.meta["dataset"]["shards"][0]["url"]
     entries = [e for _, e in zip(range(images), iter_shard(url))]
-    columns = [("teacher", teacher_dir), ("distilled student", runs["distill"]), ("scratch student", runs["scratch"])]
+    from pipeline.teacher import Teacher, TeacherConfig
+
+    # a teacher dir, and run dirs of modes that need no teacher at eval (they hold config.json), load alike
+    columns = [(title, Teacher(TeacherConfig(str(source)))) for title, source in
+               (("teacher", teacher_dir), ("distilled student", runs["distill"]), ("scratch student", runs["scratch"]))]
     fig, axes = plt.subplots(len(entries), 1 + len(columns), figsize=(2.1 * (1 + len(columns)), 2.1 * len(entries)),
                              squeeze=False)
     for r, entry in enumerate(entries):

@@ -17,7 +17,7 @@ from pipeline.precompute import PrecomputeConfig, prepare_unit, run_precompute
 from pipeline.store import CacheStore, Unit
 from pipeline.teacher import Teacher, TeacherConfig
 
-DEFAULTS = RecipeDefaults(config=SynthConfig(image_size=32, num_classes=4), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+DEFAULTS = RecipeDefaults(image_size=32, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 TEACHER = TeacherConfig("vit_tiny_patch16_224", (("depth", 3), ("embed_dim", 48), ("img_size", 32),
                                                   ("num_heads", 3), ("patch_size", 8)), random_init=True, seed=0)
 KEYS = [f"s{i:03d}" for i in range(40)]
