@@ -155,7 +155,9 @@ def test_store_mode_scores_the_cached_bytes_against_the_re_run_teacher(trained_s
     assert cached["encoding"] == "lowrank:r=2,4,4,8:int4 (store)" and fresh["encoding"] == "lowrank:r=2,4,4,8:int4"
     assert exact["encoding"] == "exact:fp16" and report["view"] == 1 and report["samples"] == 10
     np.testing.assert_allclose(cached["kl_per_layer"], fresh["kl_per_layer"], rtol=1e-3, atol=1e-7)
-    assert cached["kl_per_layer"][0] > cached["kl_per_layer"][3]  # rank 2 against rank 8
+    # the int4 rank schedule loses more than exact fp16 on every layer (which layer needs more rank
+    # depends on the teacher, so layers are not compared with each other)
+    assert all(c > e for c, e in zip(cached["kl_per_layer"], exact["kl_per_layer"]))
     info = json.loads(CliRunner().invoke(cli, ["inspect", str(trained_store), "--json"]).output)
     assert cached["bytes_per_sample"] == info["bytes_per_sample"]
     assert report["compression"] == "zstd:3" and not report["random_init"]
