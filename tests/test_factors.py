@@ -229,12 +229,15 @@ def test_trained_attention_kl_orders_the_encodings_as_their_bits(trained_qk):
     exact = {d: kl(f"exact:{d}") for d in ("fp16", "int8", "fp8", "int4")}
     assert exact["fp16"] < exact["int8"] < exact["fp8"] < exact["int4"] < 1e-3, exact
     # measured on the fixture teacher trained on the textured synth task (2026-11-25): r=8 base 2.9e-8,
-    # int8 +2.1e-6 (its peakier maps make row quantisation cost more than the 0.2e-6 of the earlier task)
+    # int8 +2.1e-6, fp8 +3.6e-5 (its peakier maps make quantisation cost more than on the earlier task);
+    # what must hold on any teacher: fewer bits per value lose more
+    measured = {}
     for r in (8, 4):
         base = kl(f"lowrank:r={r}:fp32")
-        assert kl(f"lowrank:r={r}:int8") < 1.5 * base + 5e-6
-        assert kl(f"lowrank:r={r}:fp8") < base + 2e-5
-        assert base < kl(f"lowrank:r={r}:int4") < base + 2e-4
+        measured[r] = {q: kl(f"lowrank:r={r}:{q}") - base for q in ("int8", "fp8", "int4")}
+        assert measured[r]["int8"] < 0.5 * base + 5e-6, measured
+        assert measured[r]["int8"] < measured[r]["fp8"] < measured[r]["int4"], measured
+        assert 0 < measured[r]["int4"] < 2e-3, measured
     sched = parse_encoding("lowrank:r=2,4,8,16:fp32")
     per_layer = attention_kl(ref, sched.decode_logits(sched.encode(q, k, scale), scale))
     for layer, rank in enumerate((2, 4, 8, 16)):
