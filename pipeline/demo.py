@@ -66,6 +66,7 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
     from pipeline.teacher import TeacherConfig
     from pipeline.train import TrainConfig, train
     from pipeline.optim import OptimConfig
+    from pipeline.show import learning_curves
     from pipeline.verify import inspect_store, verify_store
 
     out = Path(cfg.out)
@@ -118,7 +119,7 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
                        f"--eval-data '{info['val']}' --out {run_dir}"))
     figures = {"attention": str(attention_figure(eval_cache, teacher_dir, {m: Path(r["run"]) for m, r in runs.items()},
                                                  out / "attention.png")),
-               "curves": str(curves_figure({m: Path(r["run"]) for m, r in runs.items()}, out / "learning_curves.png"))}
+               "curves": str(learning_curves({m: Path(r["run"]) for m, r in runs.items()}, out / "learning_curves.png"))}
     summary = {"config": {k: v for k, v in cfg.__dict__.items()}, "runs": runs, "figures": figures,
                "teacher": {"method": method.name, "eval_top1": result.eval_top1, "steps": result.steps},
                "seconds": round(time.perf_counter() - step.started, 1)}
@@ -190,28 +191,6 @@ def attention_figure(eval_cache: Path, teacher_dir: Path, runs: dict[str, Path],
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(f"class-token attention, layer {layer}, mean of heads", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
-
-
-def curves_figure(runs: dict[str, Path], out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    for mode, run_dir in runs.items():
-        rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
-        train_rows = [r for r in rows if "ce" in r]
-        final = next((r["eval"]["top1"] for r in reversed(rows) if "eval" in r), None)
-        label = f"{mode} (val top-1 {final:.1f})" if final is not None else mode
-        ax.plot([r["step"] for r in train_rows], [r["ce"] for r in train_rows], label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training cross-entropy")
-    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

@@ -60,6 +60,8 @@ def plot(report: dict, out_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from pipeline.show import learning_curves
+
     stats = arm_stats(report["results"])
     labels = {a["name"]: a["label"] or a["name"] for a in report["arms"]} | {"ensemble": "distill + fine-tune ensemble"}
     written = []
@@ -105,21 +107,10 @@ def plot(report: dict, out_dir: Path) -> list[Path]:
         fig.savefig(written[-1], dpi=120)
         plt.close(fig)
     root = Path(report["config"]["out"])
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for arm in ("scratch", "finetune", "copy", "distill"):
-        metrics = root / "runs" / f"{arm}-s{report['config']['seeds'][0]}" / "metrics.jsonl"
-        if not metrics.is_file():
-            continue
-        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-        rows = [r for r in rows if "ce" in r and "step" in r]
-        ax.plot([r["step"] for r in rows], [r["ce"] for r in rows], label=labels.get(arm, arm))
-    ax.set_xlabel("step")
-    ax.set_ylabel("training cross-entropy")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    written.append(out_dir / "repro_curves.png")
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
+    seed = report["config"]["seeds"][0]
+    written.append(learning_curves({labels.get(a, a): root / "runs" / f"{a}-s{seed}"
+                                    for a in ("scratch", "finetune", "copy", "distill")},
+                                   out_dir / "repro_curves.png", dpi=120))
     return written
 
 

@@ -6,6 +6,9 @@ to patch tokens and laid out on the patch grid.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -85,5 +88,31 @@ def render(store: CacheStore, key: str, view: int, layers: list[int], heads: lis
                  fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def learning_curves(runs: dict[str, Path], out: Path, dpi: int = 110) -> Path:
+    """Training cross-entropy per step of each run directory (its metrics.jsonl), the final val
+    top-1 in the legend; runs without metrics are left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    for mode, run_dir in runs.items():
+        if not (run_dir / "metrics.jsonl").is_file():
+            continue
+        rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
+        train_rows = [r for r in rows if "ce" in r]
+        final = next((r["eval"]["top1"] for r in reversed(rows) if "eval" in r), None)
+        label = f"{mode} (val top-1 {final:.1f})" if final is not None else mode
+        ax.plot([r["step"] for r in train_rows], [r["ce"] for r in train_rows], label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training cross-entropy")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=dpi)
     plt.close(fig)
     return out
