@@ -9,6 +9,7 @@ from cli.train_cmd import evaluate, train
 from cli.plan_cmd import plan
 from cli.repro_cmd import repro
 from cli.teacher_cmd import teacher
+from pipeline.checkpoint import TrainError
 from pipeline.data import BadSample, DataError
 from pipeline.student import StudentMismatch
 from pipeline.precompute import TooManySkipped
@@ -20,7 +21,7 @@ from storage_schema import SchemaError
 
 # errors that are about the user's input, not bugs: one line naming file, key and cause, exit 1
 USER_ERRORS = (BadSample, DataError, TooManySkipped, StoreError, SchemaError, TeacherError, UnitsFailed,
-               ClusterTooSmall, StudentMismatch, PretrainError)
+               ClusterTooSmall, StudentMismatch, PretrainError, TrainError)
 
 
 class _Group(click.Group):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from pipeline import atomic
 from pipeline.optim import OptimConfig
 from pipeline.precompute import default_threads
 from pipeline.student import MODES, StudentConfig
@@ -149,7 +150,7 @@ def evaluate(run, data, cache, batch_size, workers, device, out_file, others, as
         runs = [run, *others]
         report = ensemble_top1(runs, tuple(data), [cache] * len(runs), batch_size, workers, device)
         if out_file:
-            Path(out_file).write_text(json.dumps(report, indent=1))
+            atomic.write_json(Path(out_file), report)
         if as_json:
             click.echo(json.dumps(report))
         else:
@@ -158,7 +159,7 @@ def evaluate(run, data, cache, batch_size, workers, device, out_file, others, as
         return
     report = evaluate_run(run, tuple(data), cache, batch_size, workers, device)
     target = Path(out_file) if out_file else Path(report["run_dir"]) / "eval.json"
-    target.write_text(json.dumps(report, indent=1))
+    atomic.write_json(target, report)  # a kill mid-write leaves the old eval.json, never half a file
     if as_json:
         click.echo(json.dumps(report))
         return

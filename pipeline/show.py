@@ -6,12 +6,12 @@ to patch tokens and laid out on the patch grid.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from pipeline.atomic import read_jsonl
 from pipeline.augment import Recipe
 from pipeline.data import decode_sample, iter_shard
 from pipeline.store import CacheStore
@@ -104,7 +104,7 @@ def learning_curves(runs: dict[str, Path], out: Path, dpi: int = 110) -> Path:
     for mode, run_dir in runs.items():
         if not (run_dir / "metrics.jsonl").is_file():
             continue
-        rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
+        rows = read_jsonl(run_dir / "metrics.jsonl")  # a live or killed run's torn last line is skipped
         train_rows = [r for r in rows if "ce" in r]
         final = next((r["eval"]["top1"] for r in reversed(rows) if "eval" in r), None)
         label = f"{mode} (val top-1 {final:.1f})" if final is not None else mode

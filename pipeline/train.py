@@ -2,8 +2,9 @@
 
 Loss = soft-target cross-entropy (mixup/cutmix targets from the cache, label smoothing on top)
 + `distill_weight` x the strategy's transfer loss (summed over layers, as the paper's code). A run
-directory holds `student.json` (what to rebuild), `checkpoint.safetensors` + `state.json` (the
-resumable state: weights, EMA, optimiser, step, loader position) and `metrics.jsonl`.
+directory holds `student.json` (what to rebuild), `checkpoint-<step>-<digest>.safetensors` + `state.json`
+(the resumable state: weights, EMA, optimiser, step, loader position; one commit point, see
+pipeline/checkpoint.py) and `metrics.jsonl`.
 
 Resume is exact: the loader's batches are a pure function of (seed, epoch, rank, workers), so
 skipping the batches an epoch already gave rebuilds the loader position; the drop-path random state
@@ -16,26 +17,27 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
+
+from pipeline import atomic
+from pipeline.checkpoint import TrainError, load_checkpoint, open_metrics, save_checkpoint
 
 from pipeline.distributed import World, barrier, global_count, init_world, reduce_gradients, shutdown
 from pipeline.evaluate import EvalResult, evaluate_model
 from pipeline.loader import StreamConfig, epoch_loader, steps_in_epoch, view_of
-from pipeline.optim import (OptimConfig, WeightEma, build_optimizer, load_optimizer_tensors, lr_at,
-                            optimizer_tensors, set_lr)
+from pipeline.optim import OptimConfig, WeightEma, build_optimizer, lr_at, set_lr
 from pipeline.precompute import default_threads
+from pipeline.run_identity import check_or_write_run, run_id, run_record
 from pipeline.setup import Session, TransferSpec, build_session, eval_stream, infer_num_classes, train_stream
 from pipeline.student import transfer_loss
 from pipeline.teacher import TEACHER_CONFIG_FILE
 
-STATE_FILE, CHECKPOINT_FILE, SPEC_FILE = "state.json", "checkpoint.safetensors", "student.json"
-MODEL_FILE, METRICS_FILE = "model.safetensors", "metrics.jsonl"
+MODEL_FILE = "model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,18 @@ def step_losses(session: Session, batch: dict, device, distill_weight: float, am
     return total, ce, transfer
 
 
+def check_finite_losses(step: int, total, ce, transfer) -> None:
+    """Stop at the first NaN/inf loss, naming the step and the term, before it reaches the weights
+    (one sync per step; the checkpoint keeps the last good weights)."""
+    terms = {"cross-entropy": ce, "transfer": transfer, "total (cross-entropy + --distill-weight x transfer)": total}
+    values = [t.detach().float().reshape(()) for t in terms.values() if t is not None]
+    if bool(torch.isfinite(torch.stack(values)).all()):
+        return
+    name, value = next((n, float(t)) for n, t in terms.items() if t is not None and not torch.isfinite(t).all())
+    raise TrainError(f"step {step}: the {name} loss is {value} (non-finite); training stopped, the last good "
+                     f"checkpoint is kept; check the teacher signals (cache factors) or lower --lr")
+
+
 class EpochCounts:
     """Samples per shard of an epoch: from the markers of its cached view (exact, skips excluded),
     or from one scan of the shards without a cache. Read once per view, not once per epoch: the
@@ -146,66 +160,8 @@ def write_teacher_config(out: Path, spec: TransferSpec, session: Session) -> Non
     if session.mode.strategy.uses_teacher_at_eval:
         return
     args = dict(spec.student.model_args, num_classes=spec.student.num_classes)
-    (out / TEACHER_CONFIG_FILE).write_text(json.dumps({"model": spec.student.name, "model_args": args,
-                                                       "weights": MODEL_FILE}, indent=1))
-
-
-# ---------------------------------------------------------------------------------------------- checkpoints
-
-
-def _atomic_save(tensors: dict, path: Path) -> str:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    save_file(tensors, str(tmp))
-    digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
-    os.replace(tmp, path)
-    return digest
-
-
-def save_checkpoint(out: Path, session: Session, optimizer, ema: WeightEma | None, position: dict) -> None:
-    """Weights, EMA and optimiser state in safetensors, then `state.json` last (atomic)."""
-    tensors = {f"model.{k}": v.detach().clone().contiguous() for k, v in session.model.state_dict().items()}
-    if ema is not None:
-        tensors.update({f"ema.{k}": v.clone().contiguous() for k, v in ema.state.items()})
-    optim_tensors, groups = optimizer_tensors(optimizer)
-    tensors.update(optim_tensors)
-    digest = _atomic_save(tensors, out / CHECKPOINT_FILE)
-    state = dict(position, checkpoint_sha256=digest, param_groups=groups)
-    tmp = out / f"{STATE_FILE}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(state, indent=1))
-    os.replace(tmp, out / STATE_FILE)
-
-
-def load_checkpoint(out: Path, session: Session, optimizer, ema: WeightEma | None) -> dict | None:
-    state_file = out / STATE_FILE
-    if not state_file.is_file():
-        return None
-    state = json.loads(state_file.read_text())
-    raw = (out / CHECKPOINT_FILE).read_bytes()
-    if hashlib.sha256(raw).hexdigest() != state["checkpoint_sha256"]:
-        raise RuntimeError(f"{out / CHECKPOINT_FILE} does not match {state_file}: the checkpoint is corrupt")
-    tensors = load_file(str(out / CHECKPOINT_FILE))
-    session.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    if ema is not None:
-        ema.state = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
-    load_optimizer_tensors(optimizer, tensors, state["param_groups"])
-    return state
-
-
-def _check_same_run(out: Path, spec_json: dict, cfg: TrainConfig) -> None:
-    saved = json.loads((out / SPEC_FILE).read_text())
-    if saved.get("transfer") != spec_json or saved.get("run") != _run_identity(cfg):
-        raise RuntimeError(f"{out} holds another run ({out / SPEC_FILE} differs from these options); "
-                           "use another --out to start a new run")
-
-
-def _run_identity(cfg: TrainConfig) -> dict:
-    keep = ("data", "distill_weight", "max_steps", "epochs", "batch_size", "seed", "workers", "shuffle_buffer",
-            "smoothing", "recipe", "amp", "threads", "views")
-    d = {k: getattr(cfg, k) for k in keep}
-    d["data"] = list(cfg.data)
-    d["optim"] = asdict(cfg.optim)
-    d["world_size"] = int(os.environ.get("WORLD_SIZE", "1"))
-    return json.loads(json.dumps(d))
+    atomic.write_json(out / TEACHER_CONFIG_FILE, {"model": spec.student.name, "model_args": args,
+                                                  "weights": MODEL_FILE})
 
 
 # ---------------------------------------------------------------------------------------------- loop
@@ -250,21 +206,18 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
         print(f"attncache train: warning: the warmup ({cfg.optim.warmup_epochs} epochs = {warmup} steps) is as long "
               f"as the whole run ({total_steps} steps): the peak --lr is never reached; lower --warmup-epochs",
               file=sys.stderr)
-    spec_json = cfg.spec.to_json()
+    record = run_record(cfg.spec.to_json(), cfg, session.recipe.to_json())
+    rid = run_id(record)
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        if (out / SPEC_FILE).is_file():
-            _check_same_run(out, spec_json, cfg)
-        else:
-            (out / SPEC_FILE).write_text(json.dumps({"transfer": spec_json, "run": _run_identity(cfg),
-                                                      "recipe": session.recipe.to_json()}, indent=1))
+        check_or_write_run(out, record)
     barrier(world)
-    state = load_checkpoint(out, session, optimizer, ema) or {"step": 0, "epoch": 0, "step_in_epoch": 0,
-                                                               "samples": 0, "epoch_samples": 0}
+    state = load_checkpoint(out, session.model, optimizer, ema, rid)
+    metrics = open_metrics(out, state) if world.is_main else None
+    state = state or {"step": 0, "epoch": 0, "step_in_epoch": 0, "samples": 0, "epoch_samples": 0}
     step, epoch, skip, samples = state["step"], state["epoch"], state["step_in_epoch"], state["samples"]
     epoch_samples = state["epoch_samples"]
     amp = autocast_dtype(cfg.amp, cfg.device)
-    metrics = open(out / METRICS_FILE, "a") if world.is_main else None
     started = time.perf_counter()
     bar = tqdm(total=total_steps, initial=step, unit="step", desc=f"train {cfg.spec.mode}",
                disable=not (cfg.progress and world.is_main), dynamic_ncols=True)
@@ -294,6 +247,7 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
             loss = ce = transfer = None
             if n:
                 loss, ce, transfer = step_losses(session, batch, cfg.device, cfg.distill_weight, amp)
+                check_finite_losses(step + 1, loss, ce, transfer)
                 (loss * n if world.distributed else loss).backward()
             reduce_gradients(world, session.model, n_global)
             if cfg.optim.clip_grad:
@@ -311,8 +265,8 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
                 metrics.flush()
                 bar.set_postfix(loss=f"{float(loss.detach()):.3f}", lr=f"{lr:.2e}")
             if step % cfg.checkpoint_every == 0 and world.is_main:
-                save_checkpoint(out, session, optimizer, ema, {"step": step, "epoch": epoch, "step_in_epoch": in_epoch,
-                                                                "samples": samples, "epoch_samples": epoch_samples})
+                save_checkpoint(out, session.model, optimizer, ema, {"step": step, "epoch": epoch, "step_in_epoch": in_epoch,
+                                "samples": samples, "epoch_samples": epoch_samples}, rid, metrics)
         if exhausted:
             check_epoch_complete(stream, counts, epoch, epoch_samples)
             if metrics is not None:
@@ -322,15 +276,17 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
     seconds = time.perf_counter() - started
     final = None
     if world.is_main:
-        save_checkpoint(out, session, optimizer, ema, {"step": step, "epoch": epoch, "step_in_epoch": in_epoch,
-                                                        "samples": samples, "epoch_samples": epoch_samples})
-        save_file({k: v.contiguous() for k, v in session.model.state_dict().items()}, str(out / MODEL_FILE))
+        save_checkpoint(out, session.model, optimizer, ema, {"step": step, "epoch": epoch, "step_in_epoch": in_epoch,
+                        "samples": samples, "epoch_samples": epoch_samples}, rid, metrics)
+        atomic.save_safetensors({k: v.contiguous() for k, v in session.model.state_dict().items()}, out / MODEL_FILE,
+                                fault="model")
         if ema is not None:
-            save_file({k: v.contiguous() for k, v in ema.state.items()}, str(out / "model_ema.safetensors"))
+            atomic.save_safetensors({k: v.contiguous() for k, v in ema.state.items()}, out / "model_ema.safetensors")
         write_teacher_config(out, cfg.spec, session)
         if evaluation is not None:
             final = run_eval(session, evaluation, cfg, ema)
             metrics.write(json.dumps({"step": step, "eval": final}) + "\n")
+            metrics.flush()
         metrics.close()
     barrier(world)
     return TrainResult(step, epoch, samples, seconds, final, str(out))
