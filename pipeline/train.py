@@ -111,7 +111,7 @@ def check_finite_losses(step: int, total, ce, transfer) -> None:
     values = [t.detach().float().reshape(()) for t in terms.values() if t is not None]
     if bool(torch.isfinite(torch.stack(values)).all()):
         return
-    name, value = next((n, float(t)) for n, t in terms.items() if t is not None and not torch.isfinite(t).all())
+    name, value = next((n, float(t.detach())) for n, t in terms.items() if t is not None and not torch.isfinite(t).all())
     raise TrainError(f"step {step}: the {name} loss is {value} (non-finite); training stopped, the last good "
                      f"checkpoint is kept; check the teacher signals (cache factors) or lower --lr")
 
