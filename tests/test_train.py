@@ -122,7 +122,8 @@ def test_another_run_in_the_same_out_is_refused(synth_data, mix_cache, tmp_path)
     _run(_train_args(synth_data, mix_cache, tmp_path / "r", "--max-steps", "1"))
     result = CliRunner().invoke(cli, _train_args(synth_data, mix_cache, tmp_path / "r", "--max-steps", "1",
                                                  "--distill-weight", "1"))
-    assert result.exit_code != 0 and "holds another run" in str(result.exception or result.output)
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output  # one line naming the option
+    assert "holds another run" in result.output and "--distill-weight 3.0 there, 1.0 now" in result.output
 
 
 def test_online_teacher_trains_without_a_cache(synth_data, trained_teacher_dir, tmp_path):
