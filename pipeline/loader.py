@@ -50,13 +50,10 @@ class StreamConfig:
 def match_shards(store: CacheStore, data: tuple[str, ...]) -> tuple[str, ...]:
     """The user's shard URLs in the store's shard order, each bound to its exact shard (URL, else the
     longest path tail only it shares: data may have moved; pipeline/shard_binding.py) and refused if
-    its size is no longer the one the teacher saw."""
-    from pipeline.shard_binding import check_sizes, match_urls
+    its size or its members' names and sizes are no longer those the teacher saw."""
+    from pipeline.shard_binding import check_store_data
 
-    shards = store.meta["dataset"]["shards"]
-    urls = match_urls([s["url"] for s in shards], expand_shards(list(data)), store.path)
-    check_sizes(shards, urls, store.path)
-    return tuple(urls)
+    return tuple(check_store_data(store, data, full=False))
 
 
 # ---------------------------------------------------------------------------------------------- epoch plan

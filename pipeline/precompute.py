@@ -28,7 +28,8 @@ from pipeline.data import BadSample, DatasetManifest, build_manifest, decode_sam
 from pipeline.factors import DEFAULT_ENCODING, Encoding, attention_kl, exact_logits, parse_encoding
 from pipeline.lease import DEFAULT_LEASE_TIMEOUT_S, Lease, LeaseConfig
 from pipeline.mix import draw_and_mix_unit
-from pipeline.shard_binding import check_digests, check_sizes, match_urls, shard_sha256
+from pipeline.shard_binding import (check_digests, check_members, check_sizes, match_urls, members_sha256,
+                                    shard_sha256)
 from pipeline.store import CacheStore, Unit, base_arrays, factor_arrays, parse_compression
 from pipeline.teacher import Teacher, TeacherConfig, resolve_heads, resolve_layers
 
@@ -327,7 +328,7 @@ class UnitAccumulator:
             self.unit, count=count, keys=self.keys, labels=self.labels, valid=self.valid, aug=aug,
             factors=self.blocks, skipped=[{k: s[k] for k in ("position", "key", "reason")} for s in self.skipped],
             fidelity_kl=self.fidelity, seconds=time.perf_counter() - self.started,
-            shard_sha256=shard_sha256(self.unit.url))
+            shard=(shard_sha256(self.unit.url), members_sha256(self.unit.url)))
 
 
 def _check_policy(job: Job, batch: PreparedBatch, summary: Summary) -> None:
@@ -408,11 +409,12 @@ def units_to_do(job: Job, units: list[Unit]) -> list[Unit]:
     """Units that are not done: no marker, or a marker its files do not agree with (sizes; with
     --repair every byte, and the shard the unit was made from must still hash to what it recorded)."""
     todo = [u for u in units if not job.store.unit_done(u, full=job.config.repair)]
-    if job.config.repair:  # a shard that changed since its units were made cannot be repaired into this store
-        pending = set(todo)
-        done = [u for u in units if u not in pending]
-        check_digests([(u.shard_index, job.store.read_marker(u.view, u.shard_index)["shard_sha256"], u.url)
-                       for u in done], redact(job.store.path))
+    pending = set(todo)
+    markers = [(u, job.store.read_marker(u.view, u.shard_index)) for u in units if u not in pending]
+    where = redact(job.store.path)  # a shard changed since its units were made cannot be resumed or repaired
+    check_members([(u.shard_index, m["shard_members_sha256"], u.url) for u, m in markers], where)
+    if job.config.repair:
+        check_digests([(u.shard_index, m["shard_sha256"], u.url) for u, m in markers], where)
     return todo
 
 

@@ -333,9 +333,10 @@ class CacheStore:
     def write_unit(self, unit: Unit, *, count: int, keys: list[str], labels: np.ndarray, valid: np.ndarray,
                    aug: np.ndarray, factors: dict[str, np.ndarray], skipped: list[dict],
                    fidelity_kl: list[float] | None = None, seconds: float = 0.0,
-                   shard_sha256: str | None = None) -> dict:
+                   shard: tuple[str | None, str | None] = (None, None)) -> dict:
         """Write every array's shard whole, then the marker. Re-running a unit overwrites it in place.
-        Every array gets a file, even one of fill values only, so the marker lists a digest for each."""
+        Every array gets a file, even one of fill values only, so the marker lists a digest for each.
+        `shard`: sha256 of the input tar and of its members' names and sizes (pipeline/shard_binding.py)."""
         marker_rel = self.marker_path(unit.view, unit.shard_index)
         self.files.delete(marker_rel)  # not done until rewritten
         self.files.remove_partials(marker_rel, ".tmp-*")  # a marker temp file of a killed writer
@@ -363,7 +364,8 @@ class CacheStore:
             raise StoreError(f"{unit.name}: Zarr shard files {[r for r, d in files.items() if d is None]} were not "
                              "written")
         marker = {"schema_version": SCHEMA_VERSION, "cache_id": self.meta["cache_id"], "view": unit.view,
-                  "shard_index": unit.shard_index, "shard_url": redact(unit.url), "shard_sha256": shard_sha256,
+                  "shard_index": unit.shard_index, "shard_url": redact(unit.url), "shard_sha256": shard[0],
+                  "shard_members_sha256": shard[1],
                   "slot_start": start, "count": count, "written": int(valid.sum()), "skipped": skipped,
                   "files": files, "sizes": {rel: self.files.size(rel) for rel in rels},
                   "metadata_sha256": self.metadata_sha256(unit.view),
