@@ -64,19 +64,23 @@ def make_teacher_config(teacher: str, model_args, checkpoint, random_init, seed,
               help="Seconds without a heartbeat after which another job may take over this store's lease "
                    "(one precompute writes a store at a time; a holder dead on this host frees it at once).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--repair", is_flag=True,
+              help="Re-check every done unit byte by byte against its marker and rewrite the units that fail; "
+                   "restore lost or edited root metadata when the units' markers show this job wrote them.")
 def precompute(data, teacher, model_args, checkpoint, random_init, seed, out, views, recipe, layers, heads,
                encoding, compression, batch_size, workers, threads, device, on_bad_sample, max_skipped, ray_address,
-               num_workers, cpus_per_worker, gpus_per_worker, max_retries, lease_timeout, quiet):
+               num_workers, cpus_per_worker, gpus_per_worker, max_retries, lease_timeout, quiet, repair):
     """Run the teacher once over the data and write attention factors to a Zarr store.
 
-    Units (input shard x view) whose marker is valid are skipped, so re-running the same
-    command resumes an interrupted job.
+    Units (input shard x view) whose marker is valid and whose files have the recorded sizes are
+    skipped, so re-running the same command resumes an interrupted job; with --repair every byte
+    is checked and damaged units are rewritten.
     """
     config = PrecomputeConfig(
         data=tuple(data), out=out, teacher=make_teacher_config(teacher, model_args, checkpoint, random_init, seed, device),
         views=views, seed=seed, recipe=recipe, layers=layers, heads=heads, encoding=encoding, compression=compression,
         batch_size=batch_size, workers=workers, threads=threads, on_bad_sample=OnBadSample(on_bad_sample),
-        max_skipped=max_skipped, progress=not quiet, lease_timeout=lease_timeout)
+        max_skipped=max_skipped, progress=not quiet, lease_timeout=lease_timeout, repair=repair)
     if gpus_per_worker and device == "cpu":
         raise click.UsageError("--gpus-per-worker reserves GPUs, but the teacher runs on --device cpu: "
                                "pass --device cuda")
@@ -120,6 +124,9 @@ def verify(store, recompute, teacher, model_args, checkpoint, random_init, seed,
         click.echo(f"{redact(store)}: {report.units_ok}/{report.units_total} units ok")
         for problem in report.problems:
             click.echo(f"  PROBLEM {problem}")
+        if report.problems:
+            from pipeline.store_integrity import REPAIR_ADVICE
+            click.echo(f"to repair: {REPAIR_ADVICE} (it re-checks every unit and rewrites the damaged ones)")
         if "recompute" in result:
             r = result["recompute"]
             click.echo(f"recompute: {r['samples']} samples, max KL(teacher || cache) {r['max_kl']:.3g}, "

@@ -81,11 +81,14 @@ def _recipe_with_mix(recipe: str, mixup: float, cutmix: float) -> str:
 @click.option("--log-every", default=_T.log_every, help="Steps between metrics lines.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final result as one JSON object.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--check-data", type=click.Choice(["size", "full"]), default="size",
+              help="How --data is checked against what the cache's teacher saw: size (one stat per shard, always) "
+                   "or full (also every shard's sha256 against the one its units recorded; reads all the data).")
 def train(data, cache, teacher, model_args, checkpoint, random_init, teacher_seed, mode, student, student_args,
           num_classes, out, views, max_steps, epochs, batch_size, layers, heads, distill_weight, lr, min_lr, weight_decay,
           warmup_epochs, layer_decay, drop_path, smoothing, mixup, cutmix, clip_grad, model_ema_decay, recipe,
           eval_cache, eval_data, seed, workers, shuffle_buffer, amp, device, threads, checkpoint_every, log_every,
-          as_json, quiet):
+          as_json, quiet, check_data):
     """Train a student ViT with attention transfer from a cache (or an online teacher).
 
     Re-running the same command in the same --out resumes from its last checkpoint. Under
@@ -101,6 +104,11 @@ def train(data, cache, teacher, model_args, checkpoint, random_init, teacher_see
                                "(precompute --recipe train_mix); they apply only without --cache")
     if cache and recipe != _T.recipe:
         raise click.UsageError("--recipe: the cache carries the recipe the teacher saw; it applies only without --cache")
+    if cache and check_data == "full":  # before any work; the size check runs in every run
+        from pipeline.shard_binding import check_store_data
+        from pipeline.store import CacheStore
+
+        check_store_data(CacheStore.open(cache), tuple(data), full=True)
     classes = num_classes or infer_num_classes(tuple(data), cache)
     teacher_cfg = _teacher(teacher, model_args, checkpoint, random_init, teacher_seed, device)
     spec = TransferSpec(StudentConfig(student, parse_model_args(student_args), classes, drop_path, seed), mode,

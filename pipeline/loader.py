@@ -48,17 +48,12 @@ class StreamConfig:
 
 
 def match_shards(store: CacheStore, data: tuple[str, ...]) -> tuple[str, ...]:
-    """The user's shard URLs in the store's shard order, matched by file name (data may have moved)."""
-    urls = expand_shards(list(data))
-    by_name = {os.path.basename(u): u for u in urls}
-    stored = [s["url"] for s in store.meta["dataset"]["shards"]]
-    missing = [os.path.basename(u) for u in stored if os.path.basename(u) not in by_name]
-    extra = sorted(set(by_name) - {os.path.basename(u) for u in stored})
-    if missing or extra:
-        raise DataError(f"--data does not match the cache {store.path}: "
-                        + (f"shards in the cache but not in --data: {missing[:5]} " if missing else "")
-                        + (f"shards in --data but not in the cache: {extra[:5]}" if extra else ""))
-    return tuple(by_name[os.path.basename(u)] for u in stored)
+    """The user's shard URLs in the store's shard order, each bound to its exact shard (URL, else the
+    longest path tail only it shares: data may have moved; pipeline/shard_binding.py) and refused if
+    its size or its members' names and sizes are no longer those the teacher saw."""
+    from pipeline.shard_binding import check_store_data
+
+    return tuple(check_store_data(store, data, full=False))
 
 
 # ---------------------------------------------------------------------------------------------- epoch plan
@@ -115,7 +110,8 @@ def _unit_from_cache(store: CacheStore, url: str, shard_index: int, view: int):
         raise StoreError(f"{where}: unit not done (no marker); finish the precompute (re-run it to resume)")
     problems = store.file_problems(view, shard_index, marker)
     if problems:
-        raise CacheCorrupt(f"{where}: {'; '.join(problems)}; run `attncache verify` and re-run precompute")
+        raise CacheCorrupt(f"{where}: {'; '.join(problems)}; run `attncache verify` and re-run the same precompute "
+                           "command with --repair")
     return store.read_unit(view, shard_index)
 
 

@@ -28,6 +28,8 @@ from pipeline.data import BadSample, DatasetManifest, build_manifest, decode_sam
 from pipeline.factors import DEFAULT_ENCODING, Encoding, attention_kl, exact_logits, parse_encoding
 from pipeline.lease import DEFAULT_LEASE_TIMEOUT_S, Lease, LeaseConfig
 from pipeline.mix import draw_and_mix_unit
+from pipeline.shard_binding import (check_digests, check_members, check_sizes, match_urls, members_sha256,
+                                    shard_sha256)
 from pipeline.store import CacheStore, Unit, base_arrays, factor_arrays, parse_compression
 from pipeline.teacher import Teacher, TeacherConfig, resolve_heads, resolve_layers
 
@@ -64,6 +66,7 @@ class PrecomputeConfig:
     max_skipped: int | None = None
     progress: bool = True
     lease_timeout: float = DEFAULT_LEASE_TIMEOUT_S  # seconds without a heartbeat before the store's lease is free
+    repair: bool = False  # re-check every done unit byte by byte, rewrite failing ones; restore lost metadata
 
 
 @dataclass(frozen=True)
@@ -165,7 +168,7 @@ def build_job(config: PrecomputeConfig, manifest: DatasetManifest | None = None)
     heads = resolve_heads(config.heads, teacher.num_heads)
     encoding = parse_encoding(config.encoding)
     meta = build_metadata(config, manifest, teacher, recipe, layers, heads, encoding)
-    store = CacheStore.create_or_open(config.out, meta)
+    store = CacheStore.create_or_open(config.out, meta, repair=config.repair)
     return Job(config, manifest, teacher, recipe, layers, heads, encoding, store)
 
 
@@ -324,7 +327,8 @@ class UnitAccumulator:
         return self.job.store.write_unit(
             self.unit, count=count, keys=self.keys, labels=self.labels, valid=self.valid, aug=aug,
             factors=self.blocks, skipped=[{k: s[k] for k in ("position", "key", "reason")} for s in self.skipped],
-            fidelity_kl=self.fidelity, seconds=time.perf_counter() - self.started)
+            fidelity_kl=self.fidelity, seconds=time.perf_counter() - self.started,
+            shard=(shard_sha256(self.unit.url), members_sha256(self.unit.url)))
 
 
 def _check_policy(job: Job, batch: PreparedBatch, summary: Summary) -> None:
@@ -393,9 +397,25 @@ def process_unit(job: Job, unit: Unit) -> Summary:
 
 def job_units(job: Job) -> list[Unit]:
     """The store's units with the shard URLs as given to this run (the metadata holds them with
-    credentials redacted, and the data may have moved since the store was made)."""
-    urls = [s.url for s in job.manifest.shards]
+    credentials redacted, and the data may have moved since the store was made), each bound to its
+    exact shard (pipeline/shard_binding.py), whose size must still be the one the store recorded."""
+    shards = job.store.meta["dataset"]["shards"]
+    urls = match_urls([s["url"] for s in shards], [s.url for s in job.manifest.shards], redact(job.store.path))
+    check_sizes(shards, urls, redact(job.store.path))
     return [Unit(u.view, u.shard_index, urls[u.shard_index]) for u in job.store.units()]
+
+
+def units_to_do(job: Job, units: list[Unit]) -> list[Unit]:
+    """Units that are not done: no marker, or a marker its files do not agree with (sizes; with
+    --repair every byte, and the shard the unit was made from must still hash to what it recorded)."""
+    todo = [u for u in units if not job.store.unit_done(u, full=job.config.repair)]
+    pending = set(todo)
+    markers = [(u, job.store.read_marker(u.view, u.shard_index)) for u in units if u not in pending]
+    where = redact(job.store.path)  # a shard changed since its units were made cannot be resumed or repaired
+    check_members([(u.shard_index, m["shard_members_sha256"], u.url) for u, m in markers], where)
+    if job.config.repair:
+        check_digests([(u.shard_index, m["shard_sha256"], u.url) for u, m in markers], where)
+    return todo
 
 
 def job_notes(job: Job, lease: Lease) -> list[str]:
@@ -426,7 +446,7 @@ def run_precompute(config: PrecomputeConfig, job: Job | None = None) -> Summary:
 
 def _run_in_process(config: PrecomputeConfig, job: Job, lease: Lease) -> Summary:
     units = job_units(job)
-    todo = [u for u in units if not job.store.unit_done(u)]
+    todo = units_to_do(job, units)
     summary = Summary(units_total=len(units), units_already_done=len(units) - len(todo), notes=job_notes(job, lease))
     started = time.perf_counter()
     counts = [s.count for s in job.manifest.shards]

@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 
 from pipeline.data import redact
 from pipeline.lease import Lease, LeaseConfig
-from pipeline.precompute import PrecomputeConfig, Summary, TooManySkipped, build_job, job_notes, job_units, process_unit
+from pipeline.precompute import (PrecomputeConfig, Summary, TooManySkipped, build_job, job_notes, job_units,
+                                 process_unit, units_to_do)
 from pipeline.store import Unit
 
 
@@ -105,7 +106,7 @@ def run_precompute_ray(config: PrecomputeConfig, options: RayOptions) -> Summary
 def _run(config: PrecomputeConfig, options: RayOptions, lease: Lease) -> Summary:
     job = build_job(config)
     units = job_units(job)
-    todo = [u for u in units if not job.store.unit_done(u)]
+    todo = units_to_do(job, units)
     summary = Summary(units_total=len(units), units_already_done=len(units) - len(todo), notes=job_notes(job, lease))
     if not todo:
         return summary

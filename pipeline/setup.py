@@ -67,16 +67,22 @@ class Session:
 
 def open_checked(path: str, role: str) -> CacheStore:
     """Open a store to train or evaluate from, refusing one that fails the quick checks (schema,
-    every unit's marker, files present): a student never starts on an unfinished or damaged cache."""
+    every unit's marker covering the metadata and every array, files present with their sizes): a
+    student never starts on an unfinished, damaged or edited cache. Damaged bytes raise CacheCorrupt."""
     from pipeline.data import redact
+    from pipeline.loader import CacheCorrupt
+    from pipeline.store_integrity import REPAIR_ADVICE
     from pipeline.verify import quick_problems
 
     store = CacheStore.open(path)
     problems = quick_problems(store)
     if problems:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-        raise StoreError(f"{role} {redact(path)} fails its quick checks ({len(problems)} problems): {shown}. "
-                         "Run `attncache verify` and re-run the precompute to finish or repair it")
+        damaged = any(" checksum mismatch in " in p or ": missing views/" in p for p in problems)
+        raise (CacheCorrupt if damaged else StoreError)(
+            f"{role} {redact(path)} fails its quick checks ({len(problems)} problems): {shown}. "
+            f"Run `attncache verify {redact(path)}` to see every damaged unit, then {REPAIR_ADVICE} "
+            "to finish or repair it")
     return store
 
 

@@ -23,6 +23,7 @@ from zarr.codecs import BloscCodec, ZstdCodec
 
 from pipeline.data import redact
 from pipeline.factors import Encoding, encoding_from_json
+from pipeline.store_integrity import array_doc_paths, content_problems, coverage_problems, metadata_sha256
 from storage_schema import SCHEMA_VERSION, SchemaError, validate_marker, validate_store_metadata
 
 META_ATTR = "attncache"
@@ -200,6 +201,7 @@ class CacheStore:
         self.encoding: Encoding = encoding_from_json(meta["encoding"])
         self.slots_per_shard = int(meta["dataset"]["slots_per_shard"])
         self.num_shards = len(meta["dataset"]["shards"])
+        self._digests: dict[int, str] = {}
 
     # ------------------------------------------------------------------ open / create
 
@@ -211,6 +213,10 @@ class CacheStore:
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
             raise StoreError(redact(f"{path}: no attncache store here ({exc})", path)) from None
         meta = group.attrs.get(META_ATTR)
+        if meta is None:
+            raise SchemaError(f"{redact(path)}: zarr.json: attncache metadata missing (lost or overwritten); "
+                              "restore it from a backup, or re-run the same `attncache precompute` command with "
+                              "--repair, which restores it when the units' markers show that job wrote them")
         validate_store_metadata(meta, where=redact(path))
         if meta["cache_id"] != cache_id(meta):
             raise SchemaError(f"{redact(path)}: metadata edited after creation: cache_id {meta['cache_id'][:12]} does not "
@@ -218,22 +224,19 @@ class CacheStore:
         return cls(path, group, meta)
 
     @classmethod
-    def create_or_open(cls, path: str | Path, meta: dict) -> "CacheStore":
-        """A new store, or the existing one when it was made by the same job (resume)."""
+    def create_or_open(cls, path: str | Path, meta: dict, repair: bool = False) -> "CacheStore":
+        """A new store, or the existing one when it was made by the same job (resume). Data of a store
+        whose metadata cannot be trusted is never touched (pipeline/store_guard.py decides)."""
+        from pipeline.store_guard import open_existing_or_none
+
         path = str(path)
         meta = dict(meta, schema_version=SCHEMA_VERSION)
         meta["cache_id"] = cache_id(meta)
         validate_store_metadata(meta, where=redact(path))
-        if _exists(path):
-            group = zarr.open_group(path, mode="r+", zarr_format=3)
-            if dict(group.attrs):
-                store = cls.open(path, mode="r+")
-                _require_same_job(path, store.meta, meta)
-                return store
-            # a group without any attributes: a creation killed before its metadata; finish it
-        else:
-            _require_empty(path)
-            group = zarr.open_group(path, mode="a", zarr_format=3)  # "a": the lease file may be here
+        store = open_existing_or_none(cls, path, meta, repair)
+        if store is not None:
+            return store
+        group = zarr.open_group(path, mode="a", zarr_format=3)  # "a": the lease file may be here
         store = cls(path, group, meta)
         store._create_arrays()
         fault_point("store-create")
@@ -293,34 +296,47 @@ class CacheStore:
             raise SchemaError(f"{where}: marker belongs to another cache ({marker['cache_id'][:12]})")
         return marker
 
-    def unit_done(self, unit: Unit) -> bool:
+    def metadata_sha256(self, view: int) -> str:
+        """Digest of the metadata a reader of `view` decodes with (pipeline/store_integrity.py); once per view."""
+        cached = self._digests.get(view)
+        if cached is None:
+            docs = {rel: self.files.read(rel) for rel in array_doc_paths(self.meta, view)}
+            cached = self._digests[view] = metadata_sha256(self.meta, docs)
+        return cached
+
+    def unit_problems(self, view: int, shard_index: int, full: bool = False) -> list[str]:
+        """Why the unit is not done (empty: done). Cheap: marker, coverage, files present with their
+        recorded sizes. Full: every file's sha256 as well."""
         try:
-            return self.read_marker(unit.view, unit.shard_index) is not None
-        except SchemaError:
-            return False  # an unreadable marker means the unit is redone
+            marker = self.read_marker(view, shard_index)
+        except SchemaError as exc:
+            return [f"bad marker: {exc}"]
+        if marker is None:
+            return ["missing (no marker: never written, interrupted, or marker deleted)"]
+        return self.file_problems(view, shard_index, marker, full)
+
+    def unit_done(self, unit: Unit, full: bool = False) -> bool:
+        return not self.unit_problems(unit.view, unit.shard_index, full)
 
     def file_sha256(self, rel: str) -> str | None:
         data = self.files.read(rel)
         return None if data is None else hashlib.sha256(data).hexdigest()
 
-    def file_problems(self, view: int, shard_index: int, marker: dict) -> list[str]:
-        """Where the unit's Zarr shard files differ from what its marker recorded (empty: intact)."""
-        problems = []
-        expected = set(self.unit_files(view, shard_index))
-        if set(marker["files"]) != expected:
-            problems.append(f"marker lists files {sorted(set(marker['files']) ^ expected)} that the layout does not agree on")
-        for rel, digest in sorted(marker["files"].items()):
-            actual = self.file_sha256(rel)
-            if actual != digest:
-                problems.append(f"{'missing' if actual is None else 'checksum mismatch'} in {rel}")
-        return problems
+    def file_problems(self, view: int, shard_index: int, marker: dict, full: bool = True) -> list[str]:
+        """Where the unit's marker fails to cover the store's metadata and files, or its Zarr shard
+        files differ from what it recorded (empty: intact)."""
+        problems = coverage_problems(marker, self.unit_files(view, shard_index), self.metadata_sha256(view))
+        return problems + content_problems(marker, self.files.size, self.file_sha256, full)
 
     # ------------------------------------------------------------------ write / read
 
     def write_unit(self, unit: Unit, *, count: int, keys: list[str], labels: np.ndarray, valid: np.ndarray,
                    aug: np.ndarray, factors: dict[str, np.ndarray], skipped: list[dict],
-                   fidelity_kl: list[float] | None = None, seconds: float = 0.0) -> dict:
-        """Write every array's shard whole, then the marker. Re-running a unit overwrites it in place."""
+                   fidelity_kl: list[float] | None = None, seconds: float = 0.0,
+                   shard: tuple[str | None, str | None] = (None, None)) -> dict:
+        """Write every array's shard whole, then the marker. Re-running a unit overwrites it in place.
+        Every array gets a file, even one of fill values only, so the marker lists a digest for each.
+        `shard`: sha256 of the input tar and of its members' names and sizes (pipeline/shard_binding.py)."""
         marker_rel = self.marker_path(unit.view, unit.shard_index)
         self.files.delete(marker_rel)  # not done until rewritten
         self.files.remove_partials(marker_rel, ".tmp-*")  # a marker temp file of a killed writer
@@ -335,15 +351,24 @@ class CacheStore:
             expected = (self.slots_per_shard, *spec["trailing_shape"])
             if block.shape != expected:
                 raise StoreError(f"{unit.name}: array {name} has shape {block.shape}, store expects {expected}")
-            self.group[f"views/{unit.view}/{spec['path']}"][start:stop] = block
+            array = self.group[f"views/{unit.view}/{spec['path']}"]
+            if _all_fill(block, FILL_VALUES.get(name, 0)):  # zarr would write no file at all
+                array = array.with_config({"write_empty_chunks": True})
+            array[start:stop] = block
             fault_point("array-written", self.files._full(rel) if self.files.local else None)
         for rel in rels:
             self.files.remove_partials(rel)  # left by a writer of this unit that was killed
         fault_point("data-written")
-        files = {rel: self.file_sha256(rel) for rel in self.unit_files(unit.view, unit.shard_index)}
+        files = {rel: self.file_sha256(rel) for rel in rels}
+        if any(digest is None for digest in files.values()):
+            raise StoreError(f"{unit.name}: Zarr shard files {[r for r, d in files.items() if d is None]} were not "
+                             "written")
         marker = {"schema_version": SCHEMA_VERSION, "cache_id": self.meta["cache_id"], "view": unit.view,
-                  "shard_index": unit.shard_index, "shard_url": redact(unit.url), "slot_start": start, "count": count,
-                  "written": int(valid.sum()), "skipped": skipped, "files": files,
+                  "shard_index": unit.shard_index, "shard_url": redact(unit.url), "shard_sha256": shard[0],
+                  "shard_members_sha256": shard[1],
+                  "slot_start": start, "count": count, "written": int(valid.sum()), "skipped": skipped,
+                  "files": files, "sizes": {rel: self.files.size(rel) for rel in rels},
+                  "metadata_sha256": self.metadata_sha256(unit.view),
                   "fidelity_kl": fidelity_kl, "seconds": round(float(seconds), 3)}
         validate_marker(marker)
         self.files.write_atomic(marker_rel, json.dumps(marker, indent=1, sort_keys=True).encode())
@@ -387,22 +412,8 @@ def factor_chunk_slots(slots_per_shard: int) -> int:
     return max(d for d in range(1, min(FACTOR_CHUNK_SLOTS, slots_per_shard) + 1) if slots_per_shard % d == 0)
 
 
-def _exists(path: str) -> bool:
-    if "://" not in path:
-        return Path(path, "zarr.json").exists()
-    import fsspec
-    fs, base = fsspec.core.url_to_fs(path)
-    return fs.exists(f"{base.rstrip('/')}/zarr.json")
-
-
-def _require_empty(path: str) -> None:
-    """A new store goes into a new or empty directory (the precompute lease may already be there)."""
-    if "://" in path or not os.path.isdir(path):
-        return
-    other = sorted(n for n in os.listdir(path) if not n.startswith("precompute.lease"))
-    if other:
-        raise StoreError(f"{path} exists and is not an attncache store (it holds {other[:5]}): "
-                         "give a new or empty --out")
+def _all_fill(block: np.ndarray, fill) -> bool:
+    return bool(np.all(block == fill)) if block.dtype != object else all(v == fill for v in block.ravel())
 
 
 def _require_same_job(path: str, old: dict, new: dict) -> None:

@@ -14,9 +14,9 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.augment import Recipe
-from pipeline.data import decode_sample, iter_shard, redact
+from pipeline.data import DataError, decode_sample, iter_shard, redact
 from pipeline.factors import attention_kl, exact_logits
-from pipeline.store import CacheStore, Unit
+from pipeline.store import CacheStore, StoreError, Unit
 from pipeline.teacher import Teacher, TeacherConfig
 from storage_schema import SchemaError
 
@@ -53,8 +53,9 @@ def verify_store(path: str, progress: bool = False) -> VerifyReport:
 
 def quick_problems(store: CacheStore) -> list[str]:
     """What `train` checks before its first step, without hashing: every unit has a valid marker
-    whose counts add up, and (local stores) every file it lists exists. A unit's bytes are checked
-    against its marker's sha256 when the loader reads it, so a flipped bit is caught before use."""
+    whose counts add up, that covers the store's metadata and every array of the unit, and whose
+    files exist with their recorded sizes. A unit's bytes are checked against its marker's sha256
+    when the loader reads it, so a flipped bit is caught before use."""
     problems = []
     shards = store.meta["dataset"]["shards"]
     for unit in store.units():
@@ -62,9 +63,7 @@ def quick_problems(store: CacheStore) -> list[str]:
         if isinstance(found, list):
             problems += [f"{unit.name}: {p}" for p in found]
             continue
-        if store.files.local:
-            problems += [f"{unit.name}: missing {rel}" for rel, digest in found["files"].items()
-                         if digest is not None and store.files.size(rel) is None]  # None: all fill value, not written
+        problems += [f"{unit.name}: {p}" for p in store.file_problems(unit.view, unit.shard_index, found, full=False)]
     return problems
 
 
@@ -103,9 +102,7 @@ def recompute_check(store: CacheStore, teacher_cfg: TeacherConfig, k: int, seed:
     encoding's own loss is expected and anything beyond it means the cache is wrong.
     """
     teacher = Teacher(teacher_cfg)
-    if teacher.weights_sha256 != store.meta["teacher"]["weights_sha256"]:
-        raise ValueError(f"teacher weights {teacher.weights_sha256[:12]} differ from the store's teacher "
-                         f"{store.meta['teacher']['weights_sha256'][:12]} ({store.meta['teacher']['name']})")
+    require_same_teacher(store.meta["teacher"], teacher.identity())
     recipe = Recipe.from_json(store.meta["recipe"]["ops"])
     picks = _pick_samples(store, k, seed)
     results = []
@@ -117,8 +114,8 @@ def recompute_check(store: CacheStore, teacher_cfg: TeacherConfig, k: int, seed:
             if entry.position not in positions:
                 continue
             if str(data.keys[entry.position]) != entry.key:
-                raise ValueError(f"{url}: position {entry.position} holds key {entry.key!r} but the cache has "
-                                 f"{data.keys[entry.position]!r}: the data changed since precompute")
+                raise DataError(f"{url}: position {entry.position} holds key {entry.key!r} but the cache has "
+                                f"{data.keys[entry.position]!r}: the data changed since precompute")
             image, _ = decode_sample(url, entry)
             pixels = recipe.apply(data.aug[entry.position, :recipe.num_params], image)
             results.append(_compare(store, teacher, view, shard_index * store.slots_per_shard + entry.position,
@@ -131,10 +128,24 @@ def recompute_check(store: CacheStore, teacher_cfg: TeacherConfig, k: int, seed:
                            for r in bad], "ok": not bad and len(results) > 0}
 
 
+def require_same_teacher(stored: dict, given: dict) -> None:
+    """`--recompute` compares a cache with its own teacher only: another one is refused, naming what differs."""
+    fields = [f for f in ("name", "model_args", "weights_sha256", "scale") if stored.get(f) != given.get(f)]
+    if fields:
+        shown = "; ".join(f"{f}: store has {_brief(stored.get(f))}, --teacher has {_brief(given.get(f))}" for f in fields)
+        raise StoreError(f"--teacher is not the teacher this store was made with (teacher identity differs: {shown}); "
+                         "pass the teacher, --model-arg, --checkpoint or --random-init/--seed used at precompute")
+
+
+def _brief(value) -> str:
+    text = value[:12] if isinstance(value, str) and len(value) == 64 else repr(value)
+    return text if len(text) < 80 else text[:77] + "..."
+
+
 def _pick_samples(store: CacheStore, k: int, seed: int) -> dict[tuple[int, int], list[int]]:
     candidates = []
-    for unit in store.units():
-        if store.unit_done(unit):
+    for unit in store.units():  # any unit with a marker: the teacher judges its bytes, checksums or not
+        if _has_marker(store, unit):
             start, stop = store.slot_range(unit.shard_index)
             valid = store.group[f"views/{unit.view}/valid"][start:stop]
             candidates += [(unit.view, unit.shard_index, start + int(p)) for p in np.flatnonzero(valid)]
@@ -145,6 +156,13 @@ def _pick_samples(store: CacheStore, k: int, seed: int) -> dict[tuple[int, int],
         view, shard, slot = candidates[int(i)]
         picks[(view, shard)].append(slot)
     return picks
+
+
+def _has_marker(store: CacheStore, unit: Unit) -> bool:
+    try:
+        return store.read_marker(unit.view, unit.shard_index) is not None
+    except SchemaError:
+        return False
 
 
 def _compare(store: CacheStore, teacher: Teacher, view: int, slot: int, key: str, pixels: torch.Tensor) -> dict:

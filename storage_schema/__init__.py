@@ -40,8 +40,8 @@ def _check(kind: str, doc: object, where: str) -> None:
     validator = jsonschema.Draft202012Validator(_load(kind, version))
     errors = sorted(validator.iter_errors(doc), key=lambda e: list(e.absolute_path))
     if errors:
-        lines = [f"  {'/'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}" for e in errors[:10]]
-        raise SchemaError(f"{where}: {kind} metadata fails schema v{version}:\n" + "\n".join(lines))
+        lines = [f"{'/'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}" for e in errors[:10]]
+        raise SchemaError(f"{where}: {kind} metadata fails schema v{version}: " + "; ".join(lines))
 
 
 def validate_store_metadata(meta: object, where: str = "store") -> None:
