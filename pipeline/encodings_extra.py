@@ -22,8 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.factors import (_FLOAT_DTYPES, ArraySpec, ExactEncoding, LowRankEncoding, _as_tensor, _from_storage,
-                              _to_storage, dequantize_rows_int8, quantize_rows_int8)
+from pipeline.factors import (_FLOAT_DTYPES, LOGIT_FACTORS_ONLY, SIGNALS, ArraySpec, ExactEncoding, LowRankEncoding,
+                              _as_tensor, _from_storage, _to_storage, check_signal, dequantize_rows_int8,
+                              quantize_rows_int8)
 
 SCALED_QUANTS = {"int8": 127.0, "int4": 7.0, "fp8": 448.0}  # largest stored magnitude of each
 QUANTS = (*_FLOAT_DTYPES, *SCALED_QUANTS)  # fp32 fp16 bf16 int8 int4 fp8
@@ -114,6 +115,8 @@ class QuantExactEncoding:
     scale per row. Serves every transfer mode like `exact` (Q and K come back, approximately)."""
 
     dtype: str = "int8"  # int8 | int4 | fp8
+    decodes = frozenset(SIGNALS)
+    refusal = ""
 
     @property
     def spec(self) -> str:
@@ -121,7 +124,7 @@ class QuantExactEncoding:
 
     @property
     def serves_qk(self) -> bool:
-        return True
+        return {"q", "k"} <= self.decodes
 
     def array_specs(self, num_layers: int, num_heads: int, num_tokens: int, head_dim: int) -> list[ArraySpec]:
         if self.dtype == "int4" and head_dim % 2:
@@ -134,15 +137,22 @@ class QuantExactEncoding:
         codec = RowCodec(self.dtype)
         return {**codec.encode("q", q_BLHNd), **codec.encode("k", k_BLHNd)}
 
+    def decode(self, arrays: dict, what: str, scale: float, device="cpu") -> torch.Tensor:
+        """Float32 "q" / "k" [B, L, H, N, d] (v * per-row scale; int4 unpacked to d = 2 x stored
+        bytes, which `array_specs` guarantees by refusing an odd d) or "logits" [B, L, H, N, N]."""
+        check_signal(self, what)
+        if what == "logits":
+            q, k = self.decode(arrays, "q", scale, device), self.decode(arrays, "k", scale, device)
+            return (q * scale) @ k.transpose(-1, -2)
+        width = int(arrays[what].shape[-1]) * (2 if self.dtype == "int4" else 1)
+        return RowCodec(self.dtype).decode(what, arrays, device, width)
+
     def decode_qk(self, arrays: dict, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """Float32 Q and K [B, L, H, N, d]."""
-        codec = RowCodec(self.dtype)
-        width = int(arrays["q"].shape[-1]) * (2 if self.dtype == "int4" else 1)
-        return codec.decode("q", arrays, device, width), codec.decode("k", arrays, device, width)
+        return self.decode(arrays, "q", 1.0, device), self.decode(arrays, "k", 1.0, device)
 
     def decode_logits(self, arrays: dict, scale: float, device="cpu") -> torch.Tensor:
-        q, k = self.decode_qk(arrays, device)
-        return (q * scale) @ k.transpose(-1, -2)
+        return self.decode(arrays, "logits", scale, device)
 
     def to_json(self) -> dict:
         return {"kind": "exact", "dtype": self.dtype, "spec": self.spec}
@@ -174,9 +184,12 @@ class RankedLowRankEncoding:
     def spec(self) -> str:
         return f"lowrank:r={','.join(str(r) for r in self.ranks)}:{self.quant}"
 
+    decodes = frozenset({"logits"})
+    refusal = LOGIT_FACTORS_ONLY
+
     @property
     def serves_qk(self) -> bool:
-        return False
+        return {"q", "k"} <= self.decodes
 
     def layer_ranks(self, num_layers: int) -> tuple[int, ...]:
         if not self.is_schedule:
@@ -209,6 +222,11 @@ class RankedLowRankEncoding:
         a, b = self.factorize(q_BLHNd, k_BLHNd, scale)
         codec = RowCodec(self.quant)
         return {**codec.encode("a", a), **codec.encode("b", b)}
+
+    def decode(self, arrays: dict, what: str, scale: float, device="cpu") -> torch.Tensor:
+        """Float32 "logits" [B, L, H, N, N]; "q" / "k" raise `CannotDecode` (only A, B are stored)."""
+        check_signal(self, what)
+        return self.decode_logits(arrays, scale, device)
 
     def decode_logits(self, arrays: dict, scale: float, device="cpu") -> torch.Tensor:
         codec = RowCodec(self.quant)

@@ -20,6 +20,25 @@ import torch
 
 INT8_MAX = 127.0
 
+# What a consumer can ask an encoding to decode (`Encoding.decode(arrays, what, scale, device)`):
+# "logits" [B, L, H, N, N] = scale * Q K^T up to a per-row constant, "q" / "k" [B, L, H, N, d].
+SIGNALS = ("logits", "q", "k")
+QK_ENCODINGS = "exact:fp32, exact:fp16, exact:bf16, exact:int8, exact:fp8, exact:int4"
+LOGIT_FACTORS_ONLY = "stores only logit factors (A B^T ~= scale Q K^T), not Q and K"
+
+
+class CannotDecode(ValueError):
+    """An encoding was asked for a tensor its stored arrays do not hold (Q or K from logit factors)."""
+
+
+def check_signal(encoding, what: str) -> None:
+    """Raise `CannotDecode`, naming the encoding, unless it can decode `what`: the one refusal that
+    the fit check, `plan` and every decoder share."""
+    if what not in SIGNALS:
+        raise ValueError(f"unknown signal {what!r}; known: {', '.join(SIGNALS)}")
+    if what not in encoding.decodes:
+        raise CannotDecode(f"encoding {encoding.spec} {encoding.refusal}, so it cannot decode {what}")
+
 
 @dataclass(frozen=True)
 class ArraySpec:
@@ -120,9 +139,12 @@ class ExactEncoding:
     def spec(self) -> str:
         return f"exact:{self.dtype}"
 
+    decodes = frozenset(SIGNALS)
+    refusal = ""
+
     @property
     def serves_qk(self) -> bool:
-        return True
+        return {"q", "k"} <= self.decodes
 
     def array_specs(self, num_layers: int, num_heads: int, num_tokens: int, head_dim: int) -> list[ArraySpec]:
         shape = (num_layers, num_heads, num_tokens, head_dim)
@@ -133,15 +155,21 @@ class ExactEncoding:
     def encode(self, q_BLHNd: torch.Tensor, k_BLHNd: torch.Tensor, scale: float) -> dict[str, np.ndarray]:
         return {"q": _to_storage(q_BLHNd, self.dtype), "k": _to_storage(k_BLHNd, self.dtype)}
 
+    def decode(self, arrays: dict, what: str, scale: float, device="cpu") -> torch.Tensor:
+        """Float32 "q" / "k" [B, L, H, N, d] or "logits" [B, L, H, N, N] on `device`: the one decode
+        of this encoding that the trainer, verify, fidelity and show all call."""
+        check_signal(self, what)
+        if what == "logits":
+            q, k = self.decode(arrays, "q", scale, device), self.decode(arrays, "k", scale, device)
+            return (q * scale) @ k.transpose(-1, -2)
+        return _from_storage(_as_tensor(arrays[what], device), self.dtype)
+
     def decode_qk(self, arrays: dict, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        """Float32 Q and K [B, L, H, N, d]: what copy_q / copy_k modes need (every Q/K encoding has it)."""
-        return (_from_storage(_as_tensor(arrays["q"], device), self.dtype),
-                _from_storage(_as_tensor(arrays["k"], device), self.dtype))
+        """Float32 Q and K [B, L, H, N, d]: what copy_q / copy_k modes need."""
+        return self.decode(arrays, "q", 1.0, device), self.decode(arrays, "k", 1.0, device)
 
     def decode_logits(self, arrays: dict, scale: float, device="cpu") -> torch.Tensor:
-        q = _from_storage(_as_tensor(arrays["q"], device), self.dtype)
-        k = _from_storage(_as_tensor(arrays["k"], device), self.dtype)
-        return (q * scale) @ k.transpose(-1, -2)
+        return self.decode(arrays, "logits", scale, device)
 
     def to_json(self) -> dict:
         return {"kind": "exact", "dtype": self.dtype, "spec": self.spec}
@@ -164,9 +192,12 @@ class LowRankEncoding:
     def spec(self) -> str:
         return f"lowrank:r={self.rank}:{self.quant}"
 
+    decodes = frozenset({"logits"})
+    refusal = LOGIT_FACTORS_ONLY
+
     @property
     def serves_qk(self) -> bool:
-        return False
+        return {"q", "k"} <= self.decodes
 
     def array_specs(self, num_layers: int, num_heads: int, num_tokens: int, head_dim: int) -> list[ArraySpec]:
         if self.rank > head_dim:
@@ -217,6 +248,11 @@ class LowRankEncoding:
             b_q, b_s = quantize_rows_int8(b)
             return {"a": a_q, "a_scale": a_s, "b": b_q, "b_scale": b_s}
         return {"a": _to_storage(a, self.quant), "b": _to_storage(b, self.quant)}
+
+    def decode(self, arrays: dict, what: str, scale: float, device="cpu") -> torch.Tensor:
+        """Float32 "logits" [B, L, H, N, N]; "q" / "k" raise `CannotDecode` (only A, B are stored)."""
+        check_signal(self, what)
+        return self.decode_logits(arrays, scale, device)
 
     def decode_logits(self, arrays: dict, scale: float, device="cpu") -> torch.Tensor:
         if self.quant == "int8":

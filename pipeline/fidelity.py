@@ -129,13 +129,13 @@ def measure(encoding, cap: Captured, compression: dict, batch_size: int) -> dict
     raw = raw_bytes_per_sample(encoding, num_layers, num_heads, num_tokens, head_dim)
     parts, encode_s, decode_s, kl_sum = [], 0.0, 0.0, torch.zeros(num_layers, dtype=torch.float64)
     warm = encoding.encode(cap.q[:batch_size], cap.k[:batch_size], cap.scale)  # one-off costs stay out of the timing
-    encoding.decode_logits(warm, cap.scale, cap.q.device)
+    encoding.decode(warm, "logits", cap.scale, cap.q.device)
     for start in range(0, n, batch_size):
         q, k = cap.q[start:start + batch_size], cap.k[start:start + batch_size]
         arrays, seconds = _timed(lambda: encoding.encode(q, k, cap.scale))
         encode_s += seconds
         parts.append(arrays)
-        logits, seconds = _timed(lambda: encoding.decode_logits(arrays, cap.scale, q.device))
+        logits, seconds = _timed(lambda: encoding.decode(arrays, "logits", cap.scale, q.device))
         decode_s += seconds
         kl_sum += attention_kl(exact_logits(q, k, cap.scale), logits).double().cpu() * len(q)
     whole = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
@@ -282,11 +282,11 @@ def _cached_row(store: CacheStore, view: int, slots: list[int], cap: Captured, b
                 batch_size: int) -> dict:
     """The store's own bytes, decoded (timed) and compared with the re-run teacher, batch by batch."""
     raw, seconds, kl_sum = 0, 0.0, torch.zeros(cap.q.shape[1], dtype=torch.float64)
-    store.encoding.decode_logits(store.read_factors(view, slots[:batch_size]), cap.scale, cap.q.device)  # warm-up
+    store.encoding.decode(store.read_factors(view, slots[:batch_size]), "logits", cap.scale, cap.q.device)  # warm-up
     for start in range(0, len(slots), batch_size):
         arrays = store.read_factors(view, slots[start:start + batch_size])
         raw += sum(a.nbytes for a in arrays.values())
-        logits, spent = _timed(lambda: store.encoding.decode_logits(arrays, cap.scale, cap.q.device))
+        logits, spent = _timed(lambda: store.encoding.decode(arrays, "logits", cap.scale, cap.q.device))
         seconds += spent
         q, k = cap.q[start:start + batch_size], cap.k[start:start + batch_size]
         kl_sum += attention_kl(exact_logits(q, k, cap.scale), logits).double().cpu() * len(q)

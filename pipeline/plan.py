@@ -21,14 +21,14 @@ import timm
 import torch
 
 from pipeline.augment import parse_recipe
-from pipeline.factors import DEFAULT_ENCODING, parse_encoding
+from pipeline.factors import DEFAULT_ENCODING, QK_ENCODINGS, parse_encoding
 from pipeline.precompute import default_threads
 from pipeline.store import FACTOR_CHUNK_SLOTS, base_arrays, parse_compression
 from pipeline.teacher import Teacher, TeacherConfig, resolve_heads, resolve_layers, resolve_teacher_config
 
-# transfer mode -> whether it needs Q and K themselves (not only logits)
-TRANSFER_MODES = {"copy": False, "distill": False, "copy_q": True, "copy_k": True, "distill_q": True,
-                  "distill_k": True}
+# transfer mode -> the teacher tensor it consumes (as `student.MODES[mode].strategy.signal`)
+TRANSFER_MODES = {"copy": "logits", "distill": "logits", "copy_q": "q", "copy_k": "k", "distill_q": "q",
+                  "distill_k": "k"}
 KEY_LENGTH_PREFIX = 4  # vlen-utf8 stores a 4-byte length before every string
 SHARD_INDEX_BYTES = 16  # per inner chunk (offset, length as uint64)
 
@@ -57,15 +57,15 @@ class PlanConfig:
 
 
 def check_mode(encoding, mode: str | None) -> None:
-    """Refuse an encoding that cannot serve the transfer mode: *_q / *_k modes need Q and K."""
+    """Refuse an encoding that cannot serve the transfer mode, by the encoding's own `decodes` (what
+    the trainer's fit check and decoder use too): *_q / *_k modes need Q and K themselves."""
     if mode is None:
         return
     if mode not in TRANSFER_MODES:
         raise PlanError(f"unknown transfer mode {mode!r}; known: {', '.join(TRANSFER_MODES)}")
-    if TRANSFER_MODES[mode] and not encoding.serves_qk:
-        raise PlanError(f"encoding {encoding.spec} stores logit factors (A B^T ~= scale Q K^T), not Q and K, so it "
-                        f"cannot serve mode {mode}; use an exact encoding (exact:fp16, exact:bf16, exact:int8, "
-                        "exact:fp8, exact:int4) or a logit mode (copy, distill)")
+    if TRANSFER_MODES[mode] not in encoding.decodes:
+        raise PlanError(f"encoding {encoding.spec} {encoding.refusal}, so it cannot serve mode {mode}; use an exact "
+                        f"encoding ({QK_ENCODINGS}) or a logit mode (copy, distill)")
 
 
 def shape_teacher(cfg: TeacherConfig) -> Teacher:

@@ -120,7 +120,7 @@ def build_session(spec: TransferSpec, device: str, recipe_spec: str = "train", t
     if mode.strategy.signal is Signal.NONE or (evaluating and (spec.cache or not mode.strategy.uses_teacher_at_eval)):
         signal = NoSignal()
     elif store is not None:
-        check_fit(geometry, SignalGeometry.of_store(store.meta), mode.strategy, layers)
+        check_fit(geometry, SignalGeometry.of_store(store.meta), mode.strategy, layers, heads)
         missing = sorted(set(heads or ()) - set(store.meta["heads"]))
         if missing:
             raise StudentMismatch(f"heads {missing} are not in the cache (it has heads {store.meta['heads']})")

@@ -45,7 +45,7 @@ def replayed_image(store: CacheStore, shard_index: int, position: int, aug: np.n
 
 def attention_maps(store: CacheStore, view: int, slot: int, query: str) -> np.ndarray:
     """[L, H, gh, gw] attention over patch tokens from the chosen query."""
-    logits = store.encoding.decode_logits(store.read_factors(view, [slot]), store.meta["teacher"]["scale"])[0]
+    logits = store.encoding.decode(store.read_factors(view, [slot]), "logits", store.meta["teacher"]["scale"])[0]
     attn = logits.softmax(dim=-1)  # [L, H, N, N]
     prefix = store.meta["tokens"]["num_prefix_tokens"]
     gh, gw = store.meta["tokens"]["grid"]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.factors import Encoding, _as_tensor, _from_storage, encoding_from_json, exact_logits
+from pipeline.factors import QK_ENCODINGS, SIGNALS, Encoding, check_signal, encoding_from_json, exact_logits
 from pipeline.student import Geometry, Signal, Strategy, StudentMismatch
 from pipeline.teacher import Teacher
 
@@ -23,31 +23,41 @@ class SignalGeometry:
 
     source: str
     layers: tuple[int, ...]  # teacher block indices available
-    num_heads: int
+    num_heads: int  # the teacher's heads; student head h takes teacher head h
     head_dim: int
     num_tokens: int
     num_prefix_tokens: int
     grid: tuple[int, int]
     image_size: int
-    serves_qk: bool
+    decodes: frozenset[str] = frozenset(SIGNALS)  # what the source can give: "logits", "q", "k"
+    refusal: str = ""  # why the rest cannot be given (the encoding's own words)
+    heads: tuple[int, ...] | None = None  # teacher heads held (a store may hold a subset); None: all
+
+    @property
+    def serves_qk(self) -> bool:
+        return {"q", "k"} <= self.decodes
 
     @classmethod
     def of_store(cls, meta: dict) -> "SignalGeometry":
         tokens, teacher = meta["tokens"], meta["teacher"]
+        encoding = encoding_from_json(meta["encoding"])
         return cls(f"cache ({meta['encoding']['spec']}, teacher {teacher['name']})", tuple(meta["layers"]),
-                   len(meta["heads"]), int(teacher["head_dim"]), int(tokens["count"]),
+                   int(teacher["num_heads"]), int(teacher["head_dim"]), int(tokens["count"]),
                    int(tokens["num_prefix_tokens"]), tuple(tokens["grid"]), int(meta["recipe"]["output_size"]),
-                   encoding_from_json(meta["encoding"]).serves_qk)
+                   encoding.decodes, encoding.refusal, tuple(meta["heads"]))
 
     @classmethod
     def of_teacher(cls, teacher: Teacher) -> "SignalGeometry":
         return cls(f"online teacher {teacher.config.name}", tuple(range(teacher.num_layers)), teacher.num_heads,
                    teacher.head_dim, teacher.num_tokens, teacher.num_prefix_tokens, teacher.grid,
-                   teacher.recipe_defaults().image_size, True)
+                   teacher.recipe_defaults().image_size)
 
 
-def check_fit(student: Geometry, teacher: SignalGeometry, strategy: Strategy, layers: tuple[int, ...]) -> None:
-    """Refuse, before any step, a student that the teacher signal cannot serve; name both values."""
+def check_fit(student: Geometry, teacher: SignalGeometry, strategy: Strategy, layers: tuple[int, ...],
+              heads: tuple[int, ...] | None = None) -> None:
+    """Refuse, before any step, a student that the teacher signal cannot serve; name both values.
+    `heads`: the student heads transferred (None: every head); student head h takes teacher head h,
+    so a store must hold each of them, in whatever order it holds them."""
     problems = []
     for what, s, t in (("tokens", student.num_tokens, teacher.num_tokens),
                        ("prefix tokens", student.num_prefix_tokens, teacher.num_prefix_tokens),
@@ -56,12 +66,18 @@ def check_fit(student: Geometry, teacher: SignalGeometry, strategy: Strategy, la
                        ("heads", student.num_heads, teacher.num_heads)):
         if s != t:
             problems.append(f"{what}: student {s}, {teacher.source} {t}")
-    if strategy.signal in (Signal.Q, Signal.K):
-        if not teacher.serves_qk:
-            problems.append(f"mode {strategy.name} needs teacher Q/K, but the {teacher.source} stores "
-                            "only logit factors: precompute with --encoding exact:fp16 (or exact:fp32)")
-        elif student.head_dim != teacher.head_dim:
+    if strategy.signal is not Signal.NONE and strategy.signal.value not in teacher.decodes:
+        problems.append(f"mode {strategy.name} needs teacher Q/K, but the {teacher.source} {teacher.refusal}: "
+                        f"precompute with an exact encoding ({QK_ENCODINGS}) or use a logit mode (copy, distill)")
+    elif strategy.signal in (Signal.Q, Signal.K):
+        if student.head_dim != teacher.head_dim:
             problems.append(f"head dim: student {student.head_dim}, {teacher.source} {teacher.head_dim}")
+    wanted = tuple(range(student.num_heads)) if heads is None else heads
+    absent = [h for h in wanted if teacher.heads is not None and h not in teacher.heads]
+    if absent and strategy.signal is not Signal.NONE and student.num_heads == teacher.num_heads:
+        problems.append(f"heads {absent} are not in the {teacher.source} (it has heads {list(teacher.heads)}): "
+                        "student head h takes teacher head h, so pass --heads with held heads (distill modes) "
+                        "or precompute every head")
     beyond = [l for l in layers if l >= student.num_layers]
     if beyond:
         problems.append(f"layers {beyond}: the student has only {student.num_layers} layers")
@@ -73,22 +89,27 @@ def check_fit(student: Geometry, teacher: SignalGeometry, strategy: Strategy, la
 
 
 class CacheSignal:
-    """Decodes the batch's cached factors of the transferred layers on the training device."""
+    """Decodes the batch's cached factors of the transferred layers on the training device, with the
+    store encoding's own `decode` (the one the fit check, verify and fidelity use). The store's layer
+    and head axes hold `meta["layers"]` / `meta["heads"]` in the order precompute was given them;
+    transferred layer i takes store slot layers.index(l_i) and student head h the slot holding teacher
+    head h (every head when `heads` is None), so a subset or a reordered store reads the right ones."""
 
     def __init__(self, meta: dict, layers: tuple[int, ...], signal: Signal, heads: tuple[int, ...] | None = None):
-        self.heads = None if heads is None else torch.tensor([meta["heads"].index(h) for h in heads])
+        stored = list(meta["heads"])
+        wanted = list(range(int(meta["teacher"]["num_heads"]))) if heads is None else list(heads)
+        self.heads = None if wanted == stored else torch.tensor([stored.index(h) for h in wanted])
         self.encoding: Encoding = encoding_from_json(meta["encoding"])
         self.scale = float(meta["teacher"]["scale"])
         self.slots = [meta["layers"].index(l) for l in layers]
         self.signal = signal
+        if signal is not Signal.NONE:
+            check_signal(self.encoding, signal.value)  # CannotDecode, naming the encoding
 
     def __call__(self, batch: dict, device) -> list[torch.Tensor]:
         slots = torch.tensor(self.slots)
         arrays = {n: a.index_select(1, slots).to(device, non_blocking=True) for n, a in batch["factors"].items()}
-        if self.signal is Signal.LOGITS:
-            out = self.encoding.decode_logits(arrays, self.scale, device)
-        else:
-            out = _from_storage(_as_tensor(arrays["q" if self.signal is Signal.Q else "k"], device), self.encoding.dtype)
+        out = self.encoding.decode(arrays, self.signal.value, self.scale, device)
         if self.heads is not None:
             out = out.index_select(2, self.heads.to(out.device))
         return list(out.unbind(1))

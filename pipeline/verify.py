@@ -169,8 +169,8 @@ def _compare(store: CacheStore, teacher: Teacher, view: int, slot: int, key: str
     layers, heads = tuple(store.meta["layers"]), tuple(store.meta["heads"])
     q, k = teacher.capture(pixels.unsqueeze(0), layers, heads)
     ref = exact_logits(q, k, teacher.scale)
-    cached = store.encoding.decode_logits(store.read_factors(view, [slot]), teacher.scale)
-    fresh = store.encoding.decode_logits(store.encoding.encode(q, k, teacher.scale), teacher.scale)
+    cached = store.encoding.decode(store.read_factors(view, [slot]), "logits", teacher.scale)
+    fresh = store.encoding.decode(store.encoding.encode(q, k, teacher.scale), "logits", teacher.scale)
     return {"view": view, "key": key, "kl_cache": float(attention_kl(ref, cached).max()),
             "kl_fresh": float(attention_kl(ref, fresh).max())}
 

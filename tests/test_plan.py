@@ -104,8 +104,16 @@ def test_measured_throughput_uses_the_measurement_options():
 def test_an_encoding_that_cannot_serve_the_mode_is_refused(mode):
     result = _plan(*BASE, "--encoding", "lowrank:r=8:int8", "--mode", mode, ok=False)
     assert result.exit_code == 2 and "cannot serve mode" in result.output and "exact" in result.output
-    for spec in ("exact:fp16", "exact:int4"):
+    assert "encoding lowrank:r=8:int8 stores only logit factors" in result.output
+    # plan's answer is the encoding's own `decodes`, which the trainer decodes through: at 30ef699 this
+    # test accepted exact:int4 for Q/K modes while the trainer fed int4 Q/K of the wrong shape. Each
+    # exact encoding accepted here is checked against the online teacher in tests/test_qk_parity.py.
+    for spec in ("exact:fp32", "exact:fp16", "exact:bf16", "exact:int8", "exact:int4", "exact:fp8"):
+        assert {"q", "k"} <= parse_encoding(spec).decodes
         assert _json(*BASE, "--encoding", spec, "--mode", mode)["mode"] == mode
+    for spec in ("lowrank:r=8:fp32", "lowrank:r=8:int4", "lowrank:r=2,4,8,16:fp8"):
+        assert not {"q", "k"} & parse_encoding(spec).decodes
+        assert "cannot serve mode" in _plan(*BASE, "--encoding", spec, "--mode", mode, ok=False).output
 
 
 @pytest.mark.parametrize("args,says", [(["--encoding", "lowrank:r=32:int8"], "head dim"),
