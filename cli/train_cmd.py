@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from cli.cache_cmd import max_sample_bytes_option
 from pipeline.optim import OptimConfig
 from pipeline.precompute import default_threads
 from pipeline.student import MODES, StudentConfig
@@ -79,12 +80,13 @@ def _recipe_with_mix(recipe: str, mixup: float, cutmix: float) -> str:
 @click.option("--checkpoint-every", default=_T.checkpoint_every, help="Steps between resumable checkpoints.")
 @click.option("--log-every", default=_T.log_every, help="Steps between metrics lines.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final result as one JSON object.")
+@max_sample_bytes_option(_T.max_sample_bytes)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(data, cache, teacher, model_args, checkpoint, random_init, teacher_seed, mode, student, student_args,
           num_classes, out, views, max_steps, epochs, batch_size, layers, heads, distill_weight, lr, min_lr, weight_decay,
           warmup_epochs, layer_decay, drop_path, smoothing, mixup, cutmix, clip_grad, model_ema_decay, recipe,
           eval_cache, eval_data, seed, workers, shuffle_buffer, amp, device, threads, checkpoint_every, log_every,
-          as_json, quiet):
+          as_json, max_sample_bytes, quiet):
     """Train a student ViT with attention transfer from a cache (or an online teacher).
 
     Re-running the same command in the same --out resumes from its last checkpoint. Under
@@ -111,7 +113,8 @@ def train(data, cache, teacher, model_args, checkpoint, random_init, teacher_see
                          shuffle_buffer=shuffle_buffer, smoothing=smoothing,
                          recipe=_recipe_with_mix(recipe, mixup, cutmix), eval_cache=eval_cache,
                          eval_data=tuple(eval_data), amp=amp, device=device, threads=threads,
-                         checkpoint_every=checkpoint_every, log_every=log_every, progress=not quiet, optim=optim)
+                         checkpoint_every=checkpoint_every, log_every=log_every, progress=not quiet, optim=optim,
+                         max_sample_bytes=max_sample_bytes)
     result = run_train(config)
     summary = {"steps": result.steps, "samples": result.samples, "seconds": round(result.seconds, 2),
                "out": result.out, "eval": result.final}

@@ -72,7 +72,8 @@ def iter_shard(url: str, max_sample_bytes: int = DEFAULT_MAX_SAMPLE_BYTES) -> It
         raise DataError(redact(f"{url}: cannot open shard ({exc})", url)) from None
     with fileobj, _Links(url) as links:
         try:
-            stream = tarfile.open(fileobj=fileobj, mode="r|*", tarinfo=_TrackedInfo)
+            stream = tarfile.open(fileobj=fileobj, mode="r|*", tarinfo=_TrackedInfo, encoding="utf-8",
+                                  errors="surrogateescape")
         except tarfile.TarError as exc:
             raise DataError(redact(f"{url}: not a readable tar file ({exc})", url)) from None
         yield from _read(stream, max_sample_bytes, links)

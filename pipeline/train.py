@@ -16,7 +16,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from pipeline.data import DEFAULT_MAX_SAMPLE_BYTES
 from pipeline.distributed import World, barrier, global_count, init_world, reduce_gradients, shutdown
 from pipeline.evaluate import EvalResult, evaluate_model
 from pipeline.loader import StreamConfig, epoch_loader, steps_in_epoch, view_of
@@ -62,6 +63,7 @@ class TrainConfig:
     log_every: int = 10
     progress: bool = True
     optim: OptimConfig = OptimConfig()
+    max_sample_bytes: int = DEFAULT_MAX_SAMPLE_BYTES  # bigger samples are never read (see pipeline/data_tar.py)
 
 
 def set_determinism(threads: int) -> None:
@@ -238,6 +240,9 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
     session = build_session(cfg.spec, cfg.device, cfg.recipe)
     stream = train_stream(session, cfg.data, cfg.seed, num_classes, cfg.smoothing, cfg.shuffle_buffer, cfg.views)
     evaluation = eval_stream(session, num_classes, cfg.eval_cache, cfg.eval_data)
+    stream = replace(stream, max_sample_bytes=cfg.max_sample_bytes)
+    if evaluation is not None:
+        evaluation = (replace(evaluation[0], max_sample_bytes=cfg.max_sample_bytes), evaluation[1])
     optimizer = build_optimizer(session.model, cfg.optim)
     ema = WeightEma(session.model, cfg.optim.model_ema_decay) if cfg.optim.model_ema_decay else None
     epochs = cfg.epochs
