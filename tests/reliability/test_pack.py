@@ -86,11 +86,11 @@ def test_val_split_uses_the_train_mapping_even_when_it_lacks_classes(tmp_path):
     mapping = (out / "classes.json").read_bytes()
     result = invoke("data", "pack", val, out, "--prefix", "val")
     assert result.exit_code == 0, result.output
-    assert "labels from the existing" in result.output
     assert (out / "classes.json").read_bytes() == mapping  # not overwritten with val's own two classes
     labels = {key: label for shard in _read(out, "val") for key, label, _ in shard}
     assert sorted(labels.values()) == [0, 0, 2, 2]  # cat is class 2 of train's mapping, not val's 1
     assert all(key.startswith(f"{label:04d}_") for key, label in labels.items())
+    assert "labels from the existing" in result.output
 
 
 def test_a_class_the_mapping_lacks_is_refused_by_name_and_nothing_is_written(tmp_path):
