@@ -178,5 +178,24 @@ def test_max_sample_bytes_is_range_checked_before_any_work(odd_tar, tmp_path):
             result = invoke(*command, "--max-sample-bytes", value)
             assert result.exit_code == 2, (command[0], value, result.output)
             assert "--max-sample-bytes" in result.output and "Traceback" not in result.output
-            assert "No such option" not in result.output and len(result.output.strip().splitlines()) == 3
+            assert result.output.strip().splitlines()[-1].startswith("Error: Invalid value for '--max-sample-bytes'")
         assert not (tmp_path / f"r{value}.zarr").exists() and not (tmp_path / f"run{value}").exists()
+
+
+def test_train_passes_max_sample_bytes_to_the_loader(odd_tar, tmp_path):
+    """The option reaches its use: a sample the cache holds (read under the default limit) is over
+    train's lower limit, so train stops naming it and the option instead of reading it."""
+    good = str(Path(odd_tar).parent / "good-000000.tar")
+    with tarfile.open(good, "w") as tar:
+        for name, data in (("a.png", PIXELS["good"]), ("a.cls", b"0"), ("big.png", BIG), ("big.cls", b"1")):
+            _add(tar, name, data)
+    assert invoke("precompute", "--data", good, *TEACHER_ARGS, *FAST, "--ray", "none",
+                  "--out", tmp_path / "s.zarr").exit_code == 0
+    student = ["--student", "vit_tiny_patch16_224", "--student-arg", "img_size=32", "--student-arg", "patch_size=8",
+               "--student-arg", "depth=3", "--student-arg", "embed_dim=48", "--student-arg", "num_heads=3"]
+    common = ["train", "--data", good, "--cache", tmp_path / "s.zarr", *student, "--mode", "distill",
+              "--max-steps", "1", "--batch-size", "2", "--workers", "0", "--threads", "1", "--quiet"]
+    low = invoke(*common, "--out", tmp_path / "low", "--max-sample-bytes", LIMIT)
+    assert low.exit_code == 1 and "Traceback" not in low.output
+    assert "'big': sample exceeds --max-sample-bytes 4,096: 5,000 bytes with member 'big.png' (not read)" in low.output
+    assert invoke(*common, "--out", tmp_path / "default").exit_code == 0
