@@ -253,7 +253,8 @@ def _end_problem(stream: tarfile.TarFile) -> tuple[str, str] | None:
     if len(last) < tarfile.BLOCKSIZE:
         return "current", f"tar truncated: it ends inside the member header at byte {stream.offset:,}"
     if last.count(0) != tarfile.BLOCKSIZE:
-        return "current", f"tar corrupt: the member header at byte {stream.offset:,} is unreadable; the rest of the shard is not read"
+        return "current", (f"tar corrupt: the member header at byte {stream.offset:,} is unreadable; "
+                           f"the rest of the shard is not read")
     while chunk := stream.fileobj.read(1 << 16):
         if chunk.count(0) != len(chunk):
             return "extra", ("data after the end-of-archive marker, not read (concatenated tars? "
