@@ -7,6 +7,7 @@ import sys
 import click
 import numpy as np
 
+from pipeline.data import MAX_SAMPLE_BYTES_RANGE
 from pipeline.precompute import OnBadSample, PrecomputeConfig, run_precompute
 from pipeline.teacher import TeacherConfig, parse_model_args
 
@@ -22,6 +23,14 @@ def teacher_options(f):
     f = click.option("--model-arg", "model_args", multiple=True, metavar="K=V",
                      help="timm keyword argument for the teacher, e.g. img_size=32 (repeatable).")(f)
     return f
+
+
+def max_sample_bytes_option(default: int):
+    """--max-sample-bytes, shared by precompute and train: range-checked by click before any work."""
+    return click.option("--max-sample-bytes", type=click.IntRange(*MAX_SAMPLE_BYTES_RANGE), default=default,
+                        show_default=True,
+                        help="A sample whose tar members add up to more bytes is recorded and skipped without "
+                             "being read into memory.")
 
 
 def make_teacher_config(teacher: str, model_args, checkpoint, random_init, seed, device="cpu") -> TeacherConfig:
@@ -63,13 +72,15 @@ def make_teacher_config(teacher: str, model_args, checkpoint, random_init, seed,
 @click.option("--lease-timeout", default=_DEFAULTS.lease_timeout,
               help="Seconds without a heartbeat after which another job may take over this store's lease "
                    "(one precompute writes a store at a time; a holder dead on this host frees it at once).")
+@max_sample_bytes_option(_DEFAULTS.max_sample_bytes)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--repair", is_flag=True,
               help="Re-check every done unit byte by byte against its marker and rewrite the units that fail; "
                    "restore lost or edited root metadata when the units' markers show this job wrote them.")
 def precompute(data, teacher, model_args, checkpoint, random_init, seed, out, views, recipe, layers, heads,
                encoding, compression, batch_size, workers, threads, device, on_bad_sample, max_skipped, ray_address,
-               num_workers, cpus_per_worker, gpus_per_worker, max_retries, lease_timeout, quiet, repair):
+               num_workers, cpus_per_worker, gpus_per_worker, max_retries, lease_timeout, max_sample_bytes, quiet,
+               repair):
     """Run the teacher once over the data and write attention factors to a Zarr store.
 
     Units (input shard x view) whose marker is valid and whose files have the recorded sizes are
@@ -80,7 +91,8 @@ def precompute(data, teacher, model_args, checkpoint, random_init, seed, out, vi
         data=tuple(data), out=out, teacher=make_teacher_config(teacher, model_args, checkpoint, random_init, seed, device),
         views=views, seed=seed, recipe=recipe, layers=layers, heads=heads, encoding=encoding, compression=compression,
         batch_size=batch_size, workers=workers, threads=threads, on_bad_sample=OnBadSample(on_bad_sample),
-        max_skipped=max_skipped, progress=not quiet, lease_timeout=lease_timeout, repair=repair)
+        max_skipped=max_skipped, progress=not quiet, lease_timeout=lease_timeout, repair=repair,
+        max_sample_bytes=max_sample_bytes)
     if gpus_per_worker and device == "cpu":
         raise click.UsageError("--gpus-per-worker reserves GPUs, but the teacher runs on --device cpu: "
                                "pass --device cuda")

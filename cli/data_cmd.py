@@ -55,14 +55,31 @@ def synth(out_dir, num_train, num_val, num_pool, num_shifted, image_size, num_cl
 @data.command()
 @click.argument("src_dir", type=click.Path(exists=True, file_okay=False))
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--shard-size", default=1000, show_default=True, help="Samples per tar shard.")
-@click.option("--prefix", default="shard", show_default=True, help="Shard file name prefix.")
-def pack(src_dir, out_dir, shard_size, prefix):
-    """Pack an ImageFolder (SRC_DIR/<class name>/<image file>) into shards; labels = sorted class index."""
-    shards, ignored = pack_image_folder(src_dir, out_dir, shard_size, prefix)
-    click.echo(f"wrote {len(shards)} shards to {out_dir} (classes in {out_dir}/classes.json)")
+@click.option("--shard-size", default=1000, type=click.IntRange(1, 10**9), show_default=True,
+              help="Samples per tar shard.")
+@click.option("--prefix", default="shard", show_default=True,
+              help="Shard file name prefix (e.g. train, val: splits share OUT_DIR/classes.json).")
+@click.option("--seed", default=0, type=click.IntRange(0, 2**63 - 1), show_default=True,
+              help="Seed of the shuffle across shards (recorded in OUT_DIR/PREFIX-pack.json).")
+@click.option("--shuffle/--no-shuffle", default=True, show_default=True,
+              help="Shuffle samples across shards; --no-shuffle keeps class-then-file order (shards then "
+                   "hold few classes each, which a streaming trainer's shuffle buffer cannot undo).")
+def pack(src_dir, out_dir, shard_size, prefix, seed, shuffle):
+    """Pack an ImageFolder (SRC_DIR/<class name>/<image file>) into shards. Labels are indices in
+    OUT_DIR/classes.json: written from the sorted class names by the first split packed there, and
+    used as is by every later split (a class it lacks is refused, nothing written)."""
+    from pathlib import Path
+
+    existed = (Path(out_dir) / "classes.json").exists()
+    shards, ignored = pack_image_folder(src_dir, out_dir, shard_size, prefix, seed, shuffle)
+    how = "labels from the existing" if existed else "classes written to"
+    click.echo(f"wrote {len(shards)} shards to {out_dir} ({how} {out_dir}/classes.json)")
     click.echo(f"  --data '{brace_pattern(shards)}'")
+    click.echo(f"  {'shuffled across shards with --seed ' + str(seed) if shuffle else 'in class order (--no-shuffle)'}"
+               f"; manifest {out_dir}/{prefix}-pack.json")
     if ignored:
         click.echo(f"not packed ({len(ignored)} files that are not images):")
         for path in ignored[:20]:
             click.echo(f"  {path}")
+        if len(ignored) > 20:
+            click.echo(f"  and {len(ignored) - 20} more (every one is listed in {out_dir}/{prefix}-pack.json)")

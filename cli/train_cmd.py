@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from pipeline import atomic
+from cli.cache_cmd import max_sample_bytes_option
 from pipeline.optim import OptimConfig
 from pipeline.precompute import default_threads
 from pipeline.student import MODES, StudentConfig
@@ -80,6 +81,7 @@ def _recipe_with_mix(recipe: str, mixup: float, cutmix: float) -> str:
 @click.option("--checkpoint-every", default=_T.checkpoint_every, help="Steps between resumable checkpoints.")
 @click.option("--log-every", default=_T.log_every, help="Steps between metrics lines.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final result as one JSON object.")
+@max_sample_bytes_option(_T.max_sample_bytes)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--check-data", type=click.Choice(["size", "full"]), default="size",
               help="How --data is checked against what the cache's teacher saw: size (one stat per shard, always) "
@@ -88,7 +90,7 @@ def train(data, cache, teacher, model_args, checkpoint, random_init, teacher_see
           num_classes, out, views, max_steps, epochs, batch_size, layers, heads, distill_weight, lr, min_lr, weight_decay,
           warmup_epochs, layer_decay, drop_path, smoothing, mixup, cutmix, clip_grad, model_ema_decay, recipe,
           eval_cache, eval_data, seed, workers, shuffle_buffer, amp, device, threads, checkpoint_every, log_every,
-          as_json, quiet, check_data):
+          as_json, max_sample_bytes, quiet, check_data):
     """Train a student ViT with attention transfer from a cache (or an online teacher).
 
     Re-running the same command in the same --out resumes from its last checkpoint. Under
@@ -120,7 +122,8 @@ def train(data, cache, teacher, model_args, checkpoint, random_init, teacher_see
                          shuffle_buffer=shuffle_buffer, smoothing=smoothing,
                          recipe=_recipe_with_mix(recipe, mixup, cutmix), eval_cache=eval_cache,
                          eval_data=tuple(eval_data), amp=amp, device=device, threads=threads,
-                         checkpoint_every=checkpoint_every, log_every=log_every, progress=not quiet, optim=optim)
+                         checkpoint_every=checkpoint_every, log_every=log_every, progress=not quiet, optim=optim,
+                         max_sample_bytes=max_sample_bytes)
     result = run_train(config)
     summary = {"steps": result.steps, "samples": result.samples, "seconds": round(result.seconds, 2),
                "out": result.out, "eval": result.final}

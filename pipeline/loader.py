@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from pipeline.augment import Recipe
-from pipeline.data import DataError, decode_sample, expand_shards, iter_shard
+from pipeline.data import DEFAULT_MAX_SAMPLE_BYTES, DataError, decode_sample, expand_shards, iter_shard
 from pipeline.mix import draw_and_mix_unit, mix_targets, replay_unit
 from pipeline.store import BASE_ARRAYS, CacheStore, StoreError
 
@@ -41,6 +41,7 @@ class StreamConfig:
     smoothing: float = 0.0
     shuffle_buffer: int = 256
     with_factors: bool = True
+    max_sample_bytes: int = DEFAULT_MAX_SAMPLE_BYTES  # bigger samples are never read (see pipeline/data_tar.py)
 
     @property
     def recipe(self) -> Recipe:
@@ -122,7 +123,7 @@ def read_unit_samples(cfg: StreamConfig, recipe: Recipe, store: CacheStore | Non
     view = view_of(epoch, cfg.views)
     cached = _unit_from_cache(store, url, shard_index, view) if store is not None else None
     images, labels, keys = {}, {}, {}
-    for entry in iter_shard(url):
+    for entry in iter_shard(url, cfg.max_sample_bytes):
         p = entry.position
         if cached is not None:
             if p >= len(cached.valid):

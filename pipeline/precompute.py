@@ -24,7 +24,8 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.augment import Recipe, parse_recipe
-from pipeline.data import BadSample, DatasetManifest, build_manifest, decode_sample, expand_shards, iter_shard, redact
+from pipeline.data import (DEFAULT_MAX_SAMPLE_BYTES, BadSample, DatasetManifest, build_manifest, check_max_sample_bytes,
+                           decode_sample, expand_shards, iter_shard, redact)
 from pipeline.factors import DEFAULT_ENCODING, Encoding, attention_kl, exact_logits, parse_encoding
 from pipeline.lease import DEFAULT_LEASE_TIMEOUT_S, Lease, LeaseConfig
 from pipeline.mix import draw_and_mix_unit
@@ -67,6 +68,7 @@ class PrecomputeConfig:
     progress: bool = True
     lease_timeout: float = DEFAULT_LEASE_TIMEOUT_S  # seconds without a heartbeat before the store's lease is free
     repair: bool = False  # re-check every done unit byte by byte, rewrite failing ones; restore lost metadata
+    max_sample_bytes: int = DEFAULT_MAX_SAMPLE_BYTES  # bigger samples are recorded and skipped, never read
 
 
 @dataclass(frozen=True)
@@ -156,9 +158,11 @@ def build_job(config: PrecomputeConfig, manifest: DatasetManifest | None = None)
     run pass the driver's manifest instead of scanning every shard again."""
     if config.views < 1:
         raise ValueError("--views must be at least 1")
+    check_max_sample_bytes(config.max_sample_bytes)
     torch.set_num_threads(config.threads)
     if manifest is None:
-        manifest = build_manifest(expand_shards(list(config.data)), progress=config.progress)
+        manifest = build_manifest(expand_shards(list(config.data)), progress=config.progress,
+                                  max_sample_bytes=config.max_sample_bytes)
     teacher = Teacher(config.teacher)
     defaults = teacher.recipe_defaults()
     recipe = parse_recipe(config.recipe, defaults)
@@ -183,9 +187,9 @@ class _Entry(NamedTuple):
     sample: tuple | None  # (position, key, label, pixels [3, S, S], params [P]), else None
 
 
-def _augmented(unit: Unit, recipe: Recipe, seed: int) -> Iterator[_Entry]:
+def _augmented(unit: Unit, recipe: Recipe, seed: int, max_sample_bytes: int) -> Iterator[_Entry]:
     count = 0
-    for entry in iter_shard(unit.url):
+    for entry in iter_shard(unit.url, max_sample_bytes):
         count += 1
         try:
             image, label = decode_sample(unit.url, entry)
@@ -237,14 +241,15 @@ def _batches(unit: Unit, entries: Iterator[_Entry], batch_size: int, num_params:
     yield flush(last=True)
 
 
-def prepare_unit(unit: Unit, recipe: Recipe, seed: int, batch_size: int) -> Iterator[PreparedBatch]:
+def prepare_unit(unit: Unit, recipe: Recipe, seed: int, batch_size: int,
+                 max_sample_bytes: int = DEFAULT_MAX_SAMPLE_BYTES) -> Iterator[PreparedBatch]:
     """Decode and augment one shard for one view; bad samples become records, never exceptions.
 
     With a pair op (`mix`, recipe.has_pairs) any usable sample may be any other's partner, so the
     whole unit is decoded and augmented before the first batch is yielded: one unit of images is
     held per loader worker, count x 3 x S x S x 4 bytes, twice that while mixing (a 1000-sample
     shard at 224 px: 0.6 GB, 1.2 GB peak). Batches keep the boundaries they have without a pair op."""
-    entries = _augmented(unit, recipe, seed)
+    entries = _augmented(unit, recipe, seed, max_sample_bytes)
     if recipe.has_pairs:
         entries = iter(_mixed(unit, recipe, seed, list(entries)))
     yield from _batches(unit, entries, batch_size, recipe.num_params)
@@ -253,14 +258,16 @@ def prepare_unit(unit: Unit, recipe: Recipe, seed: int, batch_size: int) -> Iter
 class UnitStream(torch.utils.data.IterableDataset):
     """Units split over loader workers by index; each worker streams its units' batches in order."""
 
-    def __init__(self, units: list[Unit], recipe: Recipe, seed: int, batch_size: int):
+    def __init__(self, units: list[Unit], recipe: Recipe, seed: int, batch_size: int,
+                 max_sample_bytes: int = DEFAULT_MAX_SAMPLE_BYTES):
         self.units, self.recipe, self.seed, self.batch_size = units, recipe, seed, batch_size
+        self.max_sample_bytes = max_sample_bytes
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         mine = self.units if info is None else self.units[info.id::info.num_workers]
         for unit in mine:
-            yield from prepare_unit(unit, self.recipe, self.seed, self.batch_size)
+            yield from prepare_unit(unit, self.recipe, self.seed, self.batch_size, self.max_sample_bytes)
 
 
 def _prefetch(items: Iterator, depth: int = 2) -> Iterator:
@@ -390,7 +397,8 @@ def process_unit(job: Job, unit: Unit) -> Summary:
     """One unit start to finish (what a Ray task runs); decoding runs ahead on a thread."""
     summary = Summary(units_total=1)
     started = time.perf_counter()
-    consume(job, _prefetch(prepare_unit(unit, job.recipe, job.config.seed, job.config.batch_size)), summary)
+    consume(job, _prefetch(prepare_unit(unit, job.recipe, job.config.seed, job.config.batch_size,
+                                        job.config.max_sample_bytes)), summary)
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -451,8 +459,8 @@ def _run_in_process(config: PrecomputeConfig, job: Job, lease: Lease) -> Summary
     started = time.perf_counter()
     counts = [s.count for s in job.manifest.shards]
     workers = min(config.workers, len(todo))
-    loader = torch.utils.data.DataLoader(UnitStream(todo, job.recipe, config.seed, config.batch_size),
-                                         batch_size=None, num_workers=workers,
+    stream = UnitStream(todo, job.recipe, config.seed, config.batch_size, config.max_sample_bytes)
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
                                          prefetch_factor=2 if workers else None)
     with tqdm(total=sum(counts[u.shard_index] for u in todo), unit="img", disable=not config.progress,
               desc="precompute", dynamic_ncols=True) as bar:

@@ -17,7 +17,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from pipeline import atomic
 from pipeline.checkpoint import TrainError, load_checkpoint, open_metrics, save_checkpoint
-
+from pipeline.data import DEFAULT_MAX_SAMPLE_BYTES
 from pipeline.distributed import World, barrier, global_count, init_world, reduce_gradients, shutdown
 from pipeline.evaluate import EvalResult, evaluate_model
 from pipeline.loader import StreamConfig, epoch_loader, steps_in_epoch, view_of
@@ -64,6 +64,7 @@ class TrainConfig:
     log_every: int = 10
     progress: bool = True
     optim: OptimConfig = OptimConfig()
+    max_sample_bytes: int = DEFAULT_MAX_SAMPLE_BYTES  # bigger samples are never read (see pipeline/data_tar.py)
 
 
 def set_determinism(threads: int) -> None:
@@ -194,6 +195,9 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
     session = build_session(cfg.spec, cfg.device, cfg.recipe)
     stream = train_stream(session, cfg.data, cfg.seed, num_classes, cfg.smoothing, cfg.shuffle_buffer, cfg.views)
     evaluation = eval_stream(session, num_classes, cfg.eval_cache, cfg.eval_data)
+    stream = replace(stream, max_sample_bytes=cfg.max_sample_bytes)
+    if evaluation is not None:
+        evaluation = (replace(evaluation[0], max_sample_bytes=cfg.max_sample_bytes), evaluation[1])
     optimizer = build_optimizer(session.model, cfg.optim)
     ema = WeightEma(session.model, cfg.optim.model_ema_decay) if cfg.optim.model_ema_decay else None
     epochs = cfg.epochs

@@ -61,7 +61,8 @@ def shards(tmp_path):
     whole.unlink()
     write_tar(d / "bad-000002.tar", [])  # an empty shard
     write_tar(d / "bad-000003.tar", [("good0.png", png(RGB)), ("good0.cls", b"1"),  # the same key as shard 0
-                                     ("neg.png", png(RGB)), ("neg.cls", b"-3")])
+                                     ("neg.png", png(RGB)), ("neg.cls", b"-3"),  # never a class: skipped
+                                     ("seven.png", png(RGB)), ("seven.cls", b"7")])  # a class train lacks
     (d / "classes.json").write_text(json.dumps(["a", "b", "c", "d"]))
     return str(d / "bad-{000000..000003}.tar")
 
@@ -89,10 +90,11 @@ def test_every_bad_input_is_converted_or_recorded_with_shard_key_and_reason(shar
     assert written[0] == [k for k, (_, o) in SHARD_A.items() if o == "written"]
     assert written[1] == ["t0", "t1"] and "truncated" in skipped[("000001.tar", "t2")]
     assert markers[2]["count"] == 0 and written[2] == []  # empty shard: an empty unit, done
-    assert written[3] == ["good0", "neg"]  # a key in two shards is cached in both; labels are checked by train
+    assert written[3] == ["good0", "seven"]  # a key in two shards is cached in both; labels are checked by train
+    assert skipped[("000003.tar", "neg")] == "label is negative: -3 (labels are class indices 0 to 2147483647)"
     for m in markers:
         assert m["written"] + len(m["skipped"]) == m["count"]
-    assert "samples written: 11   skipped: 10" in result.output
+    assert "samples written: 11   skipped: 11" in result.output
     assert "warning: 1 keys appear in more than one shard (each copy is cached in its own unit): 'good0'" in result.output
     assert re.search(r"bad-000000\.tar: '\.\./evil': unsafe member path", result.output)
     # nothing was extracted anywhere, and no store path was built from a key
@@ -114,7 +116,7 @@ def test_fail_policy_and_skip_threshold_name_file_key_and_cause(shards, tmp_path
     found = re.search(r"TooManySkipped: (\d+) samples skipped, more than --max-skipped 3; latest: \S+bad-000000\.tar: '",
                       capped.output)
     assert found and int(found.group(1)) > 3, capped.output
-    assert _precompute(shards, tmp_path / "ok.zarr", "--max-skipped", "10").exit_code == 0  # exactly 10: allowed
+    assert _precompute(shards, tmp_path / "ok.zarr", "--max-skipped", "11").exit_code == 0  # exactly 11: allowed
 
 
 def test_a_data_pattern_that_matches_nothing_is_one_clear_error(tmp_path):
@@ -135,4 +137,4 @@ def test_labels_out_of_range_are_refused_by_train_naming_file_key_and_label(shar
                     "--student-arg", "depth=3", "--student-arg", "embed_dim=48", "--student-arg", "num_heads=3",
                     "--max-steps", "50", "--batch-size", "4", "--workers", "0", "--threads", "1", "--quiet")
     assert result.exit_code == 1
-    assert re.search(r"bad-000003\.tar: sample 'neg' has label -3 outside \[0, 4\)", result.output), result.output
+    assert re.search(r"bad-000003\.tar: sample 'seven' has label 7 outside \[0, 4\)", result.output), result.output
