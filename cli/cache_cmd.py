@@ -8,6 +8,7 @@ import click
 import numpy as np
 
 from cli import params as P
+from cli.outdir import writing_to
 from pipeline.precompute import OnBadSample, PrecomputeConfig, run_precompute
 from pipeline.teacher import TeacherConfig, parse_model_args
 
@@ -81,19 +82,20 @@ def precompute(data, teacher, model_args, checkpoint, random_init, seed, out, vi
     if gpus_per_worker and device == "cpu":
         raise click.UsageError("--gpus-per-worker reserves GPUs, but the teacher runs on --device cpu: "
                                "pass --device cuda")
-    if ray_address == "none":
-        summary = run_precompute(config)
-    else:
-        from pipeline.ray_runner import RayOptions, run_precompute_ray
+    with writing_to(out):
+        if ray_address == "none":
+            summary = run_precompute(config)
+        else:
+            from pipeline.ray_runner import RayOptions, run_precompute_ray
 
-        summary = run_precompute_ray(config, RayOptions(ray_address, num_workers, cpus_per_worker, gpus_per_worker,
-                                                        max_retries))
+            summary = run_precompute_ray(config, RayOptions(ray_address, num_workers, cpus_per_worker,
+                                                            gpus_per_worker, max_retries))
     for line in summary.lines():
         click.echo(line)
 
 
 @click.command()
-@click.argument("store", type=click.Path())
+@click.argument("store", type=click.Path(file_okay=False))
 @click.option("--recompute", type=P.ints(0, 10**6), default=0, help="Re-run the teacher on K random cached samples.")
 @click.option("--teacher", default=None, help="Teacher for --recompute (name or directory).")
 @teacher_options
@@ -129,7 +131,7 @@ def verify(store, recompute, teacher, model_args, checkpoint, random_init, seed,
 
 
 @click.command()
-@click.argument("store", type=click.Path())
+@click.argument("store", type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 def inspect(store, as_json):
     """Print a store's metadata, units done/total, bytes on disk and per sample, ratio to fp32 maps."""
@@ -149,7 +151,7 @@ def inspect(store, as_json):
 
 
 @click.command()
-@click.argument("store", type=click.Path())
+@click.argument("store", type=click.Path(file_okay=False))
 @click.option("--key", required=True, help="Sample key (webdataset __key__).")
 @click.option("--view", default=0, type=P.VIEW_INDEX, help="Augmentation view.")
 @click.option("--layers", default=None, callback=P.layers_callback, help="Layers to draw (slice or list over teacher layers; default: 4 spread out).")
@@ -158,9 +160,9 @@ def inspect(store, as_json):
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
 def show(store, key, view, layers, heads, query, out):
     """Draw the replayed augmented image and its cached attention maps to a PNG."""
-    from pipeline.show import render
+    from pipeline.show import find_key, render
     from pipeline.store import CacheStore
-    from pipeline.teacher import resolve_layers
+    from pipeline.teacher import resolve_heads, resolve_layers
 
     cache = CacheStore.open(store)
     stored = cache.meta["layers"]
@@ -170,7 +172,19 @@ def show(store, key, view, layers, heads, query, out):
         chosen = [l for l in resolve_layers(layers, cache.meta["teacher"]["num_layers"])]
         missing = [l for l in chosen if l not in stored]
         if missing:
-            raise click.UsageError(f"layers {missing} are not cached (cached: {stored})")
-    head_list = None if heads is None else [int(h) for h in heads.split(",")]
+            raise click.BadParameter(f"layers {missing} are not cached (cached: {stored})", param_hint="'--layers'")
+    if view >= cache.meta["views"]:
+        raise click.BadParameter(f"view {view} is not cached: the store has views 0..{cache.meta['views'] - 1}",
+                                 param_hint="'--view'")
+    head_list = None if heads is None else resolve_heads(heads, cache.meta["teacher"]["num_heads"])
+    missing = sorted(set(head_list or ()) - set(cache.meta["heads"]))
+    if missing:
+        raise click.BadParameter(f"heads {missing} are not cached (cached: {cache.meta['heads']})",
+                                 param_hint="'--heads'")
+    try:
+        find_key(cache, key, view)
+    except KeyError as exc:  # a key the store does not hold (find_key's only error)
+        raise click.BadParameter(f"{exc.args[0]}; `attncache inspect` lists the store's units, the keys are "
+                                 "the shards' __key__ values", param_hint="'--key'") from None
     click.echo(render(cache, key, view, chosen, head_list, query, out))
 

@@ -26,7 +26,7 @@ _ADVICE = {
 def os_error_line(exc: OSError) -> str:
     """`PATH: what happened (ENAME): what to do`, from an OSError raised by a file operation."""
     code = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
-    where = redact(str(exc.filename)) if exc.filename is not None else "(no path given)"
+    where = redact(str(exc.filename)) if exc.filename is not None else "attncache"
     if exc.filename2 is not None:
         where += f" -> {redact(str(exc.filename2))}"
     advice = _ADVICE.get(exc.errno, exc.strerror or str(exc))

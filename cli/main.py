@@ -32,6 +32,11 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except USER_ERRORS as exc:
             raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
+        except TypeError as exc:  # timm's create_model given a --model-arg/--student-arg key it does not take
+            if "unexpected keyword argument" not in str(exc):
+                raise
+            raise click.ClickException(f"TypeError: {exc}: a --model-arg or --student-arg key the timm model does "
+                                       "not take; see the model's constructor for its arguments") from exc
         except OSError as exc:  # a full disk, a read-only store, a path that is a file: the machine, not a bug
             if isinstance(exc, BrokenPipeError) or exc.errno is None:
                 raise

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from cli import params as P
+from cli.outdir import writing_to
 from pipeline.optim import OptimConfig
 from pipeline.precompute import default_threads
 from pipeline.student import MODES, StudentConfig
@@ -22,6 +23,19 @@ def _teacher(teacher, model_args, checkpoint, random_init, teacher_seed, device)
     if teacher is None:
         return None
     return TeacherConfig(teacher, parse_model_args(model_args), checkpoint, random_init, teacher_seed, device)
+
+
+# timm keywords the trainer sets from its own options: a --student-arg with one of them would collide
+_OWN_STUDENT_ARGS = {"num_classes": "--num-classes", "drop_path_rate": "--drop-path", "pretrained": "--mode finetune"}
+
+
+def _student_args(pairs) -> tuple:
+    args = parse_model_args(pairs)
+    for key, value in args:
+        if key in _OWN_STUDENT_ARGS:
+            raise click.BadParameter(f"{key}={value} is set by the trainer: use {_OWN_STUDENT_ARGS[key]} instead",
+                                     param_hint="'--student-arg'")
+    return args
 
 
 def _recipe_with_mix(recipe: str, mixup: float, cutmix: float) -> str:
@@ -101,9 +115,10 @@ def train(data, cache, teacher, model_args, checkpoint, random_init, teacher_see
                                "(precompute --recipe train_mix); they apply only without --cache")
     if cache and recipe != _T.recipe:
         raise click.UsageError("--recipe: the cache carries the recipe the teacher saw; it applies only without --cache")
+    student_kwargs = _student_args(student_args)
     classes = num_classes or infer_num_classes(tuple(data), cache)
     teacher_cfg = _teacher(teacher, model_args, checkpoint, random_init, teacher_seed, device)
-    spec = TransferSpec(StudentConfig(student, parse_model_args(student_args), classes, drop_path, seed), mode,
+    spec = TransferSpec(StudentConfig(student, student_kwargs, classes, drop_path, seed), mode,
                         layers, cache, teacher_cfg, heads)
     optim = OptimConfig(lr=lr, min_lr=min_lr, weight_decay=weight_decay, layer_decay=layer_decay,
                         warmup_epochs=warmup_epochs, clip_grad=clip_grad, model_ema_decay=model_ema_decay)
@@ -113,7 +128,8 @@ def train(data, cache, teacher, model_args, checkpoint, random_init, teacher_see
                          recipe=_recipe_with_mix(recipe, mixup, cutmix), eval_cache=eval_cache,
                          eval_data=tuple(eval_data), amp=amp, device=device, threads=threads,
                          checkpoint_every=checkpoint_every, log_every=log_every, progress=not quiet, optim=optim)
-    result = run_train(config)
+    with writing_to(out):
+        result = run_train(config)
     summary = {"steps": result.steps, "samples": result.samples, "seconds": round(result.seconds, 2),
                "out": result.out, "eval": result.final}
     if as_json:
