@@ -6,6 +6,7 @@ import json
 
 import click
 
+from cli import params as P
 from cli.cache_cmd import make_teacher_config, teacher_options
 from pipeline.fidelity import DEFAULT_GRID, FidelityConfig, format_table, is_store, plot_frontier, run_fidelity, \
     run_store_fidelity
@@ -26,21 +27,21 @@ def bench() -> None:
 @click.option("--data", "data", multiple=True,
               help="Teacher mode: webdataset shards, e.g. 'd/val-{000000..000003}.tar' (repeatable). "
                    "STORE mode reads the store's own shards.")
-@click.option("--samples", default=_DEFAULTS.samples, help="Samples to capture Q/K for (the first K in shard order).")
-@click.option("--recipe", default=None,
+@click.option("--samples", default=_DEFAULTS.samples, type=P.ints(1, 10**7), help="Samples to capture Q/K for (the first K in shard order).")
+@click.option("--recipe", default=None, callback=P.recipe_callback,
               help="Teacher mode: augmentation recipe [default: eval]. STORE mode replays the store's.")
-@click.option("--layers", default=None, help="Teacher mode: layers, slice or list [default: all]. STORE mode: the store's.")
-@click.option("--heads", default=None, help="Teacher mode: comma list of heads [default: all]. STORE mode: the store's.")
-@click.option("--view", default=0, help="STORE mode: which view's cached samples to read.")
-@click.option("--encodings", "encodings", multiple=True, metavar="SPEC",
+@click.option("--layers", default=None, callback=P.layers_callback, help="Teacher mode: layers, slice or list [default: all]. STORE mode: the store's.")
+@click.option("--heads", default=None, callback=P.heads_callback, help="Teacher mode: comma list of heads [default: all]. STORE mode: the store's.")
+@click.option("--view", default=0, type=P.VIEW_INDEX, help="STORE mode: which view's cached samples to read.")
+@click.option("--encodings", "encodings", multiple=True, metavar="SPEC", callback=P.encoding_callback,
               help="Encodings to compare, repeatable or space-separated [default: teacher mode "
                    f"{' '.join(DEFAULT_GRID)} (ranks above the head dim skipped); STORE mode the store's encoding "
                    "and exact:fp16].")
-@click.option("--compression", default=None,
+@click.option("--compression", default=None, callback=P.compression_callback,
               help="zstd[:LEVEL][:shuffle|bitshuffle] or none for stored bytes [default: zstd:3; STORE mode: the "
                    "store's].")
-@click.option("--batch-size", default=_DEFAULTS.batch_size, help="Samples per encode / decode call (and teacher batch).")
-@click.option("--threads", default=_DEFAULTS.threads, help="Torch intra-op threads.")
+@click.option("--batch-size", default=_DEFAULTS.batch_size, type=P.BATCH, help="Samples per encode / decode call (and teacher batch).")
+@click.option("--threads", default=_DEFAULTS.threads, type=P.THREADS, help="Torch intra-op threads.")
 @click.option("--device", default="cpu", help="Device of the teacher, encoding and decoding: cpu, cuda, ...")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout instead of the tables.")
 @click.option("--out-png", type=click.Path(dir_okay=False), default=None,

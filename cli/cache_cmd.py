@@ -8,6 +8,8 @@ import click
 import numpy as np
 
 from pipeline.data import MAX_SAMPLE_BYTES_RANGE
+from cli import params as P
+from cli.outdir import writing_to
 from pipeline.precompute import OnBadSample, PrecomputeConfig, run_precompute
 from pipeline.teacher import TeacherConfig, parse_model_args
 
@@ -16,7 +18,7 @@ _DEFAULTS = PrecomputeConfig(data=(), out="", teacher=TeacherConfig("x"))
 
 def teacher_options(f):
     """The options that name a teacher, shared by every command that loads one."""
-    f = click.option("--seed", default=0, help="Seed of augmentation draws (and of --random-init weights).")(f)
+    f = click.option("--seed", default=0, type=P.SEED, help="Seed of augmentation draws (and of --random-init weights).")(f)
     f = click.option("--random-init", is_flag=True, help="Initialise the teacher from --seed (tests and demos).")(f)
     f = click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
                      help="Local weights: .safetensors, or .pth/.pt loaded with weights_only=True.")(f)
@@ -42,34 +44,34 @@ def make_teacher_config(teacher: str, model_args, checkpoint, random_init, seed,
               help="Webdataset shards: a brace pattern like 'd/train-{000000..000009}.tar' (repeatable).")
 @click.option("--teacher", required=True, help="timm model name, or a directory written by `teacher pretrain`.")
 @teacher_options
-@click.option("--out", required=True, type=click.Path(), help="Store path (created, or resumed if it is this job's).")
-@click.option("--views", default=_DEFAULTS.views, help="Augmentation views per sample (epoch e uses view e mod V).")
-@click.option("--recipe", default=_DEFAULTS.recipe, help="'train', 'eval', or an op spec like 'rrc|flip|normalize'.")
-@click.option("--layers", default=_DEFAULTS.layers, help="Layers to cache, Python slice syntax ('0:-3') or list.")
-@click.option("--heads", default=None, help="Comma list of heads to cache (default: all).")
-@click.option("--encoding", default=_DEFAULTS.encoding,
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Store path (created, or resumed if it is this job's).")
+@click.option("--views", default=_DEFAULTS.views, type=P.VIEWS, help="Augmentation views per sample (epoch e uses view e mod V).")
+@click.option("--recipe", default=_DEFAULTS.recipe, callback=P.recipe_callback, help="'train', 'eval', or an op spec like 'rrc|flip|normalize'.")
+@click.option("--layers", default=_DEFAULTS.layers, callback=P.layers_callback, help="Layers to cache, Python slice syntax ('0:-3') or list.")
+@click.option("--heads", default=None, callback=P.heads_callback, help="Comma list of heads to cache (default: all).")
+@click.option("--encoding", default=_DEFAULTS.encoding, callback=P.encoding_callback,
               help="exact[:fp16|fp32|bf16|int8|int4|fp8] or lowrank:r=RANKS[:fp16|fp32|bf16|int8|int4|fp8] "
                    "(RANKS: R, or one per cached layer); `bench fidelity` compares them.")
-@click.option("--compression", default=_DEFAULTS.compression, help="zstd[:LEVEL][:shuffle|bitshuffle] or none.")
-@click.option("--batch-size", default=_DEFAULTS.batch_size, help="Teacher batch size (recorded: it fixes numerics).")
-@click.option("--workers", default=_DEFAULTS.workers, help="Loader processes decoding and augmenting.")
-@click.option("--threads", default=_DEFAULTS.threads,
+@click.option("--compression", default=_DEFAULTS.compression, callback=P.compression_callback, help="zstd[:LEVEL][:shuffle|bitshuffle] or none.")
+@click.option("--batch-size", default=_DEFAULTS.batch_size, type=P.BATCH, help="Teacher batch size (recorded: it fixes numerics).")
+@click.option("--workers", default=_DEFAULTS.workers, type=P.LOADER_WORKERS, help="Loader processes decoding and augmenting.")
+@click.option("--threads", default=_DEFAULTS.threads, type=P.THREADS,
               help="Torch intra-op threads of each teacher, the same in every --ray mode (recorded in the store: "
                    "it fixes the float numerics).")
 @click.option("--device", default="cpu", help="Device of the teacher: cpu, cuda, cuda:1 ...")
 @click.option("--on-bad-sample", type=click.Choice([p.value for p in OnBadSample]), default=_DEFAULTS.on_bad_sample.value,
               help="fail: stop at the first unusable sample; skip: record it with its reason and go on.")
-@click.option("--max-skipped", type=int, default=None, help="With skip: fail once more samples than this are skipped.")
+@click.option("--max-skipped", type=P.ints(0, P.BIG), default=None, help="With skip: fail once more samples than this are skipped.")
 @click.option("--ray", "ray_address", default="local",
               help="local: start Ray on this machine with its CPUs/GPUs; ADDRESS: join a cluster (auto, "
                    "127.0.0.1:6379, ray://host:10001); none: run in this process with loader workers.")
-@click.option("--num-workers", type=int, default=None,
+@click.option("--num-workers", type=P.ints(1, 4096), default=None,
               help="Ray teacher actors (default: one per --cpus-per-worker CPUs, or per GPU).")
-@click.option("--cpus-per-worker", type=float, default=None,
+@click.option("--cpus-per-worker", type=P.floats(0, 1024, low_open=True), default=None,
               help="CPUs reserved per Ray teacher actor [default: --threads, so actors never oversubscribe].")
-@click.option("--gpus-per-worker", default=0.0, help="GPUs per Ray teacher actor (1 for one per GPU).")
-@click.option("--max-retries", default=2, help="Ray: re-runs of a unit that raised before it counts as failed.")
-@click.option("--lease-timeout", default=_DEFAULTS.lease_timeout,
+@click.option("--gpus-per-worker", default=0.0, type=P.floats(0, 64), help="GPUs per Ray teacher actor (1 for one per GPU).")
+@click.option("--max-retries", default=2, type=P.ints(0, 100), help="Ray: re-runs of a unit that raised before it counts as failed.")
+@click.option("--lease-timeout", default=_DEFAULTS.lease_timeout, type=P.floats(0, 7 * 86400, low_open=True),
               help="Seconds without a heartbeat after which another job may take over this store's lease "
                    "(one precompute writes a store at a time; a holder dead on this host frees it at once).")
 @max_sample_bytes_option(_DEFAULTS.max_sample_bytes)
@@ -96,23 +98,24 @@ def precompute(data, teacher, model_args, checkpoint, random_init, seed, out, vi
     if gpus_per_worker and device == "cpu":
         raise click.UsageError("--gpus-per-worker reserves GPUs, but the teacher runs on --device cpu: "
                                "pass --device cuda")
-    if ray_address == "none":
-        summary = run_precompute(config)
-    else:
-        from pipeline.ray_runner import RayOptions, run_precompute_ray
+    with writing_to(out):
+        if ray_address == "none":
+            summary = run_precompute(config)
+        else:
+            from pipeline.ray_runner import RayOptions, run_precompute_ray
 
-        summary = run_precompute_ray(config, RayOptions(ray_address, num_workers, cpus_per_worker, gpus_per_worker,
-                                                        max_retries))
+            summary = run_precompute_ray(config, RayOptions(ray_address, num_workers, cpus_per_worker,
+                                                            gpus_per_worker, max_retries))
     for line in summary.lines():
         click.echo(line)
 
 
 @click.command()
-@click.argument("store", type=click.Path())
-@click.option("--recompute", type=int, default=0, help="Re-run the teacher on K random cached samples.")
+@click.argument("store", type=click.Path(file_okay=False))
+@click.option("--recompute", type=P.ints(0, 10**6), default=0, help="Re-run the teacher on K random cached samples.")
 @click.option("--teacher", default=None, help="Teacher for --recompute (name or directory).")
 @teacher_options
-@click.option("--tolerance", default=1e-4, help="Allowed KL excess of the cache over a fresh encoding.")
+@click.option("--tolerance", default=1e-4, type=P.floats(0, 1e6), help="Allowed KL excess of the cache over a fresh encoding.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 def verify(store, recompute, teacher, model_args, checkpoint, random_init, seed, tolerance, as_json):
     """Check a store: schema, every unit's marker, checksums and counts. Exit 1 naming each bad unit."""
@@ -147,7 +150,7 @@ def verify(store, recompute, teacher, model_args, checkpoint, random_init, seed,
 
 
 @click.command()
-@click.argument("store", type=click.Path())
+@click.argument("store", type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 def inspect(store, as_json):
     """Print a store's metadata, units done/total, bytes on disk and per sample, ratio to fp32 maps."""
@@ -167,18 +170,18 @@ def inspect(store, as_json):
 
 
 @click.command()
-@click.argument("store", type=click.Path())
+@click.argument("store", type=click.Path(file_okay=False))
 @click.option("--key", required=True, help="Sample key (webdataset __key__).")
-@click.option("--view", default=0, help="Augmentation view.")
-@click.option("--layers", default=None, help="Layers to draw (slice or list over teacher layers; default: 4 spread out).")
-@click.option("--heads", default=None, help="Comma list of heads (default: all cached heads).")
+@click.option("--view", default=0, type=P.VIEW_INDEX, help="Augmentation view.")
+@click.option("--layers", default=None, callback=P.layers_callback, help="Layers to draw (slice or list over teacher layers; default: 4 spread out).")
+@click.option("--heads", default=None, callback=P.heads_callback, help="Comma list of heads (default: all cached heads).")
 @click.option("--query", type=click.Choice(["cls", "mean"]), default="cls", help="Which query row to draw.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
 def show(store, key, view, layers, heads, query, out):
     """Draw the replayed augmented image and its cached attention maps to a PNG."""
-    from pipeline.show import render
+    from pipeline.show import find_key, render
     from pipeline.store import CacheStore
-    from pipeline.teacher import resolve_layers
+    from pipeline.teacher import resolve_heads, resolve_layers
 
     cache = CacheStore.open(store)
     stored = cache.meta["layers"]
@@ -188,7 +191,19 @@ def show(store, key, view, layers, heads, query, out):
         chosen = [l for l in resolve_layers(layers, cache.meta["teacher"]["num_layers"])]
         missing = [l for l in chosen if l not in stored]
         if missing:
-            raise click.UsageError(f"layers {missing} are not cached (cached: {stored})")
-    head_list = None if heads is None else [int(h) for h in heads.split(",")]
+            raise click.BadParameter(f"layers {missing} are not cached (cached: {stored})", param_hint="'--layers'")
+    if view >= cache.meta["views"]:
+        raise click.BadParameter(f"view {view} is not cached: the store has views 0..{cache.meta['views'] - 1}",
+                                 param_hint="'--view'")
+    head_list = None if heads is None else resolve_heads(heads, cache.meta["teacher"]["num_heads"])
+    missing = sorted(set(head_list or ()) - set(cache.meta["heads"]))
+    if missing:
+        raise click.BadParameter(f"heads {missing} are not cached (cached: {cache.meta['heads']})",
+                                 param_hint="'--heads'")
+    try:
+        find_key(cache, key, view)
+    except KeyError as exc:  # a key the store does not hold (find_key's only error)
+        raise click.BadParameter(f"{exc.args[0]}; `attncache inspect` lists the store's units, the keys are "
+                                 "the shards' __key__ values", param_hint="'--key'") from None
     click.echo(render(cache, key, view, chosen, head_list, query, out))
 

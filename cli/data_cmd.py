@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import click
 
+from cli import params as P
 from pipeline.data import brace_pattern, pack_image_folder
 
 
@@ -18,23 +19,23 @@ def _synth_defaults():
 
 @data.command()
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--num-train", default=2048, show_default=True, help="Labelled training images.")
-@click.option("--num-val", default=512, show_default=True, help="Labelled validation images.")
-@click.option("--num-pool", default=0, show_default=True, help="Unlabelled images for MAE pre-training (pool-*.tar).")
-@click.option("--num-shifted", default=0, show_default=True,
+@click.option("--num-train", default=2048, type=P.ints(1, 10**8), show_default=True, help="Labelled training images.")
+@click.option("--num-val", default=512, type=P.ints(0, 10**8), show_default=True, help="Labelled validation images.")
+@click.option("--num-pool", default=0, type=P.ints(0, 10**8), show_default=True, help="Unlabelled images for MAE pre-training (pool-*.tar).")
+@click.option("--num-shifted", default=0, type=P.ints(0, 10**8), show_default=True,
               help="Shifted-style pool images; also writes shifted-train/-val of --num-train/--num-val.")
-@click.option("--image-size", default=_synth_defaults().image_size, show_default=True, help="Image side in pixels.")
-@click.option("--num-classes", default=_synth_defaults().num_classes, show_default=True, help="Shape classes (2 to 8).")
-@click.option("--decoys", default=_synth_defaults().decoys, show_default=True,
+@click.option("--image-size", default=_synth_defaults().image_size, type=P.ints(8, 4096), show_default=True, help="Image side in pixels.")
+@click.option("--num-classes", default=_synth_defaults().num_classes, type=P.ints(2, 8), show_default=True, help="Shape classes (2 to 8).")
+@click.option("--decoys", default=_synth_defaults().decoys, type=P.ints(0, 64), show_default=True,
               help="At most this many flat shapes of other classes per image.")
-@click.option("--blobs", default=_synth_defaults().blobs, show_default=True, help="At most this many soft blobs.")
-@click.option("--scale", default=_synth_defaults().scale, type=(float, float), show_default=True,
+@click.option("--blobs", default=_synth_defaults().blobs, type=P.ints(0, 64), show_default=True, help="At most this many soft blobs.")
+@click.option("--scale", default=_synth_defaults().scale, type=(P.floats(0, 0.5, True, True), P.floats(0, 0.5, True, True)), show_default=True,
               help="Target radius range, fraction of the image side.")
 @click.option("--texture/--no-texture", default=_synth_defaults().texture, show_default=True,
               help="Stripe texture inside the target.")
-@click.option("--noise", default=_synth_defaults().noise, show_default=True, help="Background pixel noise (std).")
-@click.option("--shard-size", default=256, show_default=True, help="Samples per tar shard.")
-@click.option("--seed", default=0, show_default=True, help="Every image is a function of (seed, split, index, knobs).")
+@click.option("--noise", default=_synth_defaults().noise, type=P.floats(0, 255), show_default=True, help="Background pixel noise (std).")
+@click.option("--shard-size", default=256, type=P.SHARD_SIZE, show_default=True, help="Samples per tar shard.")
+@click.option("--seed", default=0, type=P.SEED, show_default=True, help="Every image is a function of (seed, split, index, knobs).")
 def synth(out_dir, num_train, num_val, num_pool, num_shifted, image_size, num_classes, decoys, blobs, scale,
           texture, noise, shard_size, seed):
     """Write the embedded synthetic data set: the class is the shape of the one outlined, striped
@@ -55,11 +56,11 @@ def synth(out_dir, num_train, num_val, num_pool, num_shifted, image_size, num_cl
 @data.command()
 @click.argument("src_dir", type=click.Path(exists=True, file_okay=False))
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--shard-size", default=1000, type=click.IntRange(1, 10**9), show_default=True,
+@click.option("--shard-size", default=1000, type=P.SHARD_SIZE, show_default=True,
               help="Samples per tar shard.")
 @click.option("--prefix", default="shard", show_default=True,
               help="Shard file name prefix (e.g. train, val: splits share OUT_DIR/classes.json).")
-@click.option("--seed", default=0, type=click.IntRange(0, 2**63 - 1), show_default=True,
+@click.option("--seed", default=0, type=P.SEED, show_default=True,
               help="Seed of the shuffle across shards (recorded in OUT_DIR/PREFIX-pack.json).")
 @click.option("--shuffle/--no-shuffle", default=True, show_default=True,
               help="Shuffle samples across shards; --no-shuffle keeps class-then-file order (shards then "

@@ -5,23 +5,27 @@ from cli.bench_cmd import bench
 from cli.cache_cmd import inspect, precompute, show, verify
 from cli.data_cmd import data
 from cli.demo_cmd import demo
+from cli.errors import os_error_line
 from cli.train_cmd import evaluate, train
 from cli.plan_cmd import plan
 from cli.repro_cmd import repro
 from cli.teacher_cmd import teacher
 from pipeline.checkpoint import TrainError
 from pipeline.data import BadSample, DataError
+from pipeline.plan import PlanError
 from pipeline.student import StudentMismatch
 from pipeline.precompute import TooManySkipped
 from pipeline.pretrain import PretrainError
 from pipeline.ray_runner import ClusterTooSmall, UnitsFailed
+from pipeline.spec_error import SpecError
 from pipeline.store import StoreError
 from pipeline.teacher import TeacherError
 from storage_schema import SchemaError
 
 # errors that are about the user's input, not bugs: one line naming file, key and cause, exit 1
 USER_ERRORS = (BadSample, DataError, TooManySkipped, StoreError, SchemaError, TeacherError, UnitsFailed,
-               ClusterTooSmall, StudentMismatch, PretrainError, TrainError)
+               ClusterTooSmall, StudentMismatch, PretrainError, TrainError,
+               SpecError, PlanError)
 
 
 class _Group(click.Group):
@@ -30,6 +34,15 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except USER_ERRORS as exc:
             raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
+        except TypeError as exc:  # timm's create_model given a --model-arg/--student-arg key it does not take
+            if "unexpected keyword argument" not in str(exc):
+                raise
+            raise click.ClickException(f"TypeError: {exc}: a --model-arg or --student-arg key the timm model does "
+                                       "not take; see the model's constructor for its arguments") from exc
+        except OSError as exc:  # a full disk, a read-only store, a path that is a file: the machine, not a bug
+            if isinstance(exc, BrokenPipeError) or exc.errno is None:
+                raise
+            raise click.ClickException(os_error_line(exc)) from exc
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})

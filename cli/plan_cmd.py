@@ -5,6 +5,7 @@ import json
 
 import click
 
+from cli import params as P
 from pipeline.plan import TRANSFER_MODES, PlanConfig, PlanError, make_plan, plan_lines
 from pipeline.teacher import TeacherConfig, parse_model_args
 
@@ -17,28 +18,28 @@ _DEFAULTS = PlanConfig(teacher=TeacherConfig("x"), samples=1)
                    "builds the architecture with random weights, no downloads).")
 @click.option("--model-arg", "model_args", multiple=True, metavar="K=V",
               help="timm keyword argument for the teacher, e.g. img_size=32 (repeatable).")
-@click.option("--samples", type=int, required=True, help="Samples in the data set.")
-@click.option("--views", default=_DEFAULTS.views, help="Augmentation views per sample.")
-@click.option("--layers", default=_DEFAULTS.layers, help="Layers to cache, Python slice syntax ('0:-3') or list.")
-@click.option("--heads", default=None, help="Comma list of heads to cache (default: all).")
-@click.option("--encoding", default=_DEFAULTS.encoding,
+@click.option("--samples", type=P.ints(1, P.BIG), required=True, help="Samples in the data set.")
+@click.option("--views", default=_DEFAULTS.views, type=P.VIEWS, help="Augmentation views per sample.")
+@click.option("--layers", default=_DEFAULTS.layers, callback=P.layers_callback, help="Layers to cache, Python slice syntax ('0:-3') or list.")
+@click.option("--heads", default=None, callback=P.heads_callback, help="Comma list of heads to cache (default: all).")
+@click.option("--encoding", default=_DEFAULTS.encoding, callback=P.encoding_callback,
               help="exact[:fp16|fp32|bf16|int8|int4|fp8] or lowrank:r=RANKS[:fp16|fp32|bf16|int8|int4|fp8], "
                    "RANKS = R or one per cached layer (R,R,... ; RxK repeats).")
-@click.option("--compression", default=_DEFAULTS.compression,
+@click.option("--compression", default=_DEFAULTS.compression, callback=P.compression_callback,
               help="zstd[:LEVEL][:shuffle|bitshuffle] or none (used by --compression-factor measured).")
-@click.option("--compression-factor", default=_DEFAULTS.compression_factor,
+@click.option("--compression-factor", default=_DEFAULTS.compression_factor, type=P.CompressionFactor(),
               help="Divide factor bytes by this: none (plan the uncompressed size), a number (e.g. from "
                    "`bench fidelity`), or 'measured' (on random inputs and weights: rough).")
-@click.option("--recipe", default=_DEFAULTS.recipe, help="Augmentation recipe (sets the aug array's width).")
-@click.option("--key-bytes", default=_DEFAULTS.key_bytes, help="Typical length of a sample key in bytes.")
+@click.option("--recipe", default=_DEFAULTS.recipe, callback=P.recipe_callback, help="Augmentation recipe (sets the aug array's width).")
+@click.option("--key-bytes", default=_DEFAULTS.key_bytes, type=P.ints(0, 2**20), help="Typical length of a sample key in bytes.")
 @click.option("--mode", type=click.Choice(list(TRANSFER_MODES)), default=None,
               help="Transfer mode the store must serve; an encoding that cannot serve it is refused (exit 2).")
-@click.option("--images-per-s", type=float, default=None,
+@click.option("--images-per-s", type=P.floats(0, 1e9, low_open=True), default=None,
               help="Precompute throughput to plan with [default: measured here on random inputs].")
-@click.option("--batch-size", default=_DEFAULTS.batch_size, help="Batch size of the throughput measurement.")
-@click.option("--measure-batches", default=_DEFAULTS.measure_batches,
+@click.option("--batch-size", default=_DEFAULTS.batch_size, type=P.BATCH, help="Batch size of the throughput measurement.")
+@click.option("--measure-batches", default=_DEFAULTS.measure_batches, type=P.ints(1, 10**4),
               help="Timed batches of the throughput measurement (after one warm-up batch).")
-@click.option("--threads", default=_DEFAULTS.threads, help="Torch intra-op threads of the measurement.")
+@click.option("--threads", default=_DEFAULTS.threads, type=P.THREADS, help="Torch intra-op threads of the measurement.")
 @click.option("--device", default="cpu", help="Device of the throughput measurement: cpu, cuda, ...")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 def plan(teacher, model_args, samples, views, layers, heads, encoding, compression, compression_factor, recipe,

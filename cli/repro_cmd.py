@@ -5,6 +5,7 @@ from pathlib import Path
 
 import click
 
+from cli import params as P
 from pipeline.repro import ReproConfig
 
 _R = ReproConfig(out="")
@@ -21,23 +22,23 @@ def _ints(text: str) -> tuple[int, ...]:
 @click.command()
 @click.option("--out", default="repro_out", show_default=True, type=click.Path(file_okay=False),
               help="Working directory: data, teachers, caches, runs (kept; a re-run resumes).")
-@click.option("--scale", default=_R.scale, show_default=True,
+@click.option("--scale", default=_R.scale, type=P.floats(0, 1000, low_open=True), show_default=True,
               help="Multiplies the training set (2048) and the pre-training pools (4096): >1 for larger machines.")
-@click.option("--seeds", default=",".join(map(str, _R.seeds)), show_default=True, help="Student seeds.")
-@click.option("--views", default=",".join(map(str, _R.views)), show_default=True,
+@click.option("--seeds", default=",".join(map(str, _R.seeds)), type=P.IntList(P.SEED), show_default=True, help="Student seeds.")
+@click.option("--views", default=",".join(map(str, _R.views)), type=P.IntList(P.VIEWS), show_default=True,
               help="Cached views compared (the largest is the cache's V and the main arms').")
-@click.option("--student-epochs", default=_R.student_epochs, show_default=True, help="Epochs of every student.")
-@click.option("--teacher-epochs", default=_R.teacher_epochs, show_default=True, help="MAE pre-training epochs.")
-@click.option("--supervised-epochs", default=_R.supervised_epochs, show_default=True,
+@click.option("--student-epochs", default=_R.student_epochs, type=P.EPOCHS, show_default=True, help="Epochs of every student.")
+@click.option("--teacher-epochs", default=_R.teacher_epochs, type=P.EPOCHS, show_default=True, help="MAE pre-training epochs.")
+@click.option("--supervised-epochs", default=_R.supervised_epochs, type=P.EPOCHS, show_default=True,
               help="Supervised teacher's epochs (group 'teachers').")
-@click.option("--jobs", default=_R.jobs, show_default=True, help="Student runs at a time (for a GPU or many cores).")
-@click.option("--batch-size", default=_R.batch_size, show_default=True, help="Student batch size.")
-@click.option("--lr", default=_R.lr, show_default=True, help="Student peak learning rate.")
-@click.option("--encoding", default=_R.encoding, show_default=True, help="Encoding of the low-rank caches.")
+@click.option("--jobs", default=_R.jobs, type=P.ints(1, 256), show_default=True, help="Student runs at a time (for a GPU or many cores).")
+@click.option("--batch-size", default=_R.batch_size, type=P.BATCH, show_default=True, help="Student batch size.")
+@click.option("--lr", default=_R.lr, type=P.RATE, show_default=True, help="Student peak learning rate.")
+@click.option("--encoding", default=_R.encoding, callback=P.encoding_callback, show_default=True, help="Encoding of the low-rank caches.")
 @click.option("--groups", default=",".join(GROUPS), show_default=True,
               help=f"Which parts to run: {', '.join(GROUPS)} (main is always run).")
 @click.option("--device", default=_R.device, show_default=True, help="Student training device (cpu, cuda).")
-@click.option("--threads", type=int, default=None, help="Torch threads per step [default: the commands' default].")
+@click.option("--threads", type=P.THREADS, default=None, help="Torch threads per step [default: the commands' default].")
 @click.option("--results", "results_path", default=None, type=click.Path(dir_okay=False),
               help="Where to write RESULTS.md [default: OUT/RESULTS.md].")
 @click.option("--figures", "figures_dir", default=None, type=click.Path(file_okay=False),

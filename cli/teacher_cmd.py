@@ -5,6 +5,7 @@ import json
 
 import click
 
+from cli import params as P
 from pipeline.optim import OptimConfig
 from pipeline.precompute import default_threads
 from pipeline.pretrain import METHODS, TINY_VIT, Mae, PretrainConfig, Supervised
@@ -29,19 +30,19 @@ def teacher():
 @click.option("--model", default=_P.model, help="timm model name.")
 @click.option("--model-arg", "model_args", multiple=True, metavar="K=V",
               help=f"timm argument; when none is given the tiny preset is used: {_TINY}.")
-@click.option("--epochs", default=_P.epochs, help="Passes over the data.")
-@click.option("--batch-size", default=_P.batch_size, help="Images per step.")
-@click.option("--lr", default=_P.optim.lr, help="Peak learning rate (AdamW, betas 0.9/0.95, cosine).")
-@click.option("--warmup-epochs", default=_P.optim.warmup_epochs, help="Linear warmup, in epochs.")
-@click.option("--weight-decay", default=_P.optim.weight_decay, help="AdamW weight decay.")
-@click.option("--mask-ratio", default=Mae().mask_ratio, help="MAE: fraction of patches hidden from the encoder.")
-@click.option("--decoder-dim", default=Mae().decoder_dim, help="MAE: width of the decoder.")
-@click.option("--decoder-depth", default=Mae().decoder_depth, help="MAE: blocks in the decoder.")
-@click.option("--smoothing", default=Supervised().smoothing, help="Supervised: label smoothing.")
-@click.option("--num-classes", type=int, default=None, help="Supervised: classes [default: max label + 1].")
+@click.option("--epochs", default=_P.epochs, type=P.EPOCHS, help="Passes over the data.")
+@click.option("--batch-size", default=_P.batch_size, type=P.BATCH, help="Images per step.")
+@click.option("--lr", default=_P.optim.lr, type=P.RATE, help="Peak learning rate (AdamW, betas 0.9/0.95, cosine).")
+@click.option("--warmup-epochs", default=_P.optim.warmup_epochs, type=P.floats(0, 10**6), help="Linear warmup, in epochs.")
+@click.option("--weight-decay", default=_P.optim.weight_decay, type=P.floats(0, 100), help="AdamW weight decay.")
+@click.option("--mask-ratio", default=Mae().mask_ratio, type=P.floats(0, 1, True, True), help="MAE: fraction of patches hidden from the encoder.")
+@click.option("--decoder-dim", default=Mae().decoder_dim, type=P.ints(1, 8192), help="MAE: width of the decoder.")
+@click.option("--decoder-depth", default=Mae().decoder_depth, type=P.ints(1, 64), help="MAE: blocks in the decoder.")
+@click.option("--smoothing", default=Supervised().smoothing, type=P.FRACTION, help="Supervised: label smoothing.")
+@click.option("--num-classes", type=P.CLASSES, default=None, help="Supervised: classes [default: max label + 1].")
 @click.option("--eval-data", multiple=True, help="Supervised: labelled shards to report top-1 on at the end.")
-@click.option("--seed", default=_P.seed, help="Seed of the init, the order, the crops and the masks.")
-@click.option("--threads", default=default_threads(), help="Torch intra-op threads.")
+@click.option("--seed", default=_P.seed, type=P.SEED, help="Seed of the init, the order, the crops and the masks.")
+@click.option("--threads", default=default_threads(), type=P.THREADS, help="Torch intra-op threads.")
 @click.option("--device", default=_P.device, help="Device: cpu, cuda, cuda:1 ... (crops and masks are drawn on "
                                                    "the CPU generator either way).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")

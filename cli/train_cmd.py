@@ -9,6 +9,8 @@ import click
 
 from pipeline import atomic
 from cli.cache_cmd import max_sample_bytes_option
+from cli import params as P
+from cli.outdir import writing_to
 from pipeline.optim import OptimConfig
 from pipeline.precompute import default_threads
 from pipeline.student import MODES, StudentConfig
@@ -23,6 +25,19 @@ def _teacher(teacher, model_args, checkpoint, random_init, teacher_seed, device)
     if teacher is None:
         return None
     return TeacherConfig(teacher, parse_model_args(model_args), checkpoint, random_init, teacher_seed, device)
+
+
+# timm keywords the trainer sets from its own options: a --student-arg with one of them would collide
+_OWN_STUDENT_ARGS = {"num_classes": "--num-classes", "drop_path_rate": "--drop-path", "pretrained": "--mode finetune"}
+
+
+def _student_args(pairs) -> tuple:
+    args = parse_model_args(pairs)
+    for key, value in args:
+        if key in _OWN_STUDENT_ARGS:
+            raise click.BadParameter(f"{key}={value} is set by the trainer: use {_OWN_STUDENT_ARGS[key]} instead",
+                                     param_hint="'--student-arg'")
+    return args
 
 
 def _recipe_with_mix(recipe: str, mixup: float, cutmix: float) -> str:
@@ -41,45 +56,45 @@ def _recipe_with_mix(recipe: str, mixup: float, cutmix: float) -> str:
 @click.option("--model-arg", "model_args", multiple=True, metavar="K=V", help="timm argument of the teacher.")
 @click.option("--checkpoint", default=None, type=click.Path(dir_okay=False), help="Teacher weights file.")
 @click.option("--random-init", is_flag=True, help="Seeded random teacher (tests).")
-@click.option("--teacher-seed", default=0, help="Seed of --random-init teacher weights.")
+@click.option("--teacher-seed", default=0, type=P.SEED, help="Seed of --random-init teacher weights.")
 @click.option("--mode", type=click.Choice(list(MODES)), default="distill",
               help="How the teacher's attention is transferred (scratch/finetune are the baselines).")
 @click.option("--student", required=True, help="timm model name of the student.")
 @click.option("--student-arg", "student_args", multiple=True, metavar="K=V", help="timm argument of the student.")
-@click.option("--num-classes", type=int, default=None, help="Classes [default: classes.json beside the shards].")
+@click.option("--num-classes", type=P.CLASSES, default=None, help="Classes [default: classes.json beside the shards].")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory (resumed if present).")
-@click.option("--views", type=int, default=None, help="Use only the cache's first N views [default: all].")
-@click.option("--max-steps", type=int, default=None, help="Optimiser steps (or give --epochs).")
-@click.option("--epochs", type=int, default=None, help="Epochs; epoch e reads cached view e mod V.")
-@click.option("--batch-size", default=_T.batch_size, help="Samples per step per rank.")
-@click.option("--layers", default=None, help="Student layers to transfer (slice or list) [default: all but last 3].")
-@click.option("--heads", default=None, help="Distill modes: comma list of heads to transfer [default: all]; "
+@click.option("--views", type=P.VIEWS, default=None, help="Use only the cache's first N views [default: all].")
+@click.option("--max-steps", type=P.STEPS, default=None, help="Optimiser steps (or give --epochs).")
+@click.option("--epochs", type=P.EPOCHS, default=None, help="Epochs; epoch e reads cached view e mod V.")
+@click.option("--batch-size", default=_T.batch_size, type=P.BATCH, help="Samples per step per rank.")
+@click.option("--layers", default=None, callback=P.layers_callback, help="Student layers to transfer (slice or list) [default: all but last 3].")
+@click.option("--heads", default=None, callback=P.heads_callback, help="Distill modes: comma list of heads to transfer [default: all]; "
                                          "the other heads of those layers learn freely.")
-@click.option("--distill-weight", default=_T.distill_weight, help="Weight of the transfer loss (distill modes).")
-@click.option("--lr", default=_O.lr, help="Peak learning rate (timm --lr).")
-@click.option("--min-lr", default=_O.min_lr, help="Final learning rate of the cosine schedule.")
-@click.option("--weight-decay", default=_O.weight_decay, help="AdamW weight decay.")
-@click.option("--warmup-epochs", default=_O.warmup_epochs, help="Linear warmup, in epochs.")
-@click.option("--layer-decay", type=float, default=None, help="Layer-wise lr decay (e.g. 0.75) [default: off].")
-@click.option("--drop-path", default=0.0, help="Stochastic depth of the student (the teacher never drops).")
-@click.option("--smoothing", default=_T.smoothing, help="Label smoothing.")
-@click.option("--mixup", default=0.0, help="Mixup alpha; without a cache only (a cache fixes its mix at precompute: "
+@click.option("--distill-weight", default=_T.distill_weight, type=P.WEIGHT, help="Weight of the transfer loss (distill modes).")
+@click.option("--lr", default=_O.lr, type=P.RATE, help="Peak learning rate (timm --lr).")
+@click.option("--min-lr", default=_O.min_lr, type=P.floats(0, 10), help="Final learning rate of the cosine schedule.")
+@click.option("--weight-decay", default=_O.weight_decay, type=P.floats(0, 100), help="AdamW weight decay.")
+@click.option("--warmup-epochs", default=_O.warmup_epochs, type=P.floats(0, 10**6), help="Linear warmup, in epochs.")
+@click.option("--layer-decay", type=P.floats(0, 1, low_open=True), default=None, help="Layer-wise lr decay (e.g. 0.75) [default: off].")
+@click.option("--drop-path", default=0.0, type=P.FRACTION, help="Stochastic depth of the student (the teacher never drops).")
+@click.option("--smoothing", default=_T.smoothing, type=P.FRACTION, help="Label smoothing.")
+@click.option("--mixup", default=0.0, type=P.floats(0, 100), help="Mixup alpha; without a cache only (a cache fixes its mix at precompute: "
                                           "use --recipe train_mix there).")
-@click.option("--cutmix", default=0.0, help="CutMix alpha; without a cache only.")
-@click.option("--clip-grad", type=float, default=None, help="Clip the gradient norm [default: off].")
-@click.option("--model-ema-decay", type=float, default=None, help="Keep an EMA of the weights [default: off].")
-@click.option("--recipe", default=_T.recipe, help="Augmentation recipe without a cache (a cache carries its own).")
+@click.option("--cutmix", default=0.0, type=P.floats(0, 100), help="CutMix alpha; without a cache only.")
+@click.option("--clip-grad", type=P.floats(0, 1e6, low_open=True), default=None, help="Clip the gradient norm [default: off].")
+@click.option("--model-ema-decay", type=P.floats(0, 1, low_open=True, high_open=True), default=None, help="Keep an EMA of the weights [default: off].")
+@click.option("--recipe", default=_T.recipe, callback=P.recipe_callback, help="Augmentation recipe without a cache (a cache carries its own).")
 @click.option("--eval-cache", default=None, type=click.Path(), help="Eval store (precompute --recipe eval).")
 @click.option("--eval-data", multiple=True, help="Eval shards (with the eval recipe, or matching --eval-cache).")
-@click.option("--seed", default=_T.seed, help="Seed of the student init, unit order, shuffle and drop path.")
-@click.option("--workers", default=_T.workers, help="Loader processes per rank.")
-@click.option("--shuffle-buffer", default=_T.shuffle_buffer, help="Samples in each worker's shuffle buffer.")
+@click.option("--seed", default=_T.seed, type=P.SEED, help="Seed of the student init, unit order, shuffle and drop path.")
+@click.option("--workers", default=_T.workers, type=P.LOADER_WORKERS, help="Loader processes per rank.")
+@click.option("--shuffle-buffer", default=_T.shuffle_buffer, type=P.ints(0, 10**8), help="Samples in each worker's shuffle buffer.")
 @click.option("--amp", type=click.Choice(["auto", "bf16", "none"]), default="auto",
               help="bf16 autocast: auto = on CUDA devices that support it.")
 @click.option("--device", default="cpu", help="Training device: cpu, cuda, cuda:1 ...")
-@click.option("--threads", default=default_threads(), help="Torch intra-op threads (fixes numerics).")
-@click.option("--checkpoint-every", default=_T.checkpoint_every, help="Steps between resumable checkpoints.")
-@click.option("--log-every", default=_T.log_every, help="Steps between metrics lines.")
+@click.option("--threads", default=default_threads(), type=P.THREADS, help="Torch intra-op threads (fixes numerics).")
+@click.option("--checkpoint-every", default=_T.checkpoint_every, type=P.STEPS, help="Steps between resumable checkpoints.")
+@click.option("--log-every", default=_T.log_every, type=P.STEPS, help="Steps between metrics lines.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final result as one JSON object.")
 @max_sample_bytes_option(_T.max_sample_bytes)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -111,9 +126,10 @@ def train(data, cache, teacher, model_args, checkpoint, random_init, teacher_see
         from pipeline.store import CacheStore
 
         check_store_data(CacheStore.open(cache), tuple(data), full=True)
+    student_kwargs = _student_args(student_args)
     classes = num_classes or infer_num_classes(tuple(data), cache)
     teacher_cfg = _teacher(teacher, model_args, checkpoint, random_init, teacher_seed, device)
-    spec = TransferSpec(StudentConfig(student, parse_model_args(student_args), classes, drop_path, seed), mode,
+    spec = TransferSpec(StudentConfig(student, student_kwargs, classes, drop_path, seed), mode,
                         layers, cache, teacher_cfg, heads)
     optim = OptimConfig(lr=lr, min_lr=min_lr, weight_decay=weight_decay, layer_decay=layer_decay,
                         warmup_epochs=warmup_epochs, clip_grad=clip_grad, model_ema_decay=model_ema_decay)
@@ -124,7 +140,8 @@ def train(data, cache, teacher, model_args, checkpoint, random_init, teacher_see
                          eval_data=tuple(eval_data), amp=amp, device=device, threads=threads,
                          checkpoint_every=checkpoint_every, log_every=log_every, progress=not quiet, optim=optim,
                          max_sample_bytes=max_sample_bytes)
-    result = run_train(config)
+    with writing_to(out):
+        result = run_train(config)
     summary = {"steps": result.steps, "samples": result.samples, "seconds": round(result.seconds, 2),
                "out": result.out, "eval": result.final}
     if as_json:
@@ -140,8 +157,8 @@ def train(data, cache, teacher, model_args, checkpoint, random_init, teacher_see
 @click.argument("run", type=click.Path(exists=True))
 @click.option("--data", multiple=True, help="Eval shards [default: the --cache store's shards].")
 @click.option("--cache", default=None, type=click.Path(), help="Eval store (needed by copy modes; its recipe is used).")
-@click.option("--batch-size", default=128, help="Samples per batch.")
-@click.option("--workers", default=2, help="Loader processes.")
+@click.option("--batch-size", default=128, type=P.BATCH, help="Samples per batch.")
+@click.option("--workers", default=2, type=P.LOADER_WORKERS, help="Loader processes.")
 @click.option("--device", default="cpu", help="Device.")
 @click.option("--out", "out_file", default=None, type=click.Path(dir_okay=False),
               help="JSON file to write [default: eval.json in the run directory].")

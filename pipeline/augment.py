@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from pipeline import _randaug
+from pipeline.spec_error import SpecError
 
 INTERPOLATIONS = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 INTERP_CODES = ("nearest", "bilinear", "bicubic")
@@ -288,7 +289,7 @@ class Mix(Op):
     @staticmethod
     def fill(args, d):
         if args["mixup_alpha"] <= 0 and args["cutmix_alpha"] <= 0:
-            raise ValueError("op 'mix' needs mixup_alpha > 0 or cutmix_alpha > 0")
+            raise SpecError("op 'mix' needs mixup_alpha > 0 or cutmix_alpha > 0")
         return args
 
 
@@ -388,21 +389,21 @@ def _validate(ops: tuple[OpSpec, ...]) -> None:
     names = [op.name for op in ops]
     unknown = [n for n in names if n not in OPS]
     if unknown:
-        raise ValueError(f"unknown augmentation op {unknown[0]!r}; known: {sorted(OPS)}")
+        raise SpecError(f"unknown augmentation op {unknown[0]!r}; known: {sorted(OPS)}")
     if names.count("normalize") != 1:
-        raise ValueError(f"a recipe needs exactly one 'normalize' op (got {names.count('normalize')}): {names}")
+        raise SpecError(f"a recipe needs exactly one 'normalize' op (got {names.count('normalize')}): {names}")
     pairs = [i for i, n in enumerate(names) if OPS[n].stage == "pair"]
     if len(pairs) > 1 or (pairs and pairs[0] != len(names) - 1):
-        raise ValueError(f"op {names[pairs[0]]!r} mixes pairs of samples: at most one, as the last op: {names}")
+        raise SpecError(f"op {names[pairs[0]]!r} mixes pairs of samples: at most one, as the last op: {names}")
     cut = names.index("normalize")
     late = [n for n in names[:cut] if OPS[n].stage == "tensor"]
     early = [n for n in names[cut + 1:] if OPS[n].stage == "pil"]
     if late:
-        raise ValueError(f"op {late[0]!r} works on tensors and must come after 'normalize'")
+        raise SpecError(f"op {late[0]!r} works on tensors and must come after 'normalize'")
     if early:
-        raise ValueError(f"op {early[0]!r} works on PIL images and must come before 'normalize'")
+        raise SpecError(f"op {early[0]!r} works on PIL images and must come before 'normalize'")
     if not any(n in ("rrc", "center_crop") for n in names[:cut]):
-        raise ValueError("a recipe must fix the output size with 'rrc' or 'center_crop' before 'normalize'")
+        raise SpecError("a recipe must fix the output size with 'rrc' or 'center_crop' before 'normalize'")
 
 
 def _parse_op(text: str, defaults: RecipeDefaults) -> OpSpec:
@@ -410,21 +411,33 @@ def _parse_op(text: str, defaults: RecipeDefaults) -> OpSpec:
     name, _, rest = text.partition("(")
     name = name.strip()
     if name not in OPS:
-        raise ValueError(f"unknown augmentation op {name!r}; known: {sorted(OPS)}")
+        raise SpecError(f"unknown augmentation op {name!r}; known: {sorted(OPS)}")
     given = {}
     if rest:
         if not rest.endswith(")"):
-            raise ValueError(f"op {name!r}: unbalanced parentheses in {text!r}")
-        call = ast.parse(f"f({rest[:-1]})", mode="eval").body
-        if call.args:
-            raise ValueError(f"op {name!r}: arguments must be named, e.g. {name}(p=0.5)")
-        given = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
+            raise SpecError(f"op {name!r}: unbalanced parentheses in {text!r}")
+        try:
+            call = ast.parse(f"f({rest[:-1]})", mode="eval").body
+            if not isinstance(call, ast.Call) or call.args or any(kw.arg is None for kw in call.keywords):
+                raise SpecError(f"op {name!r}: arguments must be named, e.g. {name}(p=0.5)")
+            given = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
+        except SpecError:
+            raise
+        except (SyntaxError, ValueError) as exc:
+            raise SpecError(f"op {name!r}: arguments {rest[:-1]!r} are not name=literal pairs, e.g. "
+                            f"{name}(p=0.5) ({type(exc).__name__}: {exc})") from None
     op = OPS[name]
     bad = sorted(set(given) - set(op.defaults))
     if bad:
-        raise ValueError(f"op {name!r} has no argument {bad[0]!r}; its arguments: {sorted(op.defaults)}")
+        raise SpecError(f"op {name!r} has no argument {bad[0]!r}; its arguments: {sorted(op.defaults)}")
     args = op.fill({**op.defaults, **given}, defaults)
     return OpSpec(name, tuple(sorted((k, _freeze(v)) for k, v in args.items())))
+
+
+def check_recipe_text(spec: str) -> None:
+    """Raise SpecError for a recipe that no teacher could take (unknown op, bad argument, wrong
+    order), before a teacher is loaded; sizes and means are the teacher's, so any stand-in will do."""
+    parse_recipe(spec, RecipeDefaults(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)))
 
 
 def parse_recipe(spec: str, defaults: RecipeDefaults) -> Recipe:
@@ -432,5 +445,5 @@ def parse_recipe(spec: str, defaults: RecipeDefaults) -> Recipe:
     spec = PRESETS.get(spec.strip(), spec)
     parts = [p for p in spec.split("|") if p.strip()]
     if not parts:
-        raise ValueError("empty augmentation recipe")
+        raise SpecError("empty augmentation recipe")
     return Recipe(tuple(_parse_op(p, defaults) for p in parts))

@@ -25,6 +25,7 @@ import torch
 from pipeline.factors import (_FLOAT_DTYPES, LOGIT_FACTORS_ONLY, SIGNALS, ArraySpec, ExactEncoding, LowRankEncoding,
                               _as_tensor, _from_storage, _to_storage, check_signal, dequantize_rows_int8,
                               quantize_rows_int8)
+from pipeline.spec_error import SpecError
 
 SCALED_QUANTS = {"int8": 127.0, "int4": 7.0, "fp8": 448.0}  # largest stored magnitude of each
 QUANTS = (*_FLOAT_DTYPES, *SCALED_QUANTS)  # fp32 fp16 bf16 int8 int4 fp8
@@ -128,7 +129,7 @@ class QuantExactEncoding:
 
     def array_specs(self, num_layers: int, num_heads: int, num_tokens: int, head_dim: int) -> list[ArraySpec]:
         if self.dtype == "int4" and head_dim % 2:
-            raise ValueError(f"{self.spec} packs two values per byte: the head dim d={head_dim} must be even")
+            raise SpecError(f"{self.spec} packs two values per byte: the head dim d={head_dim} must be even")
         rows, codec = (num_layers, num_heads, num_tokens), RowCodec(self.dtype)
         return (codec.specs("q", rows, head_dim, "queries after q_norm, before scale")
                 + codec.specs("k", rows, head_dim, "keys after k_norm"))
@@ -195,14 +196,14 @@ class RankedLowRankEncoding:
         if not self.is_schedule:
             return self.ranks * num_layers
         if len(self.ranks) != num_layers:
-            raise ValueError(f"rank schedule {self.spec!r} gives {len(self.ranks)} ranks but {num_layers} layers are "
+            raise SpecError(f"rank schedule {self.spec!r} gives {len(self.ranks)} ranks but {num_layers} layers are "
                              "cached: give one rank per cached layer (see --layers), e.g. r=4x6,16x6")
         return self.ranks
 
     def array_specs(self, num_layers: int, num_heads: int, num_tokens: int, head_dim: int) -> list[ArraySpec]:
         self.layer_ranks(num_layers)
         if self.rank > head_dim:
-            raise ValueError(f"lowrank rank r={self.rank} exceeds the teacher's head dim d={head_dim}")
+            raise SpecError(f"lowrank rank r={self.rank} exceeds the teacher's head dim d={head_dim}")
         rows, codec = (num_layers, num_heads, num_tokens), RowCodec(self.quant)
         padded = " (zero columns past the layer's rank)" if self.is_schedule else ""
         return (codec.specs("a", rows, self.rank, "left factor" + padded)
@@ -248,7 +249,7 @@ GRAMMAR = ("exact[:fp16|fp32|bf16|int8|int4|fp8]  or  lowrank:r=RANKS[:fp16|fp32
 def parse_exact(spec: str, rest: list[str]):
     dtype = rest[0] if rest else "fp16"
     if len(rest) > 1 or dtype not in QUANTS:
-        raise ValueError(f"bad encoding {spec!r}: exact takes one of {', '.join(QUANTS)} (grammar: {GRAMMAR})")
+        raise SpecError(f"bad encoding {spec!r}: exact takes one of {', '.join(QUANTS)} (grammar: {GRAMMAR})")
     return ExactEncoding(dtype) if dtype in _FLOAT_DTYPES else QuantExactEncoding(dtype)
 
 
@@ -258,11 +259,11 @@ def parse_ranks(spec: str, text: str) -> tuple[int, ...]:
     for item in text.split(","):
         match = re.fullmatch(r"\s*(\d+)\s*(?:[x*]\s*(\d+))?\s*", item)
         if not match:
-            raise ValueError(f"bad encoding {spec!r}: rank {item!r} is not R or RxK (integers), e.g. r=16 or "
+            raise SpecError(f"bad encoding {spec!r}: rank {item!r} is not R or RxK (integers), e.g. r=16 or "
                              "r=4x6,16x6")
         rank, repeat = int(match.group(1)), int(match.group(2) or 1)
         if rank < 1 or repeat < 1:
-            raise ValueError(f"bad encoding {spec!r}: ranks and repeats must be >= 1 (got {item.strip()!r})")
+            raise SpecError(f"bad encoding {spec!r}: ranks and repeats must be >= 1 (got {item.strip()!r})")
         ranks += [rank] * repeat
     return tuple(ranks)
 
@@ -275,10 +276,10 @@ def parse_lowrank(spec: str, rest: list[str]):
         elif part in QUANTS:
             quant = part
         else:
-            raise ValueError(f"bad encoding {spec!r}: unknown part {part!r} (expected r=RANKS or one of "
+            raise SpecError(f"bad encoding {spec!r}: unknown part {part!r} (expected r=RANKS or one of "
                              f"{', '.join(QUANTS)}; grammar: {GRAMMAR})")
     if ranks is None:
-        raise ValueError(f"bad encoding {spec!r}: lowrank needs a rank r>=1, e.g. 'lowrank:r=16:int8' "
+        raise SpecError(f"bad encoding {spec!r}: lowrank needs a rank r>=1, e.g. 'lowrank:r=16:int8' "
                          "or a schedule 'lowrank:r=4,4,8,8:int8'")
     if len(ranks) == 1 and quant in _CORE_LOWRANK_QUANTS:
         return LowRankEncoding(ranks[0], quant)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pipeline.spec_error import SpecError
+
 INT8_MAX = 127.0
 
 # What a consumer can ask an encoding to decode (`Encoding.decode(arrays, what, scale, device)`):
@@ -201,7 +203,7 @@ class LowRankEncoding:
 
     def array_specs(self, num_layers: int, num_heads: int, num_tokens: int, head_dim: int) -> list[ArraySpec]:
         if self.rank > head_dim:
-            raise ValueError(f"lowrank rank r={self.rank} exceeds the teacher's head dim d={head_dim}")
+            raise SpecError(f"lowrank rank r={self.rank} exceeds the teacher's head dim d={head_dim}")
         shape = (num_layers, num_heads, num_tokens, self.rank)
         if self.quant == "int8":
             row = shape[:-1]
@@ -284,13 +286,13 @@ def parse_encoding(spec: str) -> Encoding:
 
     parts = [p.strip() for p in spec.strip().split(":") if p.strip()]
     if not parts:
-        raise ValueError(f"empty encoding spec; expected e.g. 'exact:fp16' or 'lowrank:r=16:int8' ({GRAMMAR})")
+        raise SpecError(f"empty encoding spec; expected e.g. 'exact:fp16' or 'lowrank:r=16:int8' ({GRAMMAR})")
     kind, rest = parts[0], parts[1:]
     if kind == "exact":
         return parse_exact(spec, rest)
     if kind == "lowrank":
         return parse_lowrank(spec, rest)
-    raise ValueError(f"unknown encoding kind {kind!r} in {spec!r}; known: exact, lowrank ({GRAMMAR})")
+    raise SpecError(f"unknown encoding kind {kind!r} in {spec!r}; known: exact, lowrank ({GRAMMAR})")
 
 
 def encoding_from_json(d: dict) -> Encoding:

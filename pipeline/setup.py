@@ -199,8 +199,9 @@ def eval_stream(session: Session, num_classes: int, eval_cache: str | None,
     if not eval_data:
         return None
     if strategy.uses_teacher_at_eval and session.teacher is None:
-        raise StudentMismatch(f"mode {session.mode.name} evaluates with the teacher's attention: pass --eval-cache "
-                              "(precompute the eval split with --recipe eval) or train with an online --teacher")
+        raise StudentMismatch(f"mode {session.mode.name} evaluates with the teacher's attention: give an eval store "
+                              "(`evaluate --cache STORE`, `train --eval-cache STORE`; precompute the eval split with "
+                              "--recipe eval) or train with an online --teacher")
     recipe = eval_recipe_like(session.recipe)
     stream = StreamConfig(tuple(expand_shards(list(eval_data))), tuple(recipe.to_json()), num_classes, None, 0, 1,
                           0.0, 0, with_factors=False)

@@ -24,6 +24,7 @@ from zarr.codecs import BloscCodec, ZstdCodec
 from pipeline.data import redact
 from pipeline.factors import Encoding, encoding_from_json
 from pipeline.store_integrity import array_doc_paths, content_problems, coverage_problems, metadata_sha256
+from pipeline.spec_error import SpecError
 from storage_schema import SCHEMA_VERSION, SchemaError, validate_marker, validate_store_metadata
 
 META_ATTR = "attncache"
@@ -107,11 +108,19 @@ def parse_compression(spec: str) -> dict:
     if parts == ["none"]:
         return {"codec": "none", "level": 0, "shuffle": "none"}
     if parts[0] != "zstd" or len(parts) > 3:
-        raise ValueError(f"bad compression {spec!r}: expected 'zstd[:LEVEL][:shuffle|bitshuffle]' or 'none'")
-    level = int(parts[1]) if len(parts) > 1 else 3
+        raise SpecError(f"bad compression {spec!r}: expected 'zstd[:LEVEL][:shuffle|bitshuffle]' or 'none'")
+    try:
+        level = int(parts[1]) if len(parts) > 1 else 3
+    except ValueError:
+        raise SpecError(f"bad compression {spec!r}: level {parts[1]!r} is not an integer "
+                        "(expected 'zstd[:LEVEL][:shuffle|bitshuffle]', e.g. zstd:3)") from None
     shuffle = {"shuffle": "byte", "bitshuffle": "bit", "noshuffle": "none"}.get(parts[2] if len(parts) > 2 else "noshuffle")
     if shuffle is None:
-        raise ValueError(f"bad compression {spec!r}: shuffle must be 'shuffle' or 'bitshuffle'")
+        raise SpecError(f"bad compression {spec!r}: shuffle must be 'shuffle' or 'bitshuffle'")
+    top = 22 if shuffle == "none" else 9  # zstd's levels; blosc (used for shuffles) takes 0-9
+    if not 0 <= level <= top:
+        raise SpecError(f"bad compression {spec!r}: level {level} is not in 0..{top}"
+                        + (" (a shuffle goes through blosc, whose levels stop at 9)" if top == 9 else ""))
     return {"codec": "zstd", "level": level, "shuffle": shuffle}
 
 

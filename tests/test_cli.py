@@ -60,7 +60,8 @@ def test_show_draws_the_replayed_image_and_attention(cli_store, tmp_path):
     assert result.exit_code == 0, result.output
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     missing = CliRunner().invoke(cli, ["show", str(cli_store), "--key", "nope", "--out", str(out)])
-    assert missing.exit_code != 0 and "nope" in str(missing.exception)
+    assert missing.exit_code == 2 and "Invalid value for '--key': key 'nope' is not cached" in missing.output
+    assert "Traceback" not in missing.output  # one line, not a KeyError (issue 17)
 
 
 def test_bad_input_is_one_clear_line_not_a_traceback(tmp_path):

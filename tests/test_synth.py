@@ -73,4 +73,4 @@ def test_cli_synth_writes_the_splits_it_names(tmp_path):
     labels = {decode_sample(u, e)[1] for u, e in _entries(str(tmp_path / "d" / "train-{000000..000002}.tar"))}
     assert labels <= {0, 1, 2}
     bad = CliRunner().invoke(cli, ["data", "synth", str(tmp_path / "e"), "--num-classes", "12"])
-    assert bad.exit_code != 0 and "num_classes" in bad.output
+    assert bad.exit_code == 2 and "Invalid value for '--num-classes': 12 is not in the range 2<=x<=8." in bad.output
