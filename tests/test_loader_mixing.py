@@ -57,7 +57,7 @@ def class_ordered_shards(out: Path, per_class: int, prefix: str, seed: int) -> s
 @pytest.fixture(scope="module")
 def ordered(tmp_path_factory):
     root = tmp_path_factory.mktemp("ordered")
-    return {"train": class_ordered_shards(root / "train", 40, "train", 0),
+    return {"train": class_ordered_shards(root / "train", 100, "train", 0),
             "val": class_ordered_shards(root / "val", 20, "val", 1)}
 
 
@@ -68,8 +68,8 @@ def _run(args):
 
 
 def test_batches_of_class_ordered_shards_hold_many_classes(ordered):
-    """Every batch of 20 from 10 one-class shards of 40 holds many classes, with the default
-    shuffle buffer (a 256-sample buffer per worker gave 2 to 4 classes per batch)."""
+    """Every batch of 20 from 10 one-class shards of 100 holds many classes, with the default
+    shuffle buffer (30ef699's 256-sample buffer per worker gave 1 to 4 classes per batch)."""
     from pipeline.augment import RecipeDefaults, parse_recipe
     from pipeline.data import expand_shards
     from pipeline.loader import StreamConfig, epoch_loader
@@ -78,21 +78,22 @@ def test_batches_of_class_ordered_shards_hold_many_classes(ordered):
     stream = StreamConfig(tuple(expand_shards(ordered["train"])), tuple(recipe.to_json()), CLASSES, None, 0, None,
                           with_factors=False)
     per_batch = [len(set(b["label"].tolist())) for b in epoch_loader(stream, 0, 20, 0)]
-    assert len(per_batch) == 20
+    assert len(per_batch) == 50
     assert min(per_batch) >= 5 and np.mean(per_batch) >= 7, per_batch
 
 
+@pytest.mark.slow
 def test_a_student_on_class_ordered_shards_beats_chance_by_a_wide_margin(ordered, tmp_path):
-    """Units of 40 samples of one class each and a 16-sample shuffle buffer: the ratio of buffer
-    to shard that `data pack` output of real size meets with the default 256 (30ef699 trains at
-    chance there); interleaving units makes the outcome independent of the buffer."""
+    """Units of 100 samples of one class each and a 16-sample shuffle buffer: the ratio of buffer
+    to shard that `data pack` output of real size meets with the default 256 (1000-sample shards),
+    kept small here for time. 30ef699 gives 20 % top-1 (chance 10 %); interleaving units gives 100 %."""
     out = json.loads(_run(["train", "--data", ordered["train"], "--mode", "scratch", "--out", tmp_path / "run",
-                           "--epochs", "3", "--batch-size", "40", "--lr", "2e-3", "--warmup-epochs", "0.5",
+                           "--epochs", "1", "--batch-size", "20", "--lr", "2e-3", "--warmup-epochs", "0.5",
                            "--shuffle-buffer", "16",
                            "--recipe", "rrc(scale=(0.35,1.0))|flip|normalize", "--workers", "0", "--threads", "2",
                            "--eval-data", ordered["val"], "--quiet", "--json", *STUDENT]))
     assert out["eval"]["samples"] == 200
-    assert out["eval"]["top1"] >= 60.0, out["eval"]  # chance is 10 %; 30ef699 gives ~10-20 %
+    assert out["eval"]["top1"] >= 70.0, out["eval"]
 
 
 def _weights(out: Path) -> bytes:
