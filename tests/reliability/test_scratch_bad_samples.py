@@ -25,7 +25,7 @@ def test_corrupt_image_in_scratch_training_and_evaluate_is_recorded_and_skipped(
     result = invoke("train", "--data", data, "--mode", "scratch", "--out", run, "--epochs", "1", "--batch-size", "8",
                     "--workers", "0", "--threads", "1", "--quiet", "--json", *STUDENT)
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.output.splitlines()[-1])
+    summary = json.loads(result.stdout.splitlines()[-1])
     assert summary["skipped"] == 1 and summary["samples"] == 25  # 24 + 2 - 1
     end = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if "epoch_end" in l][0]
     assert end["epoch_samples"] == 25 and end["skipped"] == 1
@@ -33,5 +33,5 @@ def test_corrupt_image_in_scratch_training_and_evaluate_is_recorded_and_skipped(
     assert record["key"] == "broken" and "undecodable" in record["reason"] and record["shard"].endswith("000002.tar")
     result = invoke("evaluate", run, "--data", data, "--workers", "2", "--json")
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output.splitlines()[-1])
+    report = json.loads(result.stdout.splitlines()[-1])
     assert report["samples"] == 25 and report["skipped"] == 1 and report["skipped_samples"][0]["key"] == "broken"
