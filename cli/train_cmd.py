@@ -87,8 +87,16 @@ def _recipe_with_mix(recipe: str, mixup: float, cutmix: float) -> str:
 @click.option("--eval-cache", default=None, type=click.Path(), help="Eval store (precompute --recipe eval).")
 @click.option("--eval-data", multiple=True, help="Eval shards (with the eval recipe, or matching --eval-cache).")
 @click.option("--seed", default=_T.seed, type=P.SEED, help="Seed of the student init, unit order, shuffle and drop path.")
-@click.option("--workers", default=_T.workers, type=P.LOADER_WORKERS, help="Loader processes per rank.")
-@click.option("--shuffle-buffer", default=_T.shuffle_buffer, type=P.ints(0, 10**8), help="Samples in each worker's shuffle buffer.")
+@click.option("--workers", default=_T.workers, type=P.LOADER_WORKERS,
+              help="Loader processes per rank (0: decode in the training process). They change speed and memory "
+                   "(about 2 units decoded ahead per worker), never the batches: the same seed trains on the same "
+                   "batches, to the same weights, with any worker count.")
+@click.option("--shuffle-buffer", default=_T.shuffle_buffer, type=P.ints(0, 10**8),
+              help="Samples a shuffle window holds at least (more units join it until it does); 0 or 1: no "
+                   "shuffling, units in the epoch's order, samples in tar order.")
+@click.option("--interleave", default=_T.interleave, type=P.ints(1, 10**6),
+              help="Units (shards) mixed in each shuffle window: every batch draws from this many shards however "
+                   "they were sorted (class-ordered shards too). Memory: one window of decoded units per rank.")
 @click.option("--amp", type=click.Choice(["auto", "bf16", "none"]), default="auto",
               help="bf16 autocast: auto = on CUDA devices that support it.")
 @click.option("--device", default="cpu", help="Training device: cpu, cuda, cuda:1 ...")
@@ -104,8 +112,8 @@ def _recipe_with_mix(recipe: str, mixup: float, cutmix: float) -> str:
 def train(data, cache, teacher, model_args, checkpoint, random_init, teacher_seed, mode, student, student_args,
           num_classes, out, views, max_steps, epochs, batch_size, layers, heads, distill_weight, lr, min_lr, weight_decay,
           warmup_epochs, layer_decay, drop_path, smoothing, mixup, cutmix, clip_grad, model_ema_decay, recipe,
-          eval_cache, eval_data, seed, workers, shuffle_buffer, amp, device, threads, checkpoint_every, log_every,
-          as_json, max_sample_bytes, quiet, check_data):
+          eval_cache, eval_data, seed, workers, shuffle_buffer, interleave, amp, device, threads, checkpoint_every,
+          log_every, as_json, max_sample_bytes, quiet, check_data):
     """Train a student ViT with attention transfer from a cache (or an online teacher).
 
     Re-running the same command in the same --out resumes from its last checkpoint. Under
@@ -135,7 +143,7 @@ def train(data, cache, teacher, model_args, checkpoint, random_init, teacher_see
                         warmup_epochs=warmup_epochs, clip_grad=clip_grad, model_ema_decay=model_ema_decay)
     config = TrainConfig(data=tuple(data), out=out, spec=spec, distill_weight=distill_weight, max_steps=max_steps,
                          epochs=epochs, views=views, batch_size=batch_size, seed=seed, workers=workers,
-                         shuffle_buffer=shuffle_buffer, smoothing=smoothing,
+                         shuffle_buffer=shuffle_buffer, interleave=interleave, smoothing=smoothing,
                          recipe=_recipe_with_mix(recipe, mixup, cutmix), eval_cache=eval_cache,
                          eval_data=tuple(eval_data), amp=amp, device=device, threads=threads,
                          checkpoint_every=checkpoint_every, log_every=log_every, progress=not quiet, optim=optim,
@@ -143,14 +151,24 @@ def train(data, cache, teacher, model_args, checkpoint, random_init, teacher_see
     with writing_to(out):
         result = run_train(config)
     summary = {"steps": result.steps, "samples": result.samples, "seconds": round(result.seconds, 2),
-               "out": result.out, "eval": result.final}
+               "out": result.out, "eval": result.final, "skipped": len(result.skipped)}
     if as_json:
         click.echo(json.dumps(summary))
     else:
         click.echo(f"trained {result.steps} steps ({result.samples} samples) in {result.seconds:.1f} s -> {out}")
+        _echo_skipped(result.skipped, f"{out}/metrics.jsonl")
         if result.final:
             click.echo(f"eval: top1 {result.final['top1']:.2f}  top5 {result.final['top5']:.2f}  "
                        f"({result.final['samples']} samples)")
+
+
+def _echo_skipped(records: list[dict], where: str, total: int | None = None) -> None:
+    """Bad samples recorded and skipped: the count, the first few with key and reason."""
+    total = len(records) if total is None else total
+    if total:
+        click.echo(f"  skipped {total} bad samples (listed with reasons in {where}):")
+        for r in records[:5]:
+            click.echo(f"    {r['shard']}: {r['key']!r}: {r['reason']}")
 
 
 @click.command()
@@ -193,6 +211,7 @@ def evaluate(run, data, cache, batch_size, workers, device, out_file, others, as
         return
     click.echo(f"top1 {report['top1']:.2f}  top5 {report['top5']:.2f}  loss {report['loss']:.4f}  "
                f"({report['samples']} samples) -> {target}")
+    _echo_skipped(report["skipped_samples"], str(target), report["skipped"])
     for pair in report["most_confused"]:
         click.echo(f"  class {pair['true']} taken for {pair['predicted']}: {pair['count']}")
     sys.stdout.flush()

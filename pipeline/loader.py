@@ -1,27 +1,36 @@
-"""Streaming loader: units in a seeded order, split over ranks and loader workers, tar + cache joined.
+"""Streaming loader: an epoch's units decoded by loader workers, batches assembled in a fixed order.
 
-An epoch is a list of units (input shard, view): the shards in an order drawn from (seed, epoch),
-view `epoch mod V`. Rank r takes units r, r + R, ...; loader worker w of that rank takes every
-W-th of those, so units are split without overlap or loss. A worker reads the unit's tar shard and
-its cache shard together, joins them on `__key__` by position (a mismatch is an error naming both
-keys), replays the stored augmentation on the raw image (never redrawing), and passes samples
-through a shuffle buffer seeded by (seed, epoch, rank, worker). Factors travel encoded (int8, fp16);
-decoding to logits happens batched on the training device (`pipeline/signals.py`).
+The order of an epoch's samples is decided up front (`pipeline/loader_order.py`): units (input
+shard, view) in an order drawn from (seed, epoch), view `epoch mod V`, a disjoint share per rank,
+samples permuted within windows of several units. Loader workers only decode whole units: a worker
+reads the unit's tar shard and its cache shard together, joins them on `__key__` by position (a
+mismatch is an error naming both keys) and replays the stored augmentation on the raw image (never
+redrawing). The main process receives the decoded units in unit order (a map-style dataset over the
+rank's units, which the DataLoader returns in index order whatever the worker count), permutes each
+window and cuts batches. So the batches (the keys in each, in order) depend on (seed, epoch, world
+size, batch size, interleave, shuffle buffer) only, never on `workers`: the worker count changes
+speed and memory (each worker holds the unit it decodes, two ahead), not what is trained on.
+Factors travel encoded (int8, fp16); decoding to logits happens batched on the training device
+(`pipeline/signals.py`).
 
 Without a cache (online teacher, scratch, finetune) the same loader draws the augmentation from
-(seed, key, view) as precompute would, with view = epoch.
+(seed, key, view) as precompute would, with view = epoch, and a sample that cannot be decoded is
+recorded (shard, key, reason) and skipped, as precompute records it in the unit's marker for a
+cached run; either way the epoch's records are in `EpochBatches.skipped`.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
 import torch
 
 from pipeline.augment import Recipe
-from pipeline.data import DEFAULT_MAX_SAMPLE_BYTES, DataError, decode_sample, expand_shards, iter_shard
+from pipeline.data import DEFAULT_MAX_SAMPLE_BYTES, BadSample, DataError, decode_sample, expand_shards, iter_shard, redact
+from pipeline.loader_order import (DEFAULT_INTERLEAVE, epoch_order, rank_units, steps_in_epoch, view_of,  # noqa: F401
+                                   window_full, window_permutation)
 from pipeline.mix import draw_and_mix_unit, mix_targets, replay_unit
 from pipeline.store import BASE_ARRAYS, CacheStore, StoreError
 
@@ -39,9 +48,10 @@ class StreamConfig:
     seed: int = 0
     views: int | None = None  # distinct views: the store's V, or None for a new view every epoch
     smoothing: float = 0.0
-    shuffle_buffer: int = 256
+    shuffle_buffer: int = 256  # a window holds at least this many samples; 0 or 1: no shuffling (tar order)
     with_factors: bool = True
     max_sample_bytes: int = DEFAULT_MAX_SAMPLE_BYTES  # bigger samples are never read (see pipeline/data_tar.py)
+    interleave: int = DEFAULT_INTERLEAVE  # a window holds at least this many units
 
     @property
     def recipe(self) -> Recipe:
@@ -57,41 +67,6 @@ def match_shards(store: CacheStore, data: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(check_store_data(store, data, full=False))
 
 
-# ---------------------------------------------------------------------------------------------- epoch plan
-
-
-def epoch_order(num_shards: int, epoch: int, seed: int) -> list[int]:
-    rng = np.random.default_rng(np.random.SeedSequence([seed, epoch, 0xE90C]))
-    return [int(i) for i in rng.permutation(num_shards)]
-
-
-def split_units(order: list[int], rank: int, world: int, worker: int, workers: int) -> list[int]:
-    """The shard indices one loader worker of one rank reads: disjoint, and together all of them."""
-    return order[rank::world][worker::max(workers, 1)]
-
-
-def view_of(epoch: int, views: int | None) -> int:
-    return epoch if views is None else epoch % views
-
-
-def loader_workers(units: int, workers: int) -> int:
-    """Loader processes actually started: never more than the rank has units."""
-    return min(workers, max(1, units))
-
-
-def rank_batches(counts: list[int], order: list[int], rank: int, world: int, workers: int, batch_size: int) -> int:
-    """Batches one rank yields in an epoch: each worker batches its own units' samples."""
-    mine = order[rank::world]
-    w = max(1, loader_workers(len(mine), workers))
-    return sum(-(-sum(counts[i] for i in mine[j::w]) // batch_size) for j in range(w))
-
-
-def steps_in_epoch(counts: list[int], epoch: int, seed: int, world: int, workers: int, batch_size: int) -> int:
-    """Steps of an epoch: the most batches any rank has (the others take part with empty batches)."""
-    order = epoch_order(len(counts), epoch, seed)
-    return max(rank_batches(counts, order, r, world, workers, batch_size) for r in range(world))
-
-
 # ---------------------------------------------------------------------------------------------- reading
 
 
@@ -104,6 +79,14 @@ class Sample:
     factors: dict[str, np.ndarray]
 
 
+@dataclass
+class DecodedUnit:
+    """One unit's usable samples in tar order, and the records of the samples it could not use."""
+
+    samples: list[Sample]
+    skipped: list[dict] = field(default_factory=list)
+
+
 def _unit_from_cache(store: CacheStore, url: str, shard_index: int, view: int):
     marker = store.read_marker(view, shard_index)
     where = f"{store.path}: view {view} shard {shard_index:06d}"
@@ -113,15 +96,23 @@ def _unit_from_cache(store: CacheStore, url: str, shard_index: int, view: int):
     if problems:
         raise CacheCorrupt(f"{where}: {'; '.join(problems)}; run `attncache verify` and re-run the same precompute "
                            "command with --repair")
-    return store.read_unit(view, shard_index)
+    return store.read_unit(view, shard_index), marker
+
+
+def _skip_record(url: str, key: str, reason: str, where: str) -> dict:
+    return {"shard": redact(url), "key": key, "reason": reason, "at": where}
 
 
 def read_unit_samples(cfg: StreamConfig, recipe: Recipe, store: CacheStore | None, shard_index: int,
-                      epoch: int) -> list[Sample]:
-    """Every usable sample of one unit, images replayed (cache) or drawn (no cache), in tar order."""
+                      epoch: int) -> DecodedUnit:
+    """Every usable sample of one unit, images replayed (cache) or drawn (no cache), in tar order.
+
+    A bad sample without a cache is recorded and skipped (the policy precompute applies); with a
+    cache the teacher saw every valid slot, so a slot that no longer decodes means the shard changed."""
     url = cfg.shards[shard_index]
     view = view_of(epoch, cfg.views)
-    cached = _unit_from_cache(store, url, shard_index, view) if store is not None else None
+    cached, marker = _unit_from_cache(store, url, shard_index, view) if store is not None else (None, None)
+    skipped = [_skip_record(url, s["key"], s["reason"], "precompute") for s in (marker or {}).get("skipped", [])]
     images, labels, keys = {}, {}, {}
     for entry in iter_shard(url, cfg.max_sample_bytes):
         p = entry.position
@@ -129,13 +120,18 @@ def read_unit_samples(cfg: StreamConfig, recipe: Recipe, store: CacheStore | Non
             if p >= len(cached.valid):
                 raise DataError(f"{url}: has more samples than the cache recorded ({len(cached.valid)} slots)")
             if not cached.valid[p]:
-                continue  # skipped at precompute; its reason is in the unit's marker
+                continue  # skipped at precompute; its record came with the unit's marker
             if str(cached.keys[p]) != entry.key:
                 raise DataError(f"{url}: sample at position {p} has key {entry.key!r} but the cache has "
                                 f"{str(cached.keys[p])!r}: the shard changed since precompute")
-        # a bad sample is an error here: with a cache the teacher saw it, so the shard changed since
-        # precompute; without one, precompute (--on-bad-sample skip) is where skipping is recorded
-        image, label = decode_sample(url, entry)
+        try:
+            image, label = decode_sample(url, entry)
+        except BadSample as bad:
+            if cached is not None:
+                raise DataError(f"{bad}; the teacher used this sample at precompute, so the shard changed "
+                                "since: restore it or precompute again") from None
+            skipped.append(_skip_record(url, entry.key, bad.reason, "train"))
+            continue
         images[p], labels[p], keys[p] = image, label, entry.key
     bad = [(keys[p], labels[p]) for p in images if not 0 <= labels[p] < cfg.num_classes]
     if bad:
@@ -160,7 +156,7 @@ def read_unit_samples(cfg: StreamConfig, recipe: Recipe, store: CacheStore | Non
         if cached is not None and cfg.with_factors:
             factors = {n: a[p] for n, a in cached.factors.items() if n not in BASE_ARRAYS}
         samples.append(Sample(keys[p], pixels[p], targets[i], labels[p], factors))
-    return samples
+    return DecodedUnit(samples, skipped)
 
 
 def draw_unit(recipe: Recipe, images: dict, keys: dict, seed: int, view: int):
@@ -174,36 +170,42 @@ def draw_unit(recipe: Recipe, images: dict, keys: dict, seed: int, view: int):
     return draw_and_mix_unit(recipe, seed, view, keys, aug, base)
 
 
-class CacheStream(torch.utils.data.IterableDataset):
-    """One epoch of one rank's samples; each loader worker reads its own units."""
+@dataclass
+class _Failed:
+    """An error met in a loader worker, carried back so the main process raises it as it was
+    (one line for the user) instead of the DataLoader's re-wrapped worker traceback."""
 
-    def __init__(self, cfg: StreamConfig, epoch: int, rank: int = 0, world: int = 1):
-        self.cfg, self.epoch, self.rank, self.world = cfg, epoch, rank, world
+    error: Exception
 
-    def units(self, worker: int, workers: int) -> list[int]:
-        order = epoch_order(len(self.cfg.shards), self.epoch, self.cfg.seed)
-        return split_units(order, self.rank, self.world, worker, workers)
 
-    def __iter__(self) -> Iterator[Sample]:
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        store = CacheStore.open(self.cfg.cache) if self.cfg.cache else None
-        recipe = self.cfg.recipe
-        rng = np.random.default_rng(np.random.SeedSequence([self.cfg.seed, self.epoch, self.rank, worker, 0xB0F]))
-        buffer: list[Sample] = []
-        for shard_index in self.units(worker, workers):
-            for sample in read_unit_samples(self.cfg, recipe, store, shard_index, self.epoch):
-                if self.cfg.shuffle_buffer <= 1:
-                    yield sample
-                elif len(buffer) < self.cfg.shuffle_buffer:
-                    buffer.append(sample)
-                else:
-                    i = int(rng.integers(len(buffer)))
-                    buffer[i], sample = sample, buffer[i]
-                    yield sample
-        order = rng.permutation(len(buffer))
-        for i in order:
-            yield buffer[i]
+class UnitReader(torch.utils.data.Dataset):
+    """Item i: the rank's i-th unit of the epoch, decoded. Map-style, so the DataLoader returns the
+    units in index order whatever the number of workers; each process opens the store once."""
+
+    def __init__(self, cfg: StreamConfig, epoch: int, units: list[int]):
+        self.cfg, self.epoch, self.units = cfg, epoch, units
+        self._store: CacheStore | None = None
+        self._pid: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    def _open(self) -> CacheStore | None:
+        if self.cfg.cache and self._pid != os.getpid():
+            self._store, self._pid = CacheStore.open(self.cfg.cache), os.getpid()
+        return self._store
+
+    def __getitem__(self, i: int):
+        try:
+            return read_unit_samples(self.cfg, self.cfg.recipe, self._open(), self.units[i], self.epoch)
+        except (DataError, StoreError, BadSample, ValueError) as exc:
+            if torch.utils.data.get_worker_info() is None:
+                raise
+            return _Failed(exc)
+
+
+def _as_is(item):
+    return item
 
 
 def collate(samples: list[Sample]) -> dict:
@@ -219,12 +221,72 @@ def collate(samples: list[Sample]) -> dict:
             "key": [s.key for s in samples], "factors": factors}
 
 
+def loader_workers(units: int, workers: int) -> int:
+    """Loader processes actually started: never more than the rank has units."""
+    return min(workers, max(1, units))
+
+
+class EpochBatches:
+    """The batches of one rank for one epoch, in the order `pipeline/loader_order.py` fixes.
+
+    Iterating decodes the units (in `workers` processes, or here with 0), holds one window of
+    units at a time plus the units the workers decode ahead, and yields collated batches.
+    `skipped` lists the records (shard, key, reason, where) of the samples the units read so far
+    could not use; complete once the epoch is exhausted."""
+
+    def __init__(self, cfg: StreamConfig, epoch: int, batch_size: int, workers: int, rank: int = 0, world: int = 1):
+        if batch_size < 1:
+            raise ValueError(f"batch size must be at least 1, got {batch_size}")
+        self.cfg, self.epoch, self.batch_size, self.rank = cfg, epoch, batch_size, rank
+        self.units = rank_units(len(cfg.shards), epoch, cfg.seed, rank, world)
+        self.workers = loader_workers(len(self.units), max(0, workers))
+        self.skipped: list[dict] = []
+
+    def _decoded(self) -> Iterator[DecodedUnit]:
+        reader = UnitReader(self.cfg, self.epoch, self.units)
+        if not self.units:
+            return
+        if self.workers == 0:
+            yield from (reader[i] for i in range(len(reader)))
+            return
+        loader = torch.utils.data.DataLoader(reader, batch_size=None, shuffle=False, num_workers=self.workers,
+                                             collate_fn=_as_is, prefetch_factor=2, persistent_workers=False)
+        for item in loader:
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item
+
+    def _windows(self) -> Iterator[list[Sample]]:
+        """Each window's samples in unit order, tar order within a unit (no shuffle: one unit each)."""
+        shuffle = self.cfg.shuffle_buffer > 1
+        interleave, min_samples = (self.cfg.interleave, self.cfg.shuffle_buffer) if shuffle else (1, 0)
+        pending: list[Sample] = []
+        units = 0
+        for index, unit in enumerate(self._decoded()):
+            self.skipped += unit.skipped
+            pending += unit.samples
+            units += 1
+            if index + 1 == len(self.units) or window_full(units, len(pending), interleave, min_samples):
+                yield pending
+                pending, units = [], 0
+
+    def __iter__(self) -> Iterator[dict]:
+        self.skipped = []
+        shuffle = self.cfg.shuffle_buffer > 1
+        queue: list[Sample] = []
+        for window, samples in enumerate(self._windows()):
+            if shuffle:
+                samples = [samples[i] for i in window_permutation(len(samples), self.cfg.seed, self.epoch,
+                                                                  self.rank, window)]
+            queue += samples
+            while len(queue) >= self.batch_size:
+                yield collate(queue[:self.batch_size])
+                del queue[:self.batch_size]
+        if queue:
+            yield collate(queue)
+
+
 def epoch_loader(cfg: StreamConfig, epoch: int, batch_size: int, workers: int, rank: int = 0,
-                 world: int = 1) -> torch.utils.data.DataLoader:
-    """Batches of one rank for one epoch. Each worker forms its own batches (its last one may be
-    short), and the DataLoader takes them from the workers in turn: the order is fixed by the
-    worker count, not by timing."""
-    dataset = CacheStream(cfg, epoch, rank, world)
-    workers = loader_workers(len(dataset.units(0, 1)), workers)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate,
-                                       prefetch_factor=2 if workers else None, persistent_workers=False)
+                 world: int = 1) -> EpochBatches:
+    """Batches of one rank for one epoch: the same batches for any `workers` (see `EpochBatches`)."""
+    return EpochBatches(cfg, epoch, batch_size, workers, rank, world)

@@ -16,13 +16,13 @@ from pipeline.atomic import write_json
 from pipeline.checkpoint import CheckpointError, TrainError
 
 SPEC_FILE = "student.json"
-RUN_KEYS = ("data", "distill_weight", "max_steps", "epochs", "batch_size", "seed", "workers", "shuffle_buffer",
+RUN_KEYS = ("data", "distill_weight", "max_steps", "epochs", "batch_size", "seed", "shuffle_buffer", "interleave",
             "smoothing", "recipe", "amp", "threads", "views")
 
 # dotted path in student.json -> the option a user gives (paths not listed: shown as they are)
 OPTION_OF = {
     "run.data": "--data", "run.distill_weight": "--distill-weight", "run.max_steps": "--max-steps",
-    "run.epochs": "--epochs", "run.batch_size": "--batch-size", "run.seed": "--seed", "run.workers": "--workers",
+    "run.epochs": "--epochs", "run.batch_size": "--batch-size", "run.seed": "--seed", "run.interleave": "--interleave",
     "run.shuffle_buffer": "--shuffle-buffer", "run.smoothing": "--smoothing", "run.recipe": "--recipe/--mixup/--cutmix",
     "run.amp": "--amp", "run.threads": "--threads", "run.views": "--views", "run.world_size": "WORLD_SIZE (ranks)",
     "run.optim.lr": "--lr", "run.optim.min_lr": "--min-lr", "run.optim.weight_decay": "--weight-decay",

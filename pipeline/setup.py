@@ -13,7 +13,7 @@ import torch
 from pipeline.augment import Recipe, parse_recipe
 from pipeline.data import DataError, expand_shards
 from pipeline.evaluate import check_same_normalisation, eval_recipe_like
-from pipeline.loader import StreamConfig, match_shards
+from pipeline.loader import DEFAULT_INTERLEAVE, StreamConfig, match_shards
 from pipeline.signals import CacheSignal, NoSignal, OnlineSignal, SignalGeometry, check_fit
 from pipeline.store import CacheStore, StoreError
 from pipeline.student import (Geometry, Mode, Signal, StudentConfig, StudentMismatch, TransferContext, build_student,
@@ -158,9 +158,12 @@ def infer_num_classes(data: tuple[str, ...], cache: str | None) -> int:
 
 
 def train_stream(session: Session, data: tuple[str, ...], seed: int, num_classes: int, smoothing: float,
-                 shuffle_buffer: int, views: int | None = None) -> StreamConfig:
+                 shuffle_buffer: int, views: int | None = None, interleave: int = DEFAULT_INTERLEAVE) -> StreamConfig:
     """`views` uses only the cache's first N views (epoch e reads view e mod N): how many
-    augmentations of each image a student needs is a question users ask of one cache."""
+    augmentations of each image a student needs is a question users ask of one cache.
+    `interleave` units (and at least `shuffle_buffer` samples) are mixed in each shuffle window."""
+    if interleave < 1:
+        raise StudentMismatch(f"--interleave {interleave}: give at least 1 unit per shuffle window")
     store = session.store
     if views is not None and (store is None or not 1 <= views <= store.meta["views"]):
         have = "no cache" if store is None else f"a cache of {store.meta['views']} views"
@@ -168,9 +171,9 @@ def train_stream(session: Session, data: tuple[str, ...], seed: int, num_classes
     if store is not None:
         return StreamConfig(match_shards(store, data), tuple(store.meta["recipe"]["ops"]), num_classes, store.path,
                             seed, views or store.meta["views"], smoothing, shuffle_buffer,
-                            with_factors=session.mode.strategy.signal is not Signal.NONE)
+                            with_factors=session.mode.strategy.signal is not Signal.NONE, interleave=interleave)
     return StreamConfig(tuple(expand_shards(list(data))), tuple(session.recipe.to_json()), num_classes, None, seed,
-                        None, smoothing, shuffle_buffer, with_factors=False)
+                        None, smoothing, shuffle_buffer, with_factors=False, interleave=interleave)
 
 
 def eval_stream(session: Session, num_classes: int, eval_cache: str | None,
@@ -230,6 +233,9 @@ def evaluate_run(run: str, data: tuple[str, ...], cache: str | None, batch_size:
 
     session, spec, run_dir, weights = load_run(run, device)
     stream, signal = eval_stream(session, spec.student.num_classes, cache, data)
-    result = evaluate_model(session.model, session.mode.strategy, session.context, signal,
-                            epoch_loader(stream, 0, batch_size, workers), device, spec.student.num_classes)
-    return dict(result.to_json(), run_dir=str(run_dir), weights=str(weights), mode=spec.mode)
+    loader = epoch_loader(stream, 0, batch_size, workers)
+    result = evaluate_model(session.model, session.mode.strategy, session.context, signal, loader, device,
+                            spec.student.num_classes)
+    # bad samples of the eval split: recorded and skipped (cache: at precompute; raw shards: here)
+    return dict(result.to_json(), run_dir=str(run_dir), weights=str(weights), mode=spec.mode,
+                skipped=len(loader.skipped), skipped_samples=loader.skipped[:100])

@@ -6,7 +6,8 @@ directory holds `student.json` (what to rebuild), `checkpoint-<step>-<digest>.sa
 (the resumable state: weights, EMA, optimiser, step, loader position; one commit point, see
 pipeline/checkpoint.py) and `metrics.jsonl`.
 
-Resume is exact: the loader's batches are a pure function of (seed, epoch, rank, workers), so
+Resume is exact: the loader's batches are a pure function of (seed, epoch, rank, world size,
+batch size, interleave, shuffle buffer), never of the loader workers, so
 skipping the batches an epoch already gave rebuilds the loader position; the drop-path random state
 is reseeded from (seed, step, rank) before every step, so no generator state has to be saved.
 """
@@ -29,7 +30,7 @@ from pipeline.checkpoint import TrainError, load_checkpoint, open_metrics, save_
 from pipeline.data import DEFAULT_MAX_SAMPLE_BYTES
 from pipeline.distributed import World, barrier, global_count, init_world, reduce_gradients, shutdown
 from pipeline.evaluate import EvalResult, evaluate_model
-from pipeline.loader import StreamConfig, epoch_loader, steps_in_epoch, view_of
+from pipeline.loader import DEFAULT_INTERLEAVE, StreamConfig, epoch_loader, steps_in_epoch, view_of
 from pipeline.optim import OptimConfig, WeightEma, build_optimizer, lr_at, set_lr
 from pipeline.precompute import default_threads
 from pipeline.run_identity import check_or_write_run, run_id, run_record
@@ -52,6 +53,7 @@ class TrainConfig:
     seed: int = 0
     workers: int = 2
     shuffle_buffer: int = 256
+    interleave: int = DEFAULT_INTERLEAVE  # units mixed in each shuffle window
     smoothing: float = 0.1
     recipe: str = "train"  # used only without a cache
     eval_cache: str | None = None
@@ -146,9 +148,11 @@ class EpochIncomplete(RuntimeError):
     """An epoch gave another number of samples than the cache (or the shards) hold."""
 
 
-def check_epoch_complete(stream: StreamConfig, counts: EpochCounts, epoch: int, seen: int) -> None:
-    """Every usable sample of the epoch's view, once, over all ranks: else stop, never train on less."""
-    expected = sum(counts(epoch))
+def check_epoch_complete(stream: StreamConfig, counts: EpochCounts, epoch: int, seen: int, skipped: int = 0) -> None:
+    """Every usable sample of the epoch's view, once, over all ranks: else stop, never train on less.
+    Without a cache the shards' counts include the bad samples the loader recorded and skipped
+    (`skipped`, over all ranks); a cache's counts already exclude those precompute skipped."""
+    expected = sum(counts(epoch)) - (0 if stream.cache else skipped)
     if seen != expected:
         raise EpochIncomplete(f"epoch {epoch}: the ranks together trained on {seen} samples, but the "
                               f"{'cache view ' + str(view_of(epoch, stream.views)) if stream.cache else 'shards'} "
@@ -176,6 +180,7 @@ class TrainResult:
     seconds: float
     final: dict | None
     out: str
+    skipped: list[dict] = field(default_factory=list)  # bad samples met (shard, key, reason), once each
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -193,7 +198,8 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
     out = Path(cfg.out)
     num_classes = cfg.spec.student.num_classes
     session = build_session(cfg.spec, cfg.device, cfg.recipe)
-    stream = train_stream(session, cfg.data, cfg.seed, num_classes, cfg.smoothing, cfg.shuffle_buffer, cfg.views)
+    stream = train_stream(session, cfg.data, cfg.seed, num_classes, cfg.smoothing, cfg.shuffle_buffer, cfg.views,
+                          cfg.interleave)
     evaluation = eval_stream(session, num_classes, cfg.eval_cache, cfg.eval_data)
     stream = replace(stream, max_sample_bytes=cfg.max_sample_bytes)
     if evaluation is not None:
@@ -202,9 +208,9 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
     ema = WeightEma(session.model, cfg.optim.model_ema_decay) if cfg.optim.model_ema_decay else None
     epochs = cfg.epochs
     counts = EpochCounts(stream)
-    first_epoch_steps = steps_in_epoch(counts(0), 0, cfg.seed, world.size, cfg.workers, cfg.batch_size)
+    first_epoch_steps = steps_in_epoch(counts(0), 0, cfg.seed, world.size, cfg.batch_size)
     total_steps = cfg.max_steps if cfg.max_steps is not None else sum(
-        steps_in_epoch(counts(e), e, cfg.seed, world.size, cfg.workers, cfg.batch_size) for e in range(epochs))
+        steps_in_epoch(counts(e), e, cfg.seed, world.size, cfg.batch_size) for e in range(epochs))
     warmup = int(round(cfg.optim.warmup_epochs * first_epoch_steps))
     if warmup >= total_steps and world.is_main and cfg.optim.warmup_epochs > 0:
         print(f"attncache train: warning: the warmup ({cfg.optim.warmup_epochs} epochs = {warmup} steps) is as long "
@@ -231,8 +237,10 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
         return step >= cfg.max_steps if cfg.max_steps is not None else epoch >= epochs
 
     in_epoch = skip
+    skipped: dict[tuple, dict] = {}
     while not done():
-        batches = iter(epoch_loader(stream, epoch, cfg.batch_size, cfg.workers, world.rank, world.size))
+        loader = epoch_loader(stream, epoch, cfg.batch_size, cfg.workers, world.rank, world.size)
+        batches = iter(loader)
         for _ in range(skip):
             next(batches, None)
         in_epoch, exhausted = skip, False
@@ -271,10 +279,14 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
             if step % cfg.checkpoint_every == 0 and world.is_main:
                 save_checkpoint(out, session.model, optimizer, ema, {"step": step, "epoch": epoch, "step_in_epoch": in_epoch,
                                 "samples": samples, "epoch_samples": epoch_samples}, rid, metrics)
+        skipped.update(((s["shard"], s["key"]), s) for s in loader.skipped)
         if exhausted:
-            check_epoch_complete(stream, counts, epoch, epoch_samples)
+            epoch_skipped = global_count(world, len(loader.skipped))  # bad samples of every rank's units
+            check_epoch_complete(stream, counts, epoch, epoch_samples, epoch_skipped)
             if metrics is not None:
-                metrics.write(json.dumps({"step": step, "epoch_end": epoch, "epoch_samples": epoch_samples}) + "\n")
+                metrics.write(json.dumps({"step": step, "epoch_end": epoch, "epoch_samples": epoch_samples,
+                                          "skipped": epoch_skipped, "skipped_samples": loader.skipped[:100]})
+                              + "\n")
             epoch, skip, in_epoch, epoch_samples = epoch + 1, 0, 0, 0
     bar.close()
     seconds = time.perf_counter() - started
@@ -293,7 +305,7 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
             metrics.flush()
         metrics.close()
     barrier(world)
-    return TrainResult(step, epoch, samples, seconds, final, str(out))
+    return TrainResult(step, epoch, samples, seconds, final, str(out), list(skipped.values()))
 
 
 def run_eval(session: Session, evaluation, cfg: TrainConfig, ema: WeightEma | None) -> dict:
@@ -302,7 +314,7 @@ def run_eval(session: Session, evaluation, cfg: TrainConfig, ema: WeightEma | No
     num_classes = cfg.spec.student.num_classes
     result: EvalResult = evaluate_model(session.model, session.mode.strategy, session.context, signal, loader,
                                         cfg.device, num_classes, cfg.progress)
-    report = result.to_json()
+    report = dict(result.to_json(), skipped=len(loader.skipped), skipped_samples=loader.skipped[:100])
     if ema is not None:
         live = {k: v.clone() for k, v in session.model.state_dict().items()}
         session.model.load_state_dict({**live, **ema.state})

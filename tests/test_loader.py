@@ -1,5 +1,6 @@
-"""The streaming loader: every sample exactly once per epoch over ranks and loader workers, views by
-epoch, the tar/cache join on `__key__`, and replay of the stored augmentation."""
+"""The streaming loader: every sample exactly once per epoch over ranks, the same batches for any
+number of loader workers, views by epoch, the tar/cache join on `__key__`, and replay of the stored
+augmentation."""
 import io
 from collections import Counter
 
@@ -9,8 +10,8 @@ import torch
 
 from pipeline.augment import Recipe
 from pipeline.data import DataError, decode_sample, iter_shard, shard_writer
-from pipeline.loader import (CacheCorrupt, StreamConfig, epoch_loader, epoch_order, match_shards, split_units,
-                             steps_in_epoch)
+from pipeline.loader import CacheCorrupt, StreamConfig, epoch_loader, epoch_order, match_shards, steps_in_epoch
+from pipeline.loader_order import rank_units
 from pipeline.precompute import PrecomputeConfig, run_precompute
 from pipeline.store import CacheStore
 from pipeline.teacher import TeacherConfig
@@ -47,13 +48,28 @@ def _keys(stream, epoch, workers, rank=0, world=1, batch_size=50):
     return keys
 
 
-def test_split_units_is_a_partition_for_every_rank_and_worker_count():
+def test_rank_units_are_a_partition_for_every_world_size():
     order = epoch_order(11, epoch=3, seed=5)
     assert sorted(order) == list(range(11))
     for world in (1, 2, 3, 4):
-        for workers in (1, 2, 3):
-            got = [u for r in range(world) for w in range(workers) for u in split_units(order, r, world, w, workers)]
-            assert sorted(got) == list(range(11))
+        got = [u for r in range(world) for u in rank_units(11, 3, 5, r, world)]
+        assert sorted(got) == list(range(11))
+
+
+def _batches(stream, epoch, workers, rank=0, world=1, batch_size=50):
+    return [batch["key"] for batch in epoch_loader(stream, epoch, batch_size, workers, rank, world)]
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_batches_are_the_same_for_0_1_2_3_loader_workers(train_cache, world):
+    """The keys of every batch, in order, for each rank: a function of (seed, epoch, world size,
+    batch size) only. 30ef699 split the units over the workers and let each worker batch its own."""
+    stream = _stream(train_cache, shuffle_buffer=64, interleave=3)
+    for epoch in (1,):
+        for rank in range(world):
+            seen = {w: _batches(stream, epoch, w, rank, world, batch_size=48) for w in (0, 1, 2, 3)}
+            assert seen[1] == seen[0] and seen[2] == seen[0] and seen[3] == seen[0], (epoch, rank)
+            assert all(len(b) == 48 for b in seen[0][:-1])  # only the rank's last batch is short
 
 
 @pytest.mark.parametrize("world", [1, 2])
@@ -70,8 +86,8 @@ def test_every_sample_exactly_once_per_epoch(train_cache, world, workers):
 
 def test_steps_in_epoch_is_what_the_loader_yields(train_cache):
     stream = _stream(train_cache)
-    for world, workers, batch in ((1, 2, 50), (2, 3, 64), (2, 1, 100)):
-        expected = steps_in_epoch([128] * 4, 0, 7, world, workers, batch)
+    for world, workers, batch in ((1, 2, 50), (2, 3, 64), (2, 1, 100), (3, 0, 50)):
+        expected = steps_in_epoch([128] * 4, 0, 7, world, batch)
         got = max(len(list(epoch_loader(stream, 0, batch, workers, r, world))) for r in range(world))
         assert got == expected
 
@@ -83,6 +99,21 @@ def test_the_order_is_seeded_by_seed_and_epoch_and_independent_of_timing(train_c
     assert first != _keys(stream, 2, workers=2)  # another epoch: another unit order and shuffle
     assert first != _keys(_stream(train_cache, seed=8), 0, workers=2)
     assert sorted(first) == sorted(_keys(stream, 2, workers=2))
+
+
+def test_batches_draw_from_many_units_and_a_resume_position_names_the_same_batches(train_cache):
+    """Each batch mixes the units of its window; skipping k batches (what resume does) leaves the
+    later batches as they were."""
+    stream = _stream(train_cache, shuffle_buffer=2, interleave=4)
+    batches = _batches(stream, 0, 0, batch_size=32)
+    shard_of = {}
+    for i, url in enumerate(stream.shards):
+        shard_of.update({e.key: i for e in iter_shard(url)})
+    assert all(len({shard_of[k] for k in b}) >= 3 for b in batches), [sorted({shard_of[k] for k in b}) for b in batches]
+    loader = iter(epoch_loader(stream, 0, 32, 2))
+    for _ in range(5):
+        next(loader)
+    assert [b["key"] for b in loader] == batches[5:]
 
 
 def test_shuffle_buffer_mixes_units_and_size_one_keeps_tar_order(train_cache):
