@@ -113,6 +113,8 @@ def train(data, cache, teacher, model_args, checkpoint, random_init, teacher_see
                          eval_data=tuple(eval_data), amp=amp, device=device, threads=threads,
                          checkpoint_every=checkpoint_every, log_every=log_every, progress=not quiet, optim=optim)
     result = run_train(config)
+    if not result.main:
+        return  # under torchrun rank 0 alone reports
     summary = {"steps": result.steps, "samples": result.samples, "seconds": round(result.seconds, 2),
                "out": result.out, "eval": result.final}
     if as_json:
