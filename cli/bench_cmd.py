@@ -103,5 +103,6 @@ for _name, _module, _summary in (
         ("precompute", "benchmarks.precompute", "Precompute images/s against the bare teacher, and bytes per encoding."),
         ("precompute-profile", "benchmarks.precompute_profile", "Where precompute time goes, per stage."),
         ("train", "benchmarks.train", "Student steps/s: scratch, distill from the cache, distill online."),
-        ("students", "benchmarks.students", "Student accuracy: scratch against distillation per encoding, seeds.")):
+        ("students", "benchmarks.students", "Student accuracy: scratch against distillation per encoding, seeds."),
+        ("loader", "benchmarks.loader", "Images/s one loader worker delivers (decode, replay, factor reads), 32 and 224 px.")):
     bench.add_command(_script_command(_name, _module, _summary))

@@ -13,6 +13,7 @@ from cli.teacher_cmd import teacher
 from pipeline.checkpoint import TrainError
 from pipeline.data import BadSample, DataError
 from pipeline.plan import PlanError
+from pipeline.distributed import LaunchError
 from pipeline.student import StudentMismatch
 from pipeline.precompute import TooManySkipped
 from pipeline.pretrain import PretrainError
@@ -25,7 +26,7 @@ from storage_schema import SchemaError
 # errors that are about the user's input, not bugs: one line naming file, key and cause, exit 1
 USER_ERRORS = (BadSample, DataError, TooManySkipped, StoreError, SchemaError, TeacherError, UnitsFailed,
                ClusterTooSmall, StudentMismatch, PretrainError, TrainError,
-               SpecError, PlanError)
+               SpecError, PlanError, LaunchError)
 
 
 class _Group(click.Group):

@@ -150,6 +150,8 @@ def train(data, cache, teacher, model_args, checkpoint, random_init, teacher_see
                          max_sample_bytes=max_sample_bytes)
     with writing_to(out):
         result = run_train(config)
+    if not result.main:
+        return  # under torchrun rank 0 alone reports
     summary = {"steps": result.steps, "samples": result.samples, "seconds": round(result.seconds, 2),
                "out": result.out, "eval": result.final, "skipped": len(result.skipped)}
     if as_json:

@@ -57,9 +57,39 @@ class EvalResult:
                 "confusion": self.confusion}
 
 
+@dataclass
+class EvalCounts:
+    """What one rank counted on its part of the eval split; counts of ranks add up (`add`), so a
+    split evaluation gathers to the same top-1 as one process."""
+
+    correct1: int
+    correct5: int
+    total: int
+    loss_sum: float
+    confusion_CC: torch.Tensor  # int64 [true, predicted], on the CPU
+
+    def as_tensor(self) -> torch.Tensor:
+        """One float64 vector (counts exact below 2**53) for a single all-reduce."""
+        head = torch.tensor([self.correct1, self.correct5, self.total, self.loss_sum], dtype=torch.float64)
+        return torch.cat([head, self.confusion_CC.reshape(-1).double()])
+
+    @classmethod
+    def from_tensor(cls, t: torch.Tensor, num_classes: int) -> "EvalCounts":
+        t = t.cpu()
+        return cls(int(t[0]), int(t[1]), int(t[2]), float(t[3]),
+                   t[4:].round().long().view(num_classes, num_classes))
+
+    def result(self) -> EvalResult:
+        if self.total == 0:
+            raise ValueError("the eval split holds no usable samples")
+        return EvalResult(100.0 * self.correct1 / self.total, 100.0 * self.correct5 / self.total,
+                          self.loss_sum / self.total, self.total, self.confusion_CC.tolist())
+
+
 @torch.no_grad()
-def evaluate_model(model: torch.nn.Module, strategy: Strategy, context: TransferContext, signal, loader,
-                   device, num_classes: int, progress: bool = False) -> EvalResult:
+def evaluate_counts(model: torch.nn.Module, strategy: Strategy, context: TransferContext, signal, loader,
+                    device, num_classes: int, progress: bool = False) -> EvalCounts:
+    """Counts over the loader's batches (possibly none: a rank with no eval units counts zeros)."""
     was_training = model.training
     model.eval()
     correct1 = correct5 = total = 0
@@ -78,7 +108,9 @@ def evaluate_model(model: torch.nn.Module, strategy: Strategy, context: Transfer
                                     minlength=num_classes * num_classes).view(num_classes, num_classes)
     context.set_teacher(None)
     model.train(was_training)
-    if total == 0:
-        raise ValueError("the eval split holds no usable samples")
-    return EvalResult(100.0 * correct1 / total, 100.0 * correct5 / total, loss_sum / total, total,
-                      confusion.tolist())
+    return EvalCounts(correct1, correct5, total, loss_sum, confusion)
+
+
+def evaluate_model(model: torch.nn.Module, strategy: Strategy, context: TransferContext, signal, loader,
+                   device, num_classes: int, progress: bool = False) -> EvalResult:
+    return evaluate_counts(model, strategy, context, signal, loader, device, num_classes, progress).result()

@@ -28,8 +28,9 @@ from tqdm.auto import tqdm
 from pipeline import atomic
 from pipeline.checkpoint import TrainError, load_checkpoint, open_metrics, save_checkpoint
 from pipeline.data import DEFAULT_MAX_SAMPLE_BYTES
-from pipeline.distributed import World, barrier, global_count, init_world, reduce_gradients, shutdown
-from pipeline.evaluate import EvalResult, evaluate_model
+from pipeline.distributed import (World, barrier, dump_step, global_count, init_world, loss_weight, shutdown, stall_at,
+                                  step_counts, sum_gradients, sum_over_ranks, wrap_model)
+from pipeline.evaluate import EvalCounts, evaluate_counts
 from pipeline.loader import DEFAULT_INTERLEAVE, StreamConfig, epoch_loader, steps_in_epoch, view_of
 from pipeline.optim import OptimConfig, WeightEma, build_optimizer, lr_at, set_lr
 from pipeline.precompute import default_threads
@@ -94,17 +95,37 @@ def autocast_dtype(amp: str, device: str) -> torch.dtype | None:
 # ---------------------------------------------------------------------------------------------- steps
 
 
-def step_losses(session: Session, batch: dict, device, distill_weight: float, amp: torch.dtype | None):
-    """(total loss, cross-entropy, transfer loss or None) of one batch, all means over the batch."""
+def step_losses(session: Session, batch: dict, device, distill_weight: float, amp: torch.dtype | None,
+                model: torch.nn.Module | None = None):
+    """(total loss, cross-entropy, transfer loss or None) of one batch, all means over the batch.
+    `model` is what the forward runs through (the DDP wrapper of session.model) [default: session.model]."""
     images = batch["image"].to(device, non_blocking=True)
     targets = batch["target"].to(device, non_blocking=True)
     session.context.set_teacher(session.signal(batch, device))
     with torch.autocast(torch.device(device).type, dtype=amp or torch.bfloat16, enabled=amp is not None):
-        logits = session.model(images)
+        logits = (model or session.model)(images)
     ce = torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
     transfer = transfer_loss(session.mode.strategy, session.context)
     total = ce if transfer is None else ce + distill_weight * transfer
     return total, ce, transfer
+
+
+def stop_if_non_finite(world: World, step: int, total, ce, transfer) -> None:
+    """`check_finite_losses` on every rank at once: a rank's bad loss stops all of them at the same
+    step (one flag summed over ranks), so none is left waiting in a gradient all-reduce."""
+    if not world.distributed:
+        if total is not None:
+            check_finite_losses(step, total, ce, transfer)
+        return
+    local = None
+    if total is not None:
+        try:
+            check_finite_losses(step, total, ce, transfer)
+        except TrainError as e:
+            local = e
+    if sum_over_ranks(world, torch.tensor([float(local is not None)]))[0] > 0:
+        raise local or TrainError(f"step {step}: another rank's loss is non-finite; training stopped, the last "
+                                  "good checkpoint is kept")
 
 
 def check_finite_losses(step: int, total, ce, transfer) -> None:
@@ -178,9 +199,10 @@ class TrainResult:
     epochs_started: int
     samples: int
     seconds: float
-    final: dict | None
+    final: dict | None  # rank 0 only
     out: str
     skipped: list[dict] = field(default_factory=list)  # bad samples met (shard, key, reason), once each
+    main: bool = True  # rank 0 (or a single process): the one that reports
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -188,7 +210,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         raise ValueError("give exactly one of --max-steps or --epochs")
     world = init_world(cfg.device)
     try:
-        return _train(cfg, world)
+        return _train(replace(cfg, device=world.device), world)
     finally:
         shutdown(world)
 
@@ -232,6 +254,7 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
     bar = tqdm(total=total_steps, initial=step, unit="step", desc=f"train {cfg.spec.mode}",
                disable=not (cfg.progress and world.is_main), dynamic_ncols=True)
     session.model.train()
+    forward = wrap_model(world, session.model)  # after loading the checkpoint: DDP broadcasts rank 0's weights
 
     def done() -> bool:
         return step >= cfg.max_steps if cfg.max_steps is not None else epoch >= epochs
@@ -245,9 +268,10 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
             next(batches, None)
         in_epoch, exhausted = skip, False
         while not done():
+            stall_at(step)
             batch = next(batches, None)
             n = 0 if batch is None else len(batch["key"])
-            n_global = global_count(world, n)
+            n_global, empty_ranks = step_counts(world, n)
             if n_global == 0:
                 exhausted = True
                 break
@@ -257,11 +281,17 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
             reseed_step(cfg.seed, step, world.rank)
             optimizer.zero_grad(set_to_none=True)
             loss = ce = transfer = None
+            # every rank has a batch: DDP sums the gradients during backward; else the ranks with a
+            # batch run the bare module and one flat all-reduce sums them (pipeline/distributed.py)
+            through = forward if empty_ranks == 0 else session.model
             if n:
-                loss, ce, transfer = step_losses(session, batch, cfg.device, cfg.distill_weight, amp)
-                check_finite_losses(step + 1, loss, ce, transfer)
-                (loss * n if world.distributed else loss).backward()
-            reduce_gradients(world, session.model, n_global)
+                loss, ce, transfer = step_losses(session, batch, cfg.device, cfg.distill_weight, amp, through)
+            stop_if_non_finite(world, step + 1, loss, ce, transfer)
+            if n:
+                (loss * loss_weight(world, n, n_global)).backward()
+            if empty_ranks:
+                sum_gradients(world, session.model)
+            dump_step(step, world.rank, session.model, batch, "flat" if empty_ranks else "ddp")
             if cfg.optim.clip_grad:
                 torch.nn.utils.clip_grad_norm_(session.model.parameters(), cfg.optim.clip_grad)
             optimizer.step()
@@ -299,27 +329,43 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
         if ema is not None:
             atomic.save_safetensors({k: v.contiguous() for k, v in ema.state.items()}, out / "model_ema.safetensors")
         write_teacher_config(out, cfg.spec, session)
-        if evaluation is not None:
-            final = run_eval(session, evaluation, cfg, ema)
+    if evaluation is not None:  # every rank evaluates its part of the split
+        final = run_eval(session, evaluation, cfg, ema, world)
+    if metrics is not None:
+        if final is not None:
             metrics.write(json.dumps({"step": step, "eval": final}) + "\n")
             metrics.flush()
         metrics.close()
     barrier(world)
-    return TrainResult(step, epoch, samples, seconds, final, str(out), list(skipped.values()))
+    return TrainResult(step, epoch, samples, seconds, final if world.is_main else None, str(out),
+                       list(skipped.values()), world.is_main)
 
 
-def run_eval(session: Session, evaluation, cfg: TrainConfig, ema: WeightEma | None) -> dict:
+def run_eval(session: Session, evaluation, cfg: TrainConfig, ema: WeightEma | None, world: World = World()) -> dict:
+    """Top-1 of the live weights (and the EMA's), each rank on its units of the eval split, the
+    counts summed over ranks: the same result as one process on the whole split."""
     stream, signal = evaluation
-    loader = epoch_loader(stream, 0, cfg.batch_size, cfg.workers)
     num_classes = cfg.spec.student.num_classes
-    result: EvalResult = evaluate_model(session.model, session.mode.strategy, session.context, signal, loader,
-                                        cfg.device, num_classes, cfg.progress)
-    report = dict(result.to_json(), skipped=len(loader.skipped), skipped_samples=loader.skipped[:100])
+
+    per_rank = torch.zeros(world.size, dtype=torch.float64)
+    skipped: list[dict] = []
+
+    def gathered(progress: bool):
+        loader = epoch_loader(stream, 0, cfg.batch_size, cfg.workers, world.rank, world.size)
+        counts = evaluate_counts(session.model, session.mode.strategy, session.context, signal, loader, cfg.device,
+                                 num_classes, progress and world.is_main)
+        per_rank[world.rank] = counts.total
+        skipped.extend(loader.skipped)
+        return EvalCounts.from_tensor(sum_over_ranks(world, counts.as_tensor()), num_classes).result()
+
+    report = gathered(cfg.progress).to_json()
+    report.update(skipped=global_count(world, len(skipped)), skipped_samples=skipped[:100])
+    if world.distributed:
+        report["samples_per_rank"] = [int(n) for n in sum_over_ranks(world, per_rank)]
     if ema is not None:
         live = {k: v.clone() for k, v in session.model.state_dict().items()}
         session.model.load_state_dict({**live, **ema.state})
-        ema_result = evaluate_model(session.model, session.mode.strategy, session.context, signal,
-                                    epoch_loader(stream, 0, cfg.batch_size, cfg.workers), cfg.device, num_classes)
+        ema_result = gathered(False)
         session.model.load_state_dict(live)
         report.update(top1_ema=ema_result.top1, top5_ema=ema_result.top5)
     return report
