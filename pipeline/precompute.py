@@ -148,15 +148,16 @@ def build_metadata(config: PrecomputeConfig, manifest: DatasetManifest, teacher:
     }
 
 
-def build_job(config: PrecomputeConfig, manifest: DatasetManifest | None = None) -> Job:
+def build_job(config: PrecomputeConfig, manifest: DatasetManifest | None = None, teacher: Teacher | None = None) -> Job:
     """Resolve and check everything, then create or reopen the store. Workers of a distributed
-    run pass the driver's manifest instead of scanning every shard again."""
+    run pass the driver's manifest instead of scanning every shard again; a runner that loaded
+    (and self-checked) the teacher before touching --out passes it in."""
     if config.views < 1:
         raise ValueError("--views must be at least 1")
     torch.set_num_threads(config.threads)
     if manifest is None:
         manifest = build_manifest(expand_shards(list(config.data)), progress=config.progress)
-    teacher = Teacher(config.teacher)
+    teacher = teacher or Teacher(config.teacher)
     defaults = teacher.recipe_defaults()
     recipe = parse_recipe(config.recipe, defaults)
     if recipe.output_size != defaults.image_size:
@@ -420,8 +421,9 @@ def _guarded(batches: Iterator[PreparedBatch], lease: Lease) -> Iterator[Prepare
 def run_precompute(config: PrecomputeConfig, job: Job | None = None) -> Summary:
     """The in-process runner (`--ray none`): loader workers decode, this process runs the teacher.
     The store's lease (pipeline/lease.py) is held from before the store is created to the end."""
+    teacher = None if job else Teacher(config.teacher)  # a teacher that cannot load is refused before --out exists
     with Lease(config.out, LeaseConfig(config.lease_timeout)) as lease:
-        return _run_in_process(config, job or build_job(config), lease)
+        return _run_in_process(config, job or build_job(config, teacher=teacher), lease)
 
 
 def _run_in_process(config: PrecomputeConfig, job: Job, lease: Lease) -> Summary:
