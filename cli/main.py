@@ -10,6 +10,7 @@ from cli.plan_cmd import plan
 from cli.repro_cmd import repro
 from cli.teacher_cmd import teacher
 from pipeline.data import BadSample, DataError
+from pipeline.finite import NonFiniteFactors
 from pipeline.student import StudentMismatch
 from pipeline.precompute import TooManySkipped
 from pipeline.pretrain import PretrainError
@@ -20,7 +21,7 @@ from storage_schema import SchemaError
 
 # errors that are about the user's input, not bugs: one line naming file, key and cause, exit 1
 USER_ERRORS = (BadSample, DataError, TooManySkipped, StoreError, SchemaError, TeacherError, UnitsFailed,
-               ClusterTooSmall, StudentMismatch, PretrainError)
+               ClusterTooSmall, StudentMismatch, PretrainError, NonFiniteFactors)
 
 
 class _Group(click.Group):

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from pipeline.augment import Recipe, parse_recipe
 from pipeline.data import BadSample, DatasetManifest, build_manifest, decode_sample, expand_shards, iter_shard, redact
 from pipeline.factors import DEFAULT_ENCODING, Encoding, attention_kl, exact_logits, parse_encoding
+from pipeline.finite import NonFiniteFactors, NonFiniteValues, check_encoded, nonfinite_message, require_finite
 from pipeline.lease import DEFAULT_LEASE_TIMEOUT_S, Lease, LeaseConfig
 from pipeline.mix import draw_and_mix_unit
 from pipeline.store import CacheStore, Unit, base_arrays, factor_arrays, parse_compression
@@ -306,7 +307,7 @@ class UnitAccumulator:
         if not batch.keys:
             return 0
         scale = self.job.teacher.scale
-        encoded = self.job.encoding.encode(q_BLHNd, k_BLHNd, scale)
+        encoded = self._encode_finite(batch, q_BLHNd, k_BLHNd, scale)
         if self.fidelity is None:  # what the encoding loses, measured on the unit's first sample
             est = self.job.encoding.decode_logits({n: a[:1] for n, a in encoded.items()}, scale, q_BLHNd.device)
             self.fidelity = attention_kl(exact_logits(q_BLHNd[:1], k_BLHNd[:1], scale), est).tolist()
@@ -319,6 +320,20 @@ class UnitAccumulator:
         self.labels[pos] = batch.labels
         self.valid[pos] = 1
         return len(batch.keys)
+
+    def _encode_finite(self, batch: PreparedBatch, q_BLHNd: torch.Tensor, k_BLHNd: torch.Tensor, scale: float) -> dict:
+        """The encoding of a batch whose Q/K and encoded arrays are all finite (pipeline/finite.py).
+        A non-finite value refuses the job whatever --on-bad-sample says: the remedy is another
+        encoding (or another teacher), not skipping samples; nothing of the unit is written."""
+        try:
+            require_finite("the teacher's Q", q_BLHNd)
+            require_finite("the teacher's K", k_BLHNd)
+            encoded = self.job.encoding.encode(q_BLHNd, k_BLHNd, scale)
+            check_encoded(encoded)
+            return encoded
+        except NonFiniteValues as bad:
+            raise NonFiniteFactors(nonfinite_message(bad, batch.unit.url, batch.keys[bad.sample],
+                                                     self.job.layers[bad.layer], self.job.encoding.spec)) from None
 
     def write(self, count: int) -> dict:
         aug = self.blocks.pop("aug")
