@@ -292,7 +292,7 @@ class Teacher:
         (pipeline/teacher_check.py): one deterministic image, every layer."""
         images = probe_images(int(self.model.patch_embed.img_size[0]))
         layers = tuple(range(self.num_layers))
-        results = check_layers([b.attn for b in self.model.blocks], lambda x: self.capture(x, layers),
+        results = check_layers([b.attn for b in self.model.blocks], lambda x: self._capture(x, layers, None),
                                images, self.scale)
         failure = first_failure(results)
         if failure is not None:
@@ -315,9 +315,15 @@ class Teacher:
             "num_tokens": self.num_tokens, "timm_version": timm.__version__,
         }
 
-    @torch.inference_mode()
     def capture(self, images_BCHW: torch.Tensor, layers: tuple[int, ...],
                 heads: tuple[int, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Q and K of the chosen layers and heads, float32 [B, L, H, N, d] (see `_capture`, which
+        the self-check runs too, so it checks exactly this capture)."""
+        return self._capture(images_BCHW, layers, heads)
+
+    @torch.inference_mode()
+    def _capture(self, images_BCHW: torch.Tensor, layers: tuple[int, ...],
+                 heads: tuple[int, ...] | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Q and K of the chosen layers and heads: two float32 tensors [B, L, H, N, d] on the
         teacher's device (encoding runs there too). Hooks copy each layer's Q/K straight into one
         preallocated buffer, so no per-layer tensors are kept alive through the forward."""
