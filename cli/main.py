@@ -14,6 +14,7 @@ from pipeline.checkpoint import TrainError
 from pipeline.data import BadSample, DataError
 from pipeline.plan import PlanError
 from pipeline.distributed import LaunchError
+from pipeline.finite import NonFiniteFactors
 from pipeline.student import StudentMismatch
 from pipeline.precompute import TooManySkipped
 from pipeline.pretrain import PretrainError
@@ -26,7 +27,8 @@ from storage_schema import SchemaError
 # errors that are about the user's input, not bugs: one line naming file, key and cause, exit 1
 USER_ERRORS = (BadSample, DataError, TooManySkipped, StoreError, SchemaError, TeacherError, UnitsFailed,
                ClusterTooSmall, StudentMismatch, PretrainError, TrainError,
-               SpecError, PlanError, LaunchError)
+               SpecError, PlanError, LaunchError,
+               NonFiniteFactors)
 
 
 class _Group(click.Group):

@@ -26,6 +26,7 @@ from pipeline.factors import (_FLOAT_DTYPES, LOGIT_FACTORS_ONLY, SIGNALS, ArrayS
                               _as_tensor, _from_storage, _to_storage, check_signal, dequantize_rows_int8,
                               quantize_rows_int8)
 from pipeline.spec_error import SpecError
+from pipeline.finite import require_row_scale_fits
 
 SCALED_QUANTS = {"int8": 127.0, "int4": 7.0, "fp8": 448.0}  # largest stored magnitude of each
 QUANTS = (*_FLOAT_DTYPES, *SCALED_QUANTS)  # fp32 fp16 bf16 int8 int4 fp8
@@ -89,6 +90,7 @@ class RowCodec:
         if self.quant in _FLOAT_DTYPES:
             return {name: _to_storage(x, self.quant)}
         quantize = {"int8": quantize_rows_int8, "int4": quantize_rows_int4, "fp8": quantize_rows_fp8}[self.quant]
+        require_row_scale_fits(f"{name} in {self.quant} rows", x.float(), SCALED_QUANTS[self.quant])
         values, scales = quantize(x.float())
         return {name: values, f"{name}_scale": scales}
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pipeline.finite import NonFiniteValues, first_bad, require_finite
 from pipeline.spec_error import SpecError
 
 INT8_MAX = 127.0
@@ -107,8 +108,10 @@ def _cholesky_upper(gram: torch.Tensor) -> torch.Tensor:
             break
         retry, retry_info = torch.linalg.cholesky_ex(gram[bad] + ridge * level[bad], upper=True)
         factor[bad], info[bad] = retry, retry_info
-    if (info != 0).any():
-        raise ValueError("Q/K Gram matrix is not finite or not positive semi-definite (NaN in the teacher?)")
+    if (info != 0).any():  # after the ridges only a Gram matrix that overflowed float32 is left
+        bad = info != 0
+        raise NonFiniteValues("Q/K Gram matrix of the low-rank factorisation (float32 overflow)",
+                              *first_bad(bad.reshape(*bad.shape[:2], -1).any(dim=-1)))
     return factor
 
 
@@ -241,7 +244,10 @@ class LowRankEncoding:
         # A = U_q top sqrt(S) = Q R_q^{-1} top sqrt(S); B likewise with R_k and the right vectors
         w_a = torch.linalg.solve_triangular(r_q, top * root, upper=True).float()
         w_b = torch.linalg.solve_triangular(r_k, right * root, upper=True).float()
-        return q @ w_a, k @ w_b
+        a, b = q @ w_a, k @ w_b
+        require_finite("low-rank factor a", a)
+        require_finite("low-rank factor b", b)
+        return a, b
 
     def encode(self, q_BLHNd: torch.Tensor, k_BLHNd: torch.Tensor, scale: float) -> dict[str, np.ndarray]:
         a, b = self.factorize(q_BLHNd, k_BLHNd, scale)

@@ -27,6 +27,7 @@ from pipeline.augment import Recipe, parse_recipe
 from pipeline.data import (DEFAULT_MAX_SAMPLE_BYTES, BadSample, DatasetManifest, build_manifest, check_max_sample_bytes,
                            decode_sample, expand_shards, iter_shard, redact)
 from pipeline.factors import DEFAULT_ENCODING, Encoding, attention_kl, exact_logits, parse_encoding
+from pipeline.finite import NonFiniteFactors, NonFiniteValues, check_encoded, nonfinite_message, require_finite
 from pipeline.lease import DEFAULT_LEASE_TIMEOUT_S, Lease, LeaseConfig
 from pipeline.mix import draw_and_mix_unit
 from pipeline.shard_binding import (check_digests, check_members, check_sizes, match_urls, members_sha256,
@@ -153,9 +154,10 @@ def build_metadata(config: PrecomputeConfig, manifest: DatasetManifest, teacher:
     }
 
 
-def build_job(config: PrecomputeConfig, manifest: DatasetManifest | None = None) -> Job:
+def build_job(config: PrecomputeConfig, manifest: DatasetManifest | None = None, teacher: Teacher | None = None) -> Job:
     """Resolve and check everything, then create or reopen the store. Workers of a distributed
-    run pass the driver's manifest instead of scanning every shard again."""
+    run pass the driver's manifest instead of scanning every shard again; a runner that loaded
+    (and self-checked) the teacher before touching --out passes it in."""
     if config.views < 1:
         raise ValueError("--views must be at least 1")
     check_max_sample_bytes(config.max_sample_bytes)
@@ -163,7 +165,7 @@ def build_job(config: PrecomputeConfig, manifest: DatasetManifest | None = None)
     if manifest is None:
         manifest = build_manifest(expand_shards(list(config.data)), progress=config.progress,
                                   max_sample_bytes=config.max_sample_bytes)
-    teacher = Teacher(config.teacher)
+    teacher = teacher or Teacher(config.teacher)
     defaults = teacher.recipe_defaults()
     recipe = parse_recipe(config.recipe, defaults)
     if recipe.output_size != defaults.image_size:
@@ -315,7 +317,7 @@ class UnitAccumulator:
         if not batch.keys:
             return 0
         scale = self.job.teacher.scale
-        encoded = self.job.encoding.encode(q_BLHNd, k_BLHNd, scale)
+        encoded = self._encode_finite(batch, q_BLHNd, k_BLHNd, scale)
         if self.fidelity is None:  # what the encoding loses, measured on the unit's first sample
             est = self.job.encoding.decode_logits({n: a[:1] for n, a in encoded.items()}, scale, q_BLHNd.device)
             self.fidelity = attention_kl(exact_logits(q_BLHNd[:1], k_BLHNd[:1], scale), est).tolist()
@@ -328,6 +330,20 @@ class UnitAccumulator:
         self.labels[pos] = batch.labels
         self.valid[pos] = 1
         return len(batch.keys)
+
+    def _encode_finite(self, batch: PreparedBatch, q_BLHNd: torch.Tensor, k_BLHNd: torch.Tensor, scale: float) -> dict:
+        """The encoding of a batch whose Q/K and encoded arrays are all finite (pipeline/finite.py).
+        A non-finite value refuses the job whatever --on-bad-sample says: the remedy is another
+        encoding (or another teacher), not skipping samples; nothing of the unit is written."""
+        try:
+            require_finite("the teacher's Q", q_BLHNd)
+            require_finite("the teacher's K", k_BLHNd)
+            encoded = self.job.encoding.encode(q_BLHNd, k_BLHNd, scale)
+            check_encoded(encoded)
+            return encoded
+        except NonFiniteValues as bad:
+            raise NonFiniteFactors(nonfinite_message(bad, batch.unit.url, batch.keys[bad.sample],
+                                                     self.job.layers[bad.layer], self.job.encoding.spec)) from None
 
     def write(self, count: int) -> dict:
         aug = self.blocks.pop("aug")
@@ -448,8 +464,9 @@ def _guarded(batches: Iterator[PreparedBatch], lease: Lease) -> Iterator[Prepare
 def run_precompute(config: PrecomputeConfig, job: Job | None = None) -> Summary:
     """The in-process runner (`--ray none`): loader workers decode, this process runs the teacher.
     The store's lease (pipeline/lease.py) is held from before the store is created to the end."""
+    teacher = None if job else Teacher(config.teacher)  # a teacher that cannot load is refused before --out exists
     with Lease(config.out, LeaseConfig(config.lease_timeout)) as lease:
-        return _run_in_process(config, job or build_job(config), lease)
+        return _run_in_process(config, job or build_job(config, teacher=teacher), lease)
 
 
 def _run_in_process(config: PrecomputeConfig, job: Job, lease: Lease) -> Summary:

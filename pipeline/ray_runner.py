@@ -21,6 +21,7 @@ from pipeline.lease import Lease, LeaseConfig
 from pipeline.precompute import (PrecomputeConfig, Summary, TooManySkipped, build_job, job_notes, job_units,
                                  process_unit, units_to_do)
 from pipeline.store import Unit
+from pipeline.teacher import Teacher
 
 
 class UnitsFailed(RuntimeError):
@@ -99,12 +100,13 @@ def _worker_count(ray, options: RayOptions) -> int:
 
 def run_precompute_ray(config: PrecomputeConfig, options: RayOptions) -> Summary:
     """The driver holds the store's lease (pipeline/lease.py) for the whole job; actors never take it."""
+    teacher = Teacher(config.teacher)  # a teacher that cannot load is refused before --out exists
     with Lease(config.out, LeaseConfig(config.lease_timeout)) as lease:
-        return _run(config, options, lease)
+        return _run(config, options, lease, teacher)
 
 
-def _run(config: PrecomputeConfig, options: RayOptions, lease: Lease) -> Summary:
-    job = build_job(config)
+def _run(config: PrecomputeConfig, options: RayOptions, lease: Lease, teacher: Teacher | None = None) -> Summary:
+    job = build_job(config, teacher=teacher)
     units = job_units(job)
     todo = units_to_do(job, units)
     summary = Summary(units_total=len(units), units_already_done=len(units) - len(todo), notes=job_notes(job, lease))
