@@ -10,8 +10,6 @@ import json
 import os
 from pathlib import Path
 
-from pipeline.store import fault_point
-
 TEMP_MARK = ".tmp-"
 
 
@@ -39,11 +37,13 @@ def commit_temp(tmp: Path, path: Path, fault: str | None = None) -> None:
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     if fault:
+        from pipeline.store import fault_point  # the test hook; importing the store only when asked
+
         fault_point(f"{fault}-tmp", torn_file=str(tmp))
     os.replace(tmp, path)
     fsync_dir(path.parent)
     if fault:
-        fault_point(f"{fault}-renamed")
+        fault_point(f"{fault}-renamed")  # noqa: F821 (imported above)
 
 
 def write_bytes(path: Path, data: bytes, fault: str | None = None) -> None:
@@ -59,6 +59,14 @@ def write_text(path: Path, text: str, fault: str | None = None) -> None:
 
 def write_json(path: Path, obj, fault: str | None = None) -> None:
     write_text(path, json.dumps(obj, indent=1), fault)
+
+
+def save_figure(fig, path: Path, **savefig_kwargs) -> None:
+    """A matplotlib figure, whole or not at all (the format follows the final name's suffix)."""
+    path = Path(path)
+    tmp = temp_path(path)
+    fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", **savefig_kwargs)
+    commit_temp(tmp, path)
 
 
 def save_safetensors(tensors: dict, path: Path, fault: str | None = None) -> None:

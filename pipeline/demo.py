@@ -14,7 +14,6 @@ prints the equivalent command so a user can take it from there.
 """
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline import atomic
 from pipeline.pretrain import TINY_VIT
 
 RECIPE = "rrc(scale=(0.35,1.0))|flip|normalize"
@@ -123,7 +123,7 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
     summary = {"config": {k: v for k, v in cfg.__dict__.items()}, "runs": runs, "figures": figures,
                "teacher": {"method": method.name, "eval_top1": result.eval_top1, "steps": result.steps},
                "seconds": round(time.perf_counter() - step.started, 1)}
-    (out / "demo.json").write_text(json.dumps(summary, indent=1))
+    atomic.write_json(out / "demo.json", summary)
     return summary
 
 
@@ -192,6 +192,6 @@ def attention_figure(eval_cache: Path, teacher_dir: Path, runs: dict[str, Path],
         ax.set_yticks([])
     fig.suptitle(f"class-token attention, layer {layer}, mean of heads", fontsize=9)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    atomic.save_figure(fig, out, dpi=110)
     plt.close(fig)
     return out

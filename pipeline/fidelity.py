@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import zarr
 
+from pipeline import atomic
 from pipeline.augment import Recipe, parse_recipe
 from pipeline.data import BadSample, decode_sample, expand_shards, iter_shard
 from pipeline.factors import attention_kl, exact_logits, parse_encoding
@@ -377,6 +378,6 @@ def plot_frontier(report: dict, out: str) -> str:
         title += "  [RANDOM WEIGHTS: flat attention, KL unrealistically low]"
     fig.suptitle(title, color="red" if report["random_init"] else "black")
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    atomic.save_figure(fig, out, dpi=110)
     plt.close(fig)
     return out

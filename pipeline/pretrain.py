@@ -13,7 +13,6 @@ arguments, `model.safetensors` holds the encoder's weights, so `precompute --tea
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -29,6 +28,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from tqdm.auto import tqdm
 
+from pipeline import atomic
 from pipeline.data import BadSample, decode_image, decode_sample, expand_shards, iter_shard
 from pipeline.optim import OptimConfig, build_optimizer, lr_at, set_lr
 from pipeline.train import set_determinism
@@ -296,14 +296,16 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out / TEACHER_WEIGHTS_FILE), metadata={"method": method.name})
-    (out / TEACHER_CONFIG_FILE).write_text(json.dumps(
-        {"model": config.model, "model_args": args, "weights": TEACHER_WEIGHTS_FILE, "method": method.name}, indent=1))
+    tmp = atomic.temp_path(out / TEACHER_WEIGHTS_FILE)
+    save_file(state, str(tmp), metadata={"method": method.name})
+    atomic.commit_temp(tmp, out / TEACHER_WEIGHTS_FILE)
+    atomic.write_json(out / TEACHER_CONFIG_FILE, {"model": config.model, "model_args": args,
+                                                  "weights": TEACHER_WEIGHTS_FILE, "method": method.name})
     seconds = time.perf_counter() - started
     report = {"method": asdict(method), "model": config.model, "model_args": args, "data": list(config.data),
               "epochs": config.epochs, "batch_size": config.batch_size, "steps": step, "seed": config.seed,
               "optim": asdict(config.optim), "images": len(data.images_NCHW), "skipped": list(data.skipped),
               "history": history, "eval_top1": eval_top1, "seconds": round(seconds, 1)}
-    (out / REPORT_FILE).write_text(json.dumps(report, indent=1))
+    atomic.write_json(out / REPORT_FILE, report)
     return PretrainResult(str(out), config.epochs, step, seconds, history[-1]["loss"] if history else float("nan"),
                           len(data.images_NCHW), len(data.skipped), eval_top1)

@@ -3,7 +3,8 @@
 The driver builds the job once (manifest scan, store creation, every check that fails before
 work), then actors, each holding one teacher, run `process_unit` on units the driver hands out.
 Actors set the same intra-op thread count as `--ray none`, so the bytes are identical. A unit
-that raises is re-submitted up to `max_retries` times and then reported as failed; an actor
+that raises is re-submitted up to `max_retries` times and then reported as failed (a refusal
+that no retry can change, `REFUSALS`, stops the job at once); an actor
 that dies is restarted by Ray and its in-flight task retried (at-least-once: `write_unit`
 rewrites a unit whole and its marker last, so a retry is harmless).
 """
@@ -17,11 +18,18 @@ from dataclasses import dataclass
 from tqdm.auto import tqdm
 
 from pipeline.data import redact
+from pipeline.finite import NonFiniteFactors
 from pipeline.lease import Lease, LeaseConfig
 from pipeline.precompute import (PrecomputeConfig, Summary, TooManySkipped, build_job, job_notes, job_units,
                                  process_unit, units_to_do)
 from pipeline.store import Unit
 from pipeline.teacher import Teacher
+
+
+# the teacher's values do not fit --encoding: every retry and every unit meets the same, so the job
+# is refused at once in the worker's one line (as under --ray none) instead of retried and wrapped in
+# UnitsFailed. Units in flight are cut off whole (a marker is written last).
+REFUSALS = (NonFiniteFactors,)
 
 
 class UnitsFailed(RuntimeError):
@@ -154,6 +162,9 @@ def _dispatch(ray, workers, todo: list[Unit], max_retries: int, summary: Summary
             try:
                 result: Summary = ray.get(done[0])
             except Exception as exc:  # noqa: BLE001 - any task failure is retried, then reported
+                cause = getattr(exc, "cause", None)  # ray.exceptions.RayTaskError carries the worker's exception
+                if isinstance(cause, REFUSALS):
+                    raise cause from None  # a retry meets the same bytes: refuse the job now, in its own words
                 attempts[unit] = attempts.get(unit, 0) + 1
                 if attempts[unit] <= max_retries:
                     pending.append(unit)

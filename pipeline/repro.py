@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pipeline import atomic
 from pipeline.pretrain import TINY_VIT
 
 RECIPE = "rrc(scale=(0.35,1.0))|flip|normalize"
@@ -235,7 +236,7 @@ def train_arm(cfg: ReproConfig, paths: Paths, log: Log, arm: Arm, seed: int, dat
     summary = json.loads(attncache(log, f"train {arm.name} seed {seed}", args).splitlines()[-1])
     result = {"arm": arm.name, "group": arm.group, "seed": seed, "top1": summary["eval"]["top1"],
               "steps": summary["steps"], "seconds": summary["seconds"], "command": "attncache " + shlex.join(args)}
-    done.write_text(json.dumps(result, indent=1))
+    atomic.write_json(done, result)
     return result
 
 
@@ -248,7 +249,7 @@ def ensemble(cfg: ReproConfig, paths: Paths, log: Log, seed: int, data: dict) ->
         data["val"], "--workers", str(cfg.workers), "--json"]).splitlines()[-1])
     result = {"arm": "ensemble", "group": "main", "seed": seed, "top1": report["top1"],
               "members": report["top1_each"], "command": log.commands[-1]["command"]}
-    out.write_text(json.dumps(result, indent=1))
+    atomic.write_json(out, result)
     return result
 
 
@@ -288,5 +289,5 @@ def run_study(cfg: ReproConfig) -> dict:
                               "encoding": info["encoding"]}
     report = {"config": asdict(cfg), "arms": [asdict(a) for a in plan], "results": results, "teachers": teachers,
               "caches": caches, "commands": log.commands, "seconds": round(log.elapsed(), 1)}
-    (paths.root / "results.json").write_text(json.dumps(report, indent=1))
+    atomic.write_json(paths.root / "results.json", report)
     return report

@@ -3,9 +3,10 @@ the scratch → fine-tune gap each transfer recovers (as the paper states it), c
 the commands that produced every number."""
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
+
+from pipeline import atomic
 
 
 def arm_stats(results: list[dict]) -> dict[str, dict]:
@@ -82,7 +83,7 @@ def plot(report: dict, out_dir: Path) -> list[Path]:
     ax.set_ylim(max(0, min(stats[a]["mean"] for a in main) - 15), None)
     fig.tight_layout()
     written.append(out_dir / "repro_main.png")
-    fig.savefig(written[-1], dpi=120)
+    atomic.save_figure(fig, written[-1], dpi=120)
     plt.close(fig)
     views = sorted(int(a["name"].removeprefix("distill-v")) for a in report["arms"]
                    if a["name"].startswith("distill-v") and a["name"] in stats)
@@ -104,7 +105,7 @@ def plot(report: dict, out_dir: Path) -> list[Path]:
         ax.legend(fontsize=8)
         fig.tight_layout()
         written.append(out_dir / "repro_views.png")
-        fig.savefig(written[-1], dpi=120)
+        atomic.save_figure(fig, written[-1], dpi=120)
         plt.close(fig)
     root = Path(report["config"]["out"])
     seed = report["config"]["seeds"][0]
@@ -181,5 +182,5 @@ def write_results(report: dict, path: Path, figures_dir: Path, analysis: str = "
     for arm, command in commands.items():
         lines.append(command)
     lines += ["```", ""]
-    path.write_text("\n".join(lines))
+    atomic.write_text(path, "\n".join(lines))
     return path

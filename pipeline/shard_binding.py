@@ -100,7 +100,7 @@ def members_sha256(url: str) -> str | None:
     try:
         with tarfile.open(path, mode="r:") as tar:
             for info in tar:
-                digest.update(f"{info.name}\t{info.size}\n".encode())
+                digest.update(f"{info.name}\t{info.size}\n".encode("utf-8", "surrogateescape"))
     except (OSError, tarfile.TarError):
         return None
     return digest.hexdigest()

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline import atomic
 from pipeline.atomic import read_jsonl
 from pipeline.augment import Recipe
 from pipeline.data import decode_sample, iter_shard
@@ -87,7 +88,7 @@ def render(store: CacheStore, key: str, view: int, layers: list[int], heads: lis
     fig.suptitle(f"{key} view {view}: {query} query, {store.meta['teacher']['name']} ({store.meta['encoding']['spec']})",
                  fontsize=9)
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    atomic.save_figure(fig, out, dpi=100)
     plt.close(fig)
     return out
 
@@ -113,6 +114,6 @@ def learning_curves(runs: dict[str, Path], out: Path, dpi: int = 110) -> Path:
     ax.set_ylabel("training cross-entropy")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=dpi)
+    atomic.save_figure(fig, out, dpi=dpi)
     plt.close(fig)
     return out

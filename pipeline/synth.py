@@ -18,13 +18,13 @@ for the same arguments on any machine.
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from pipeline import atomic
 from pipeline.data import brace_pattern, shard_writer
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond", "bar", "star")
@@ -197,6 +197,6 @@ def synth_dataset(out_dir: str | Path, num_train: int, num_val: int, shard_size:
         paths = write_split(out, split, count, shard_size, seed, config) if count else []
         info[split] = brace_pattern(paths) if paths else None
         info[f"num_{split}"] = count
-    (out / "classes.json").write_text(json.dumps(info["classes"], indent=1))
-    (out / "synth.json").write_text(json.dumps(info, indent=1))
+    atomic.write_json(out / "classes.json", info["classes"])
+    atomic.write_json(out / "synth.json", info)
     return info

@@ -178,7 +178,8 @@ def _create(cfg: TeacherConfig, pretrained: bool) -> torch.nn.Module:
         return timm.create_model(cfg.name, pretrained=pretrained, **dict(cfg.model_args))
     except (TypeError, ValueError, AssertionError) as exc:  # an unknown keyword, a width not divisible by heads, ...
         raise TeacherError(f"timm model {cfg.name!r} does not accept the model arguments "
-                           f"{dict(cfg.model_args)} ({_first_line(exc)})") from None
+                           f"{dict(cfg.model_args)} ({_first_line(exc)}); check --model-arg (and the model's "
+                           "config.json) against the model's constructor") from None
 
 
 def _fit_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], cfg: TeacherConfig) -> None:

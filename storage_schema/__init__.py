@@ -12,8 +12,8 @@ from importlib import resources
 
 import jsonschema
 
-SCHEMA_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+SCHEMA_VERSION = 2
+SUPPORTED_VERSIONS = (2,)  # 1 (before 2026-12): markers did not cover metadata or input shards
 
 
 class SchemaError(ValueError):
@@ -34,7 +34,10 @@ def _check(kind: str, doc: object, where: str) -> None:
         raise SchemaError(f"{where}: {kind} metadata has no schema_version")
     if not isinstance(version, int) or version not in SUPPORTED_VERSIONS:
         newer = isinstance(version, int) and version > max(SUPPORTED_VERSIONS)
-        hint = " (written by a newer attncache: upgrade)" if newer else ""
+        older = isinstance(version, int) and version < min(SUPPORTED_VERSIONS)
+        hint = (" (written by a newer attncache: upgrade)" if newer else
+                " (written by an older attncache whose markers do not cover the metadata and input shards: "
+                "re-run the precompute into a new --out)" if older else "")
         raise SchemaError(f"{where}: unsupported {kind} schema_version {version!r}{hint}; "
                           f"this attncache reads {list(SUPPORTED_VERSIONS)}")
     validator = jsonschema.Draft202012Validator(_load(kind, version))

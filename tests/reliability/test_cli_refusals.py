@@ -93,9 +93,10 @@ PRECOMPUTE_CASES = {  # name: (options, the exact error line)
     "lease 0": (["--lease-timeout", "0"],
                 "Error: Invalid value for '--lease-timeout': 0.0 is not in the range 0<x<=604800."),
     "model arg": (["--model-arg", "foo=1"],
-                  "Error: TypeError: VisionTransformer.__init__() got an unexpected keyword argument 'foo': a "
-                  "--model-arg or --student-arg key the timm model does not take; see the model's constructor for "
-                  "its arguments"),
+                  "Error: TeacherError: timm model 'vit_tiny_patch16_224' does not accept the model arguments "
+                  "{'depth': 3, 'embed_dim': 48, 'foo': 1, 'img_size': 32, 'num_heads': 3, 'patch_size': 8} "
+                  "(VisionTransformer.__init__() got an unexpected keyword argument 'foo'); check --model-arg (and "
+                  "the model's config.json) against the model's constructor"),
 }
 
 

@@ -191,5 +191,6 @@ def test_a_store_path_that_is_a_file_is_refused_in_one_line(clean, tmp_path):
     out = tmp_path / "file.zarr"
     out.write_text("x")
     result = invoke(*precompute_args(data, out))
-    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.exit_code == 2, result.output  # click refuses it before any work
+    assert one_line(result.output.split("\n\n")[-1]).endswith(f"Invalid value for '--out': Directory '{out}' is a file.")
     assert out.read_text() == "x"

@@ -244,3 +244,23 @@ def test_recompute_with_another_teacher_is_one_line(clean):
     assert "teacher identity differs" in error_line(result.output) and "weights_sha256" in result.output
     same = invoke("verify", store, "--recompute", "2", *TEACHER_ARGS)
     assert same.exit_code == 0, same.output
+
+
+def _as_version_1(store):
+    """What a store made before this round holds: schema_version 1 in the metadata and markers."""
+    _edit(store, "zarr.json", lambda doc: doc["attributes"]["attncache"].update(schema_version=1))
+    for marker in store.glob("units/*/*.json"):
+        _edit(store, marker.relative_to(store), lambda doc: doc.update(schema_version=1))
+
+
+def test_a_version_1_store_is_refused_in_one_line_by_every_command_and_left_untouched(clean, tmp_path):
+    data, store = copy(clean, tmp_path)
+    _as_version_1(store)
+    before = store_files(store)
+    advice = "written by an older attncache whose markers do not cover the metadata and input shards"
+    for result in (invoke("verify", store), invoke("inspect", store), invoke(*precompute_args(data, store)),
+                   train(data, store, tmp_path / "run")):
+        assert result.exit_code == 1, result.output
+        line = error_line(result.output) if "Error" in result.output else result.output
+        assert "schema_version 1" in line and advice in line, result.output
+    assert differing(before, store_files(store)) == [] and not (tmp_path / "run").exists()

@@ -3,9 +3,11 @@ Each case asserts the one-line error text and that --out was never created (or h
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -158,3 +160,58 @@ def test_q_k_beyond_the_encodings_range_refuse_the_job_naming_key_and_layer(tmp_
     assert not list(out.glob("units/*/*.json"))  # no unit marked done
     ok, _ = _precompute(tmp_path / "again", "--teacher", d, "--encoding", "exact:fp32")
     assert ok.exit_code == 0, ok.output  # a representable encoding works
+
+
+def test_verify_recompute_counts_a_cache_decoding_to_nan_as_mismatched(tmp_path, monkeypatch):
+    """A cache that decodes to inf/NaN (what a store written before the finite check could hold)
+    is mismatched: a NaN KL compares False, so a plain `>` test would have passed it."""
+    from pipeline.store import CacheStore
+    from pipeline.teacher import TeacherConfig
+    from pipeline.verify import recompute_check
+
+    from tests.reliability.relhelp import FAST, TEACHER_ARGS
+
+    data = noise_shards(tmp_path / "d", 8, shard_size=8, seed=3)
+    out = tmp_path / "s.zarr"
+    fast = [*FAST[:FAST.index("--encoding")], "--encoding", "exact:fp16", "--quiet"]
+    made = invoke("precompute", "--data", data, *TEACHER_ARGS, *fast, "--ray", "none", "--out", out)
+    assert made.exit_code == 0, made.output
+    store = CacheStore.open(str(out))
+    meta = store.meta["teacher"]
+    cfg = TeacherConfig(meta["name"], tuple(sorted(meta["model_args"].items())), random_init=True, seed=0)
+    assert recompute_check(store, cfg, k=3)["ok"]  # the control: the untouched cache is right
+
+    real = CacheStore.read_factors
+
+    def poisoned(self, view, slots):
+        arrays = real(self, view, slots)
+        return {name: a * np.float16(np.inf) for name, a in arrays.items()}  # inf, and NaN where 0
+
+    monkeypatch.setattr(CacheStore, "read_factors", poisoned)
+    report = recompute_check(store, cfg, k=3)
+    assert not report["ok"] and len(report["mismatched"]) == 3, report
+    assert all(math.isnan(m["kl_cache"]) for m in report["mismatched"]), report
+
+
+@pytest.mark.slow
+def test_q_k_beyond_the_encoding_under_ray_local_is_the_same_one_line_not_retried(tmp_path, good_weights):
+    """Under `--ray local` the refusal comes from an actor: the job stops with the worker's own line
+    (not retried --max-retries times and wrapped in UnitsFailed), and no unit is marked done."""
+    from safetensors.torch import save_file
+
+    from tests.reliability.relhelp import run_cli
+    sd = dict(good_weights[1])
+    sd["blocks.1.attn.qkv.weight"] = sd["blocks.1.attn.qkv.weight"] * 1e6
+    d = tmp_path / "huge"
+    d.mkdir()
+    save_file(sd, str(d / "model.safetensors"))
+    (d / "config.json").write_text(json.dumps({"model": "vit_tiny_patch16_224", "model_args": TINY}))
+    data = noise_shards(tmp_path / "data", 8, 4)
+    out = tmp_path / "store"
+    res = run_cli("precompute", "--data", data, "--teacher", d, "--encoding", "exact:fp16", "--out", out,
+                  "--ray", "local", "--num-workers", "1", "--batch-size", "4", "--threads", "1", "--quiet")
+    assert res.returncode == 1, res.stdout + res.stderr
+    errors = [line for line in res.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "NonFiniteFactors" in errors[0] and "teacher layer 1:" in errors[0], res.stderr
+    assert "UnitsFailed" not in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert not list(out.glob("units/*/*.json"))  # no unit marked done
