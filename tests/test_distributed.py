@@ -159,7 +159,8 @@ def test_a_three_rank_run_reports_one_top1_equal_to_one_process(data, cache, tmp
     assert report["samples"] == final["samples"] == 96
     assert report["top1"] == final["top1"] and report["top5"] == final["top5"]
     assert report["confusion"] == final["confusion"]
-    assert report["loss"] == pytest.approx(final["loss"], rel=1e-9)
+    # batches differ (one process batches across the 3 shards): per-sample float32 losses differ in rounding
+    assert report["loss"] == pytest.approx(final["loss"], rel=1e-6)
     assert evals[0].split()[2] == f"{report['top1']:.2f}"
 
 
