@@ -26,7 +26,7 @@ demo: $(STAMP)
 	$(BIN)/attncache demo
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/precompute.py
+	$(BIN)/attncache bench precompute
 
 clean:
 	rm -rf $(VENV) demo_out

@@ -1,6 +1,6 @@
 """Images/s one loader worker delivers: decode + replay (RandAugment, Mixup/CutMix) + factor reads.
 
-    .venv/bin/python benchmarks/loader.py [--sizes 32,224] [--images 2048,512] [--batch-size 128] [--json out.json]
+    .venv/bin/attncache bench loader [--sizes 32,224] [--images 2048,512] [--batch-size 128] [--json out.json]
 
 A GPU student is fed by loader workers; this measures what one of them delivers, so that the
 number a GPU needs is (images/s of the GPU step) / (images/s of one worker). Per image size it
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -31,16 +30,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from attncache.benchmarks import HelpFormatter
 
-from benchmarks import HelpFormatter  # noqa: E402
-
-from pipeline.factors import DEFAULT_ENCODING  # noqa: E402
-from pipeline.loader import StreamConfig, epoch_loader, match_shards  # noqa: E402
-from pipeline.precompute import PrecomputeConfig, run_precompute  # noqa: E402
-from pipeline.store import CacheStore  # noqa: E402
-from pipeline.synth import SynthConfig, synth_dataset  # noqa: E402
-from pipeline.teacher import TeacherConfig  # noqa: E402
+from attncache.pipeline.factors import DEFAULT_ENCODING
+from attncache.pipeline.loader import StreamConfig, epoch_loader, match_shards
+from attncache.pipeline.precompute import PrecomputeConfig, run_precompute
+from attncache.pipeline.store import CacheStore
+from attncache.pipeline.synth import SynthConfig, synth_dataset
+from attncache.pipeline.teacher import TeacherConfig
 
 
 def teacher_cfg(size: int) -> TeacherConfig:

@@ -1,6 +1,6 @@
 """Precompute throughput against the bare teacher, and where the bytes go, measured in one run.
 
-    .venv/bin/python benchmarks/precompute.py [--teacher vit_small_patch16_224] [--images 256] [--batch-size 32]
+    .venv/bin/attncache bench precompute [--teacher vit_small_patch16_224] [--images 256] [--batch-size 32]
 
 Reports (1) images/s of the bare teacher forward (`forward_features` on ready tensors) and of the
 whole precompute (tar read, decode, augment, teacher, encode, write) at the same batch size, as a
@@ -14,22 +14,19 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from attncache.benchmarks import HelpFormatter
 
-from benchmarks import HelpFormatter  # noqa: E402
-
-from pipeline.synth import SynthConfig, synth_dataset  # noqa: E402
-from pipeline.factors import DEFAULT_ENCODING  # noqa: E402
-from pipeline.precompute import PrecomputeConfig, build_job, run_precompute  # noqa: E402
-from pipeline.teacher import Teacher, TeacherConfig  # noqa: E402
-from pipeline.verify import inspect_store  # noqa: E402
+from attncache.pipeline.synth import SynthConfig, synth_dataset
+from attncache.pipeline.factors import DEFAULT_ENCODING
+from attncache.pipeline.precompute import PrecomputeConfig, build_job, run_precompute
+from attncache.pipeline.teacher import Teacher, TeacherConfig
+from attncache.pipeline.verify import inspect_store
 
 
 def bare_forward_rate(teacher: Teacher, batch_size: int, batches: int) -> float:

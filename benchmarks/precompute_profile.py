@@ -1,24 +1,21 @@
 """Where precompute time goes, per stage, for one unit of 64 images (workers=0, so every stage is
 on the clock of this process).
 
-    .venv/bin/python benchmarks/precompute_profile.py [--encoding exact:fp16] [--teacher vit_small_patch16_224]
+    .venv/bin/attncache bench precompute-profile [--encoding exact:fp16] [--teacher vit_small_patch16_224]
 """
 from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from attncache.benchmarks import HelpFormatter
 
-from benchmarks import HelpFormatter  # noqa: E402
-
-from pipeline.precompute import PrecomputeConfig, UnitAccumulator, build_job, prepare_unit  # noqa: E402
-from pipeline.synth import SynthConfig, synth_dataset  # noqa: E402
-from pipeline.teacher import TeacherConfig  # noqa: E402
+from attncache.pipeline.precompute import PrecomputeConfig, UnitAccumulator, build_job, prepare_unit
+from attncache.pipeline.synth import SynthConfig, synth_dataset
+from attncache.pipeline.teacher import TeacherConfig
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,6 +1,6 @@
 """Student accuracy at equal steps: scratch against attention distillation from caches, several seeds.
 
-    .venv/bin/python benchmarks/students.py --data 'DIR/train-{000000..000007}.tar' --val DIR/val-000000.tar \\
+    .venv/bin/attncache bench students --data 'DIR/train-{000000..000007}.tar' --val DIR/val-000000.tar \\
         --teacher TEACHER_DIR --out OUT [--encodings exact:fp16,lowrank:r=8:int8] [--seeds 0,1,2] \\
         [--epochs 5] [--views 2] [--recipe 'rrc(scale=(0.35,1.0))|flip|normalize']
 
@@ -20,9 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import HelpFormatter  # noqa: E402
+from attncache.benchmarks import HelpFormatter
 
 BIN = Path(sys.executable).parent
 STUDENT = ["--student", "vit_tiny_patch16_224", "--student-arg", "img_size=32", "--student-arg", "patch_size=4",

@@ -1,6 +1,6 @@
 """Student training speed: scratch, distill from the cache, distill with an online teacher, in one run.
 
-    .venv/bin/python benchmarks/train.py [--steps 40] [--batch-size 64] [--rounds 2] [--json out.json]
+    .venv/bin/attncache bench train [--steps 40] [--batch-size 64] [--rounds 2] [--json out.json]
 
 Same student, batch size, loader workers and steps for every mode, through `pipeline.train.train`
 (the code `attncache train` runs): (a) scratch, (b) distill from a cache with the default encoding,
@@ -17,26 +17,23 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from attncache.benchmarks import HelpFormatter
 
-from benchmarks import HelpFormatter  # noqa: E402
-
-from pipeline.optim import OptimConfig  # noqa: E402
-from pipeline.precompute import PrecomputeConfig, run_precompute  # noqa: E402
-from pipeline.factors import DEFAULT_ENCODING  # noqa: E402
-from pipeline.loader import epoch_loader  # noqa: E402
-from pipeline.setup import TransferSpec, build_session, train_stream  # noqa: E402
-from pipeline.student import StudentConfig  # noqa: E402
-from pipeline.synth import SynthConfig, synth_dataset  # noqa: E402
-from pipeline.teacher import Teacher, TeacherConfig  # noqa: E402
-from pipeline.train import TrainConfig, train  # noqa: E402
+from attncache.pipeline.optim import OptimConfig
+from attncache.pipeline.precompute import PrecomputeConfig, run_precompute
+from attncache.pipeline.factors import DEFAULT_ENCODING
+from attncache.pipeline.loader import epoch_loader
+from attncache.pipeline.setup import TransferSpec, build_session, train_stream
+from attncache.pipeline.student import StudentConfig
+from attncache.pipeline.synth import SynthConfig, synth_dataset
+from attncache.pipeline.teacher import Teacher, TeacherConfig
+from attncache.pipeline.train import TrainConfig, train
 
 MODEL = "vit_tiny_patch16_224"
 SHAPE = {"img_size": 32, "patch_size": 4, "depth": 6, "num_heads": 4}  # 65 tokens

@@ -6,9 +6,9 @@ import json
 
 import click
 
-from cli import params as P
-from cli.cache_cmd import make_teacher_config, teacher_options
-from pipeline.fidelity import DEFAULT_GRID, FidelityConfig, format_table, is_store, plot_frontier, run_fidelity, \
+from attncache.cli import params as P
+from attncache.cli.cache_cmd import make_teacher_config, teacher_options
+from attncache.pipeline.fidelity import DEFAULT_GRID, FidelityConfig, format_table, is_store, plot_frontier, run_fidelity, \
     run_store_fidelity
 
 _DEFAULTS = FidelityConfig(teacher=None)
@@ -100,9 +100,9 @@ def _script_command(name: str, module: str, summary: str) -> click.Command:
 
 
 for _name, _module, _summary in (
-        ("precompute", "benchmarks.precompute", "Precompute images/s against the bare teacher, and bytes per encoding."),
-        ("precompute-profile", "benchmarks.precompute_profile", "Where precompute time goes, per stage."),
-        ("train", "benchmarks.train", "Student steps/s: scratch, distill from the cache, distill online."),
-        ("students", "benchmarks.students", "Student accuracy: scratch against distillation per encoding, seeds."),
-        ("loader", "benchmarks.loader", "Images/s one loader worker delivers (decode, replay, factor reads), 32 and 224 px.")):
+        ("precompute", "attncache.benchmarks.precompute", "Precompute images/s against the bare teacher, and bytes per encoding."),
+        ("precompute-profile", "attncache.benchmarks.precompute_profile", "Where precompute time goes, per stage."),
+        ("train", "attncache.benchmarks.train", "Student steps/s: scratch, distill from the cache, distill online."),
+        ("students", "attncache.benchmarks.students", "Student accuracy: scratch against distillation per encoding, seeds."),
+        ("loader", "attncache.benchmarks.loader", "Images/s one loader worker delivers (decode, replay, factor reads), 32 and 224 px.")):
     bench.add_command(_script_command(_name, _module, _summary))

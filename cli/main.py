@@ -1,28 +1,28 @@
 """Entry point of the `attncache` console script."""
 import click
 
-from cli.bench_cmd import bench
-from cli.cache_cmd import inspect, precompute, show, verify
-from cli.data_cmd import data
-from cli.demo_cmd import demo
-from cli.errors import os_error_line
-from cli.train_cmd import evaluate, train
-from cli.plan_cmd import plan
-from cli.repro_cmd import repro
-from cli.teacher_cmd import teacher
-from pipeline.checkpoint import TrainError
-from pipeline.data import BadSample, DataError
-from pipeline.plan import PlanError
-from pipeline.distributed import LaunchError
-from pipeline.finite import NonFiniteFactors
-from pipeline.student import StudentMismatch
-from pipeline.precompute import TooManySkipped
-from pipeline.pretrain import PretrainError
-from pipeline.ray_runner import ClusterTooSmall, UnitsFailed
-from pipeline.spec_error import SpecError
-from pipeline.store import StoreError
-from pipeline.teacher import TeacherError
-from storage_schema import SchemaError
+from attncache.cli.bench_cmd import bench
+from attncache.cli.cache_cmd import inspect, precompute, show, verify
+from attncache.cli.data_cmd import data
+from attncache.cli.demo_cmd import demo
+from attncache.cli.errors import os_error_line
+from attncache.cli.train_cmd import evaluate, train
+from attncache.cli.plan_cmd import plan
+from attncache.cli.repro_cmd import repro
+from attncache.cli.teacher_cmd import teacher
+from attncache.pipeline.checkpoint import TrainError
+from attncache.pipeline.data import BadSample, DataError
+from attncache.pipeline.plan import PlanError
+from attncache.pipeline.distributed import LaunchError
+from attncache.pipeline.finite import NonFiniteFactors
+from attncache.pipeline.student import StudentMismatch
+from attncache.pipeline.precompute import TooManySkipped
+from attncache.pipeline.pretrain import PretrainError
+from attncache.pipeline.ray_runner import ClusterTooSmall, UnitsFailed
+from attncache.pipeline.spec_error import SpecError
+from attncache.pipeline.store import StoreError
+from attncache.pipeline.teacher import TeacherError
+from attncache.storage_schema import SchemaError
 
 # errors that are about the user's input, not bugs: one line naming file, key and cause, exit 1
 USER_ERRORS = (BadSample, DataError, TooManySkipped, StoreError, SchemaError, TeacherError, UnitsFailed,

@@ -5,9 +5,9 @@ import json
 
 import click
 
-from cli import params as P
-from pipeline.plan import TRANSFER_MODES, PlanConfig, PlanError, make_plan, plan_lines
-from pipeline.teacher import TeacherConfig, parse_model_args
+from attncache.cli import params as P
+from attncache.pipeline.plan import TRANSFER_MODES, PlanConfig, PlanError, make_plan, plan_lines
+from attncache.pipeline.teacher import TeacherConfig, parse_model_args
 
 _DEFAULTS = PlanConfig(teacher=TeacherConfig("x"), samples=1)
 

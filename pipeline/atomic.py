@@ -37,7 +37,7 @@ def commit_temp(tmp: Path, path: Path, fault: str | None = None) -> None:
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     if fault:
-        from pipeline.store import fault_point  # the test hook; importing the store only when asked
+        from attncache.pipeline.store import fault_point  # the test hook; importing the store only when asked
 
         fault_point(f"{fault}-tmp", torn_file=str(tmp))
     os.replace(tmp, path)

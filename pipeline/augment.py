@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline import _randaug
-from pipeline.spec_error import SpecError
+from attncache.pipeline import _randaug
+from attncache.pipeline.spec_error import SpecError
 
 INTERPOLATIONS = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
 INTERP_CODES = ("nearest", "bilinear", "bicubic")

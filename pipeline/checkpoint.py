@@ -25,9 +25,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from pipeline.atomic import commit_temp, remove_temps, temp_path, write_json
-from pipeline.optim import WeightEma, load_optimizer_tensors, optimizer_tensors
-from pipeline.store import fault_point
+from attncache.pipeline.atomic import commit_temp, remove_temps, temp_path, write_json
+from attncache.pipeline.optim import WeightEma, load_optimizer_tensors, optimizer_tensors
+from attncache.pipeline.store import fault_point
 
 STATE_FILE, METRICS_FILE = "state.json", "metrics.jsonl"
 LEGACY_CHECKPOINT = "checkpoint.safetensors"  # runs written before versioned names

@@ -22,10 +22,10 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from pipeline.data_errors import BadSample, DataError, redact  # noqa: F401  (public here)
-from pipeline.data_pack import (IMAGE_EXTENSIONS, brace_pattern, pack_image_folder, sanitise_key,  # noqa: F401
+from attncache.pipeline.data_errors import BadSample, DataError, redact  # noqa: F401  (public here)
+from attncache.pipeline.data_pack import (IMAGE_EXTENSIONS, brace_pattern, pack_image_folder, sanitise_key,  # noqa: F401
                                 shard_writer)
-from pipeline.data_tar import (DEFAULT_MAX_SAMPLE_BYTES, MAX_SAMPLE_BYTES_RANGE, ShardEntry,  # noqa: F401
+from attncache.pipeline.data_tar import (DEFAULT_MAX_SAMPLE_BYTES, MAX_SAMPLE_BYTES_RANGE, ShardEntry,  # noqa: F401
                                check_max_sample_bytes, iter_shard, open_url)
 
 LABEL_EXTENSIONS = ("cls", "label", "class")

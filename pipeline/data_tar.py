@@ -24,7 +24,7 @@ from typing import Iterator, Mapping
 
 from webdataset.tariterators import base_plus_ext
 
-from pipeline.data_errors import DataError, redact
+from attncache.pipeline.data_errors import DataError, redact
 
 DEFAULT_MAX_SAMPLE_BYTES = 64 * 2**20
 MAX_SAMPLE_BYTES_RANGE = (1024, 2**40)  # what --max-sample-bytes accepts: 1 KiB to 1 TiB

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import atomic
-from pipeline.pretrain import TINY_VIT
+from attncache.pipeline import atomic
+from attncache.pipeline.pretrain import TINY_VIT
 
 RECIPE = "rrc(scale=(0.35,1.0))|flip|normalize"
 
@@ -58,16 +58,16 @@ class Step:
 
 def run_demo(cfg: DemoConfig, echo=print) -> dict:
     """Run every step; returns the summary also written to OUT/demo.json."""
-    from pipeline.precompute import PrecomputeConfig, run_precompute
-    from pipeline.pretrain import METHODS, PretrainConfig, pretrain
-    from pipeline.setup import TransferSpec, infer_num_classes
-    from pipeline.student import StudentConfig
-    from pipeline.synth import synth_dataset
-    from pipeline.teacher import TeacherConfig
-    from pipeline.train import TrainConfig, train
-    from pipeline.optim import OptimConfig
-    from pipeline.show import learning_curves
-    from pipeline.verify import inspect_store, verify_store
+    from attncache.pipeline.precompute import PrecomputeConfig, run_precompute
+    from attncache.pipeline.pretrain import METHODS, PretrainConfig, pretrain
+    from attncache.pipeline.setup import TransferSpec, infer_num_classes
+    from attncache.pipeline.student import StudentConfig
+    from attncache.pipeline.synth import synth_dataset
+    from attncache.pipeline.teacher import TeacherConfig
+    from attncache.pipeline.train import TrainConfig, train
+    from attncache.pipeline.optim import OptimConfig
+    from attncache.pipeline.show import learning_curves
+    from attncache.pipeline.verify import inspect_store, verify_store
 
     out = Path(cfg.out)
     shutil.rmtree(out, ignore_errors=True)
@@ -140,7 +140,7 @@ def table(summary: dict) -> str:
 
 def _probs_of(model, pixels_CHW: torch.Tensor, layer: int) -> np.ndarray:
     """[H, N, N] attention of one layer of a loaded model directory (pipeline.teacher.Teacher)."""
-    from pipeline.factors import exact_logits
+    from attncache.pipeline.factors import exact_logits
 
     q, k = model.capture(pixels_CHW[None], (layer,))
     return exact_logits(q, k, model.scale)[0, 0].softmax(-1).numpy()
@@ -154,12 +154,12 @@ def attention_figure(eval_cache: Path, teacher_dir: Path, runs: dict[str, Path],
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pipeline.augment import Recipe
-    from pipeline.data import decode_sample, iter_shard
-    from pipeline.show import replayed_image
-    from pipeline.store import CacheStore
-    from pipeline.student import default_layers
-    from pipeline.teacher import resolve_layers
+    from attncache.pipeline.augment import Recipe
+    from attncache.pipeline.data import decode_sample, iter_shard
+    from attncache.pipeline.show import replayed_image
+    from attncache.pipeline.store import CacheStore
+    from attncache.pipeline.student import default_layers
+    from attncache.pipeline.teacher import resolve_layers
 
     store = CacheStore.open(str(eval_cache))
     recipe = Recipe.from_json(store.meta["recipe"]["ops"])
@@ -169,7 +169,7 @@ def attention_figure(eval_cache: Path, teacher_dir: Path, runs: dict[str, Path],
     gh, gw = store.meta["tokens"]["grid"]
     url = store.meta["dataset"]["shards"][0]["url"]
     entries = [e for _, e in zip(range(images), iter_shard(url))]
-    from pipeline.teacher import Teacher, TeacherConfig
+    from attncache.pipeline.teacher import Teacher, TeacherConfig
 
     # a teacher dir, and run dirs of modes that need no teacher at eval (they hold config.json), load alike
     columns = [(title, Teacher(TeacherConfig(str(source)))) for title, source in

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.factors import (_FLOAT_DTYPES, LOGIT_FACTORS_ONLY, SIGNALS, ArraySpec, ExactEncoding, LowRankEncoding,
+from attncache.pipeline.factors import (_FLOAT_DTYPES, LOGIT_FACTORS_ONLY, SIGNALS, ArraySpec, ExactEncoding, LowRankEncoding,
                               _as_tensor, _from_storage, _to_storage, check_signal, dequantize_rows_int8,
                               quantize_rows_int8)
-from pipeline.spec_error import SpecError
-from pipeline.finite import require_row_scale_fits
+from attncache.pipeline.spec_error import SpecError
+from attncache.pipeline.finite import require_row_scale_fits
 
 SCALED_QUANTS = {"int8": 127.0, "int4": 7.0, "fp8": 448.0}  # largest stored magnitude of each
 QUANTS = (*_FLOAT_DTYPES, *SCALED_QUANTS)  # fp32 fp16 bf16 int8 int4 fp8

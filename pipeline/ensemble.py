@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.loader import epoch_loader
-from pipeline.setup import eval_stream, load_run
+from attncache.pipeline.loader import epoch_loader
+from attncache.pipeline.setup import eval_stream, load_run
 
 
 @torch.no_grad()

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.augment import Recipe, RecipeDefaults, parse_recipe
-from pipeline.student import Strategy, TransferContext
+from attncache.pipeline.augment import Recipe, RecipeDefaults, parse_recipe
+from attncache.pipeline.student import Strategy, TransferContext
 
 
 def eval_recipe_like(train: Recipe) -> Recipe:

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.finite import NonFiniteValues, first_bad, require_finite
-from pipeline.spec_error import SpecError
+from attncache.pipeline.finite import NonFiniteValues, first_bad, require_finite
+from attncache.pipeline.spec_error import SpecError
 
 INT8_MAX = 127.0
 
@@ -288,7 +288,7 @@ def parse_encoding(spec: str) -> Encoding:
     """`exact[:fp16|fp32|bf16|int8|int4|fp8]` | `lowrank:r=RANKS[:fp16|fp32|bf16|int8|int4|fp8]`, RANKS = `R`
     or one rank per cached layer `R,R,...` (`RxK` repeats R K times). The core specs give the core
     classes; the rest come from `pipeline.encodings_extra`, which holds the grammar."""
-    from pipeline.encodings_extra import GRAMMAR, parse_exact, parse_lowrank
+    from attncache.pipeline.encodings_extra import GRAMMAR, parse_exact, parse_lowrank
 
     parts = [p.strip() for p in spec.strip().split(":") if p.strip()]
     if not parts:

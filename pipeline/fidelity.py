@@ -23,13 +23,13 @@ import numpy as np
 import torch
 import zarr
 
-from pipeline import atomic
-from pipeline.augment import Recipe, parse_recipe
-from pipeline.data import BadSample, decode_sample, expand_shards, iter_shard
-from pipeline.factors import attention_kl, exact_logits, parse_encoding
-from pipeline.precompute import default_threads
-from pipeline.store import CacheStore, _compressors, factor_chunk_slots, parse_compression
-from pipeline.teacher import Teacher, TeacherConfig, resolve_heads, resolve_layers
+from attncache.pipeline import atomic
+from attncache.pipeline.augment import Recipe, parse_recipe
+from attncache.pipeline.data import BadSample, decode_sample, expand_shards, iter_shard
+from attncache.pipeline.factors import attention_kl, exact_logits, parse_encoding
+from attncache.pipeline.precompute import default_threads
+from attncache.pipeline.store import CacheStore, _compressors, factor_chunk_slots, parse_compression
+from attncache.pipeline.teacher import Teacher, TeacherConfig, resolve_heads, resolve_layers
 
 DEFAULT_GRID = ("exact:fp16", "exact:fp8", "exact:int8", "exact:int4",
                 *(f"lowrank:r={r}:{q}" for r in (32, 16, 8, 4) for q in ("fp16", "int8")),
@@ -258,7 +258,7 @@ def run_store_fidelity(path: str, teacher_cfg: TeacherConfig | None, samples: in
                        threads: int | None = None) -> dict:
     """The store's cached factors against the teacher re-run on the same replayed pixels, beside a
     fresh encoding with the store's own spec and `exact:fp16` (or `encodings`)."""
-    from pipeline.verify import inspect_store
+    from attncache.pipeline.verify import inspect_store
 
     store = CacheStore.open(path)
     threads = threads or default_threads()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.data import redact
+from attncache.pipeline.data import redact
 
 FP16_MAX = 65504.0
 _BF16_EXPONENT = 0x7F80  # all ones: inf or NaN

@@ -30,8 +30,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.data import redact
-from pipeline.store import StoreError
+from attncache.pipeline.data import redact
+from attncache.pipeline.store import StoreError
 
 LEASE_FILE = "precompute.lease"
 DEFAULT_LEASE_TIMEOUT_S = 120.0

@@ -27,12 +27,12 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from pipeline.augment import Recipe
-from pipeline.data import DEFAULT_MAX_SAMPLE_BYTES, BadSample, DataError, decode_sample, expand_shards, iter_shard, redact
-from pipeline.loader_order import (DEFAULT_INTERLEAVE, epoch_order, rank_units, steps_in_epoch, view_of,  # noqa: F401
+from attncache.pipeline.augment import Recipe
+from attncache.pipeline.data import DEFAULT_MAX_SAMPLE_BYTES, BadSample, DataError, decode_sample, expand_shards, iter_shard, redact
+from attncache.pipeline.loader_order import (DEFAULT_INTERLEAVE, epoch_order, rank_units, steps_in_epoch, view_of,  # noqa: F401
                                    window_full, window_permutation)
-from pipeline.mix import draw_and_mix_unit, mix_targets, replay_unit
-from pipeline.store import BASE_ARRAYS, CacheStore, StoreError
+from attncache.pipeline.mix import draw_and_mix_unit, mix_targets, replay_unit
+from attncache.pipeline.store import BASE_ARRAYS, CacheStore, StoreError
 
 
 class CacheCorrupt(StoreError):
@@ -62,7 +62,7 @@ def match_shards(store: CacheStore, data: tuple[str, ...]) -> tuple[str, ...]:
     """The user's shard URLs in the store's shard order, each bound to its exact shard (URL, else the
     longest path tail only it shares: data may have moved; pipeline/shard_binding.py) and refused if
     its size or its members' names and sizes are no longer those the teacher saw."""
-    from pipeline.shard_binding import check_store_data
+    from attncache.pipeline.shard_binding import check_store_data
 
     return tuple(check_store_data(store, data, full=False))
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.augment import Recipe, sample_rng
+from attncache.pipeline.augment import Recipe, sample_rng
 
 MIX_FIELDS = ("applied", "partner", "lam", "cutmix", "top", "left", "height", "width")
 

@@ -20,11 +20,11 @@ import numpy as np
 import timm
 import torch
 
-from pipeline.augment import parse_recipe
-from pipeline.factors import DEFAULT_ENCODING, QK_ENCODINGS, parse_encoding
-from pipeline.precompute import default_threads
-from pipeline.store import FACTOR_CHUNK_SLOTS, base_arrays, parse_compression
-from pipeline.teacher import Teacher, TeacherConfig, resolve_heads, resolve_layers, resolve_teacher_config
+from attncache.pipeline.augment import parse_recipe
+from attncache.pipeline.factors import DEFAULT_ENCODING, QK_ENCODINGS, parse_encoding
+from attncache.pipeline.precompute import default_threads
+from attncache.pipeline.store import FACTOR_CHUNK_SLOTS, base_arrays, parse_compression
+from attncache.pipeline.teacher import Teacher, TeacherConfig, resolve_heads, resolve_layers, resolve_teacher_config
 
 # transfer mode -> the teacher tensor it consumes (as `student.MODES[mode].strategy.signal`)
 TRANSFER_MODES = {"copy": "logits", "distill": "logits", "copy_q": "q", "copy_k": "k", "distill_q": "q",
@@ -122,7 +122,7 @@ def measure_images_per_s(teacher: Teacher, encoding, layers, heads, config: Plan
 
 def measure_compression(teacher: Teacher, encoding, layers, heads, compression: dict, threads: int) -> float:
     """Raw / stored bytes of the factor arrays for 4 random images (random weights: a rough guide)."""
-    from pipeline.fidelity import stored_bytes
+    from attncache.pipeline.fidelity import stored_bytes
 
     with _threads(threads):
         arrays = encoding.encode(*teacher.capture(_random_images(teacher, 4, 1), layers, heads), teacher.scale)

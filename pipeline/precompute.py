@@ -23,17 +23,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.augment import Recipe, parse_recipe
-from pipeline.data import (DEFAULT_MAX_SAMPLE_BYTES, BadSample, DatasetManifest, build_manifest, check_max_sample_bytes,
+from attncache.pipeline.augment import Recipe, parse_recipe
+from attncache.pipeline.data import (DEFAULT_MAX_SAMPLE_BYTES, BadSample, DatasetManifest, build_manifest, check_max_sample_bytes,
                            decode_sample, expand_shards, iter_shard, redact)
-from pipeline.factors import DEFAULT_ENCODING, Encoding, attention_kl, exact_logits, parse_encoding
-from pipeline.finite import NonFiniteFactors, NonFiniteValues, check_encoded, nonfinite_message, require_finite
-from pipeline.lease import DEFAULT_LEASE_TIMEOUT_S, Lease, LeaseConfig
-from pipeline.mix import draw_and_mix_unit
-from pipeline.shard_binding import (check_digests, check_members, check_sizes, match_urls, members_sha256,
+from attncache.pipeline.factors import DEFAULT_ENCODING, Encoding, attention_kl, exact_logits, parse_encoding
+from attncache.pipeline.finite import NonFiniteFactors, NonFiniteValues, check_encoded, nonfinite_message, require_finite
+from attncache.pipeline.lease import DEFAULT_LEASE_TIMEOUT_S, Lease, LeaseConfig
+from attncache.pipeline.mix import draw_and_mix_unit
+from attncache.pipeline.shard_binding import (check_digests, check_members, check_sizes, match_urls, members_sha256,
                                     shard_sha256)
-from pipeline.store import CacheStore, Unit, base_arrays, factor_arrays, parse_compression
-from pipeline.teacher import Teacher, TeacherConfig, resolve_heads, resolve_layers
+from attncache.pipeline.store import CacheStore, Unit, base_arrays, factor_arrays, parse_compression
+from attncache.pipeline.teacher import Teacher, TeacherConfig, resolve_heads, resolve_layers
 
 
 class OnBadSample(enum.Enum):

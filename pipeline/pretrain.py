@@ -28,11 +28,11 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from tqdm.auto import tqdm
 
-from pipeline import atomic
-from pipeline.data import BadSample, decode_image, decode_sample, expand_shards, iter_shard
-from pipeline.optim import OptimConfig, build_optimizer, lr_at, set_lr
-from pipeline.train import set_determinism
-from pipeline.teacher import TEACHER_CONFIG_FILE, TEACHER_WEIGHTS_FILE, _seeded_init, model_recipe_defaults
+from attncache.pipeline import atomic
+from attncache.pipeline.data import BadSample, decode_image, decode_sample, expand_shards, iter_shard
+from attncache.pipeline.optim import OptimConfig, build_optimizer, lr_at, set_lr
+from attncache.pipeline.train import set_determinism
+from attncache.pipeline.teacher import TEACHER_CONFIG_FILE, TEACHER_WEIGHTS_FILE, _seeded_init, model_recipe_defaults
 
 TINY_VIT = (("depth", 6), ("embed_dim", 64), ("img_size", 32), ("num_heads", 4), ("patch_size", 4))
 REPORT_FILE = "pretrain.json"

@@ -17,13 +17,13 @@ from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
-from pipeline.data import redact
-from pipeline.finite import NonFiniteFactors
-from pipeline.lease import Lease, LeaseConfig
-from pipeline.precompute import (PrecomputeConfig, Summary, TooManySkipped, build_job, job_notes, job_units,
+from attncache.pipeline.data import redact
+from attncache.pipeline.finite import NonFiniteFactors
+from attncache.pipeline.lease import Lease, LeaseConfig
+from attncache.pipeline.precompute import (PrecomputeConfig, Summary, TooManySkipped, build_job, job_notes, job_units,
                                  process_unit, units_to_do)
-from pipeline.store import Unit
-from pipeline.teacher import Teacher
+from attncache.pipeline.store import Unit
+from attncache.pipeline.teacher import Teacher
 
 
 # the teacher's values do not fit --encoding: every retry and every unit meets the same, so the job
@@ -54,7 +54,7 @@ class UnitWorker:
     """One teacher, loaded once; runs whole units."""
 
     def __init__(self, config: PrecomputeConfig, manifest_json: dict):
-        from pipeline.data import DatasetManifest
+        from attncache.pipeline.data import DatasetManifest
 
         self.job = build_job(config, DatasetManifest.from_json(manifest_json))
 

@@ -27,8 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pipeline import atomic
-from pipeline.pretrain import TINY_VIT
+from attncache.pipeline import atomic
+from attncache.pipeline.pretrain import TINY_VIT
 
 RECIPE = "rrc(scale=(0.35,1.0))|flip|normalize"
 STUDENT_ARGS = tuple(f"{k}={v}" for k, v in TINY_VIT)
@@ -159,7 +159,7 @@ class Log:
 def attncache(log: Log, step: str, args: list[str], quiet: bool = False) -> str:
     """Run `attncache ARGS` as a user would (a subprocess), record it, fail loudly with its stderr."""
     started = time.perf_counter()
-    cmd = [sys.executable, "-m", "cli.main", *args]
+    cmd = [sys.executable, "-m", "attncache.cli.main", *args]
     result = subprocess.run(cmd, capture_output=True, text=True)
     seconds = time.perf_counter() - started
     log.commands.append({"step": step, "command": "attncache " + shlex.join(args), "seconds": round(seconds, 1),
@@ -210,7 +210,7 @@ def make_cache(cfg: ReproConfig, paths: Paths, log: Log, name: str, teacher: Pat
 
 
 def _complete(store: Path) -> bool:
-    from pipeline.verify import inspect_store
+    from attncache.pipeline.verify import inspect_store
 
     if not (store / "zarr.json").is_file():
         return False
@@ -281,7 +281,7 @@ def run_study(cfg: ReproConfig) -> dict:
     teachers = {name: json.loads((paths.teacher(name) / "pretrain.json").read_text())
                 for name in ("mae", "supervised", "mae-shifted") if (paths.teacher(name) / "pretrain.json").is_file()}
     caches = {}
-    from pipeline.verify import inspect_store
+    from attncache.pipeline.verify import inspect_store
 
     for store in sorted((paths.root / "caches").glob("*.zarr")):
         info = inspect_store(str(store))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from pipeline import atomic
+from attncache.pipeline import atomic
 
 
 def arm_stats(results: list[dict]) -> dict[str, dict]:
@@ -61,7 +61,7 @@ def plot(report: dict, out_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pipeline.show import learning_curves
+    from attncache.pipeline.show import learning_curves
 
     stats = arm_stats(report["results"])
     labels = {a["name"]: a["label"] or a["name"] for a in report["arms"]} | {"ensemble": "distill + fine-tune ensemble"}

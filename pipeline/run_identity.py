@@ -12,8 +12,8 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-from pipeline.atomic import write_json
-from pipeline.checkpoint import CheckpointError, TrainError
+from attncache.pipeline.atomic import write_json
+from attncache.pipeline.checkpoint import CheckpointError, TrainError
 
 SPEC_FILE = "student.json"
 RUN_KEYS = ("data", "distill_weight", "max_steps", "epochs", "batch_size", "seed", "shuffle_buffer", "interleave",

@@ -10,15 +10,15 @@ from pathlib import Path
 
 import torch
 
-from pipeline.augment import Recipe, parse_recipe
-from pipeline.data import DataError, expand_shards
-from pipeline.evaluate import check_same_normalisation, eval_recipe_like
-from pipeline.loader import DEFAULT_INTERLEAVE, StreamConfig, match_shards
-from pipeline.signals import CacheSignal, NoSignal, OnlineSignal, SignalGeometry, check_fit
-from pipeline.store import CacheStore, StoreError
-from pipeline.student import (Geometry, Mode, Signal, StudentConfig, StudentMismatch, TransferContext, build_student,
+from attncache.pipeline.augment import Recipe, parse_recipe
+from attncache.pipeline.data import DataError, expand_shards
+from attncache.pipeline.evaluate import check_same_normalisation, eval_recipe_like
+from attncache.pipeline.loader import DEFAULT_INTERLEAVE, StreamConfig, match_shards
+from attncache.pipeline.signals import CacheSignal, NoSignal, OnlineSignal, SignalGeometry, check_fit
+from attncache.pipeline.store import CacheStore, StoreError
+from attncache.pipeline.student import (Geometry, Mode, Signal, StudentConfig, StudentMismatch, TransferContext, build_student,
                               default_layers, get_mode, install_transfer)
-from pipeline.teacher import Teacher, TeacherConfig, model_recipe_defaults, resolve_heads, resolve_layers
+from attncache.pipeline.teacher import Teacher, TeacherConfig, model_recipe_defaults, resolve_heads, resolve_layers
 
 
 @dataclass(frozen=True)
@@ -69,10 +69,10 @@ def open_checked(path: str, role: str) -> CacheStore:
     """Open a store to train or evaluate from, refusing one that fails the quick checks (schema,
     every unit's marker covering the metadata and every array, files present with their sizes): a
     student never starts on an unfinished, damaged or edited cache. Damaged bytes raise CacheCorrupt."""
-    from pipeline.data import redact
-    from pipeline.loader import CacheCorrupt
-    from pipeline.store_integrity import REPAIR_ADVICE
-    from pipeline.verify import quick_problems
+    from attncache.pipeline.data import redact
+    from attncache.pipeline.loader import CacheCorrupt
+    from attncache.pipeline.store_integrity import REPAIR_ADVICE
+    from attncache.pipeline.verify import quick_problems
 
     store = CacheStore.open(path)
     problems = quick_problems(store)
@@ -228,8 +228,8 @@ def load_run(run: str, device: str) -> tuple[Session, TransferSpec, Path, Path]:
 def evaluate_run(run: str, data: tuple[str, ...], cache: str | None, batch_size: int, workers: int,
                  device: str) -> dict:
     """Rebuild a trained student from its run directory and evaluate it (see `attncache evaluate`)."""
-    from pipeline.evaluate import evaluate_model
-    from pipeline.loader import epoch_loader
+    from attncache.pipeline.evaluate import evaluate_model
+    from attncache.pipeline.loader import epoch_loader
 
     session, spec, run_dir, weights = load_run(run, device)
     stream, signal = eval_stream(session, spec.student.num_classes, cache, data)

@@ -14,7 +14,7 @@ import os
 import tarfile
 from pathlib import PurePosixPath
 
-from pipeline.data import DataError, redact
+from attncache.pipeline.data import DataError, redact
 
 
 def _parts(url: str) -> tuple[str, ...]:
@@ -122,7 +122,7 @@ def check_members(records: list[tuple[int, str | None, str]], where: str) -> Non
 
 def marker_records(store, urls: list[str], field: str) -> list[tuple[int, str | None, str]]:
     """(shard index, the digest `field` its units' markers recorded, URL) for every unit with a marker."""
-    from storage_schema import SchemaError
+    from attncache.storage_schema import SchemaError
 
     records = []
     for unit in store.units():
@@ -173,6 +173,6 @@ def check_store_data(store, data: tuple[str, ...], full: bool) -> list[str]:
 
 
 def expand_list(data) -> list[str]:
-    from pipeline.data import expand_shards
+    from attncache.pipeline.data import expand_shards
 
     return expand_shards(list(data))

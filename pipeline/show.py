@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import atomic
-from pipeline.atomic import read_jsonl
-from pipeline.augment import Recipe
-from pipeline.data import decode_sample, iter_shard
-from pipeline.store import CacheStore
+from attncache.pipeline import atomic
+from attncache.pipeline.atomic import read_jsonl
+from attncache.pipeline.augment import Recipe
+from attncache.pipeline.data import decode_sample, iter_shard
+from attncache.pipeline.store import CacheStore
 
 
 def find_key(store: CacheStore, key: str, view: int) -> tuple[int, int]:

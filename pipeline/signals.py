@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.factors import QK_ENCODINGS, SIGNALS, Encoding, check_signal, encoding_from_json, exact_logits
-from pipeline.student import Geometry, Signal, Strategy, StudentMismatch
-from pipeline.teacher import Teacher
+from attncache.pipeline.factors import QK_ENCODINGS, SIGNALS, Encoding, check_signal, encoding_from_json, exact_logits
+from attncache.pipeline.student import Geometry, Signal, Strategy, StudentMismatch
+from attncache.pipeline.teacher import Teacher
 
 
 @dataclass(frozen=True)

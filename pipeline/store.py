@@ -21,11 +21,11 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
-from pipeline.data import redact
-from pipeline.factors import Encoding, encoding_from_json
-from pipeline.store_integrity import array_doc_paths, content_problems, coverage_problems, metadata_sha256
-from pipeline.spec_error import SpecError
-from storage_schema import SCHEMA_VERSION, SchemaError, validate_marker, validate_store_metadata
+from attncache.pipeline.data import redact
+from attncache.pipeline.factors import Encoding, encoding_from_json
+from attncache.pipeline.store_integrity import array_doc_paths, content_problems, coverage_problems, metadata_sha256
+from attncache.pipeline.spec_error import SpecError
+from attncache.storage_schema import SCHEMA_VERSION, SchemaError, validate_marker, validate_store_metadata
 
 META_ATTR = "attncache"
 BASE_ARRAYS = ("key", "label", "valid", "aug")  # every other per-sample array is a factor array
@@ -236,7 +236,7 @@ class CacheStore:
     def create_or_open(cls, path: str | Path, meta: dict, repair: bool = False) -> "CacheStore":
         """A new store, or the existing one when it was made by the same job (resume). Data of a store
         whose metadata cannot be trusted is never touched (pipeline/store_guard.py decides)."""
-        from pipeline.store_guard import open_existing_or_none
+        from attncache.pipeline.store_guard import open_existing_or_none
 
         path = str(path)
         meta = dict(meta, schema_version=SCHEMA_VERSION)

@@ -18,15 +18,15 @@ from pathlib import Path
 
 import zarr
 
-from pipeline.data import redact
-from pipeline.store_integrity import REPAIR_ADVICE, array_doc_paths, canonical, metadata_sha256
-from storage_schema import SchemaError, validate_store_metadata
+from attncache.pipeline.data import redact
+from attncache.pipeline.store_integrity import REPAIR_ADVICE, array_doc_paths, canonical, metadata_sha256
+from attncache.storage_schema import SchemaError, validate_store_metadata
 
 LEASE_PREFIX = "precompute.lease"
 
 
 def _store_error(message: str):
-    from pipeline.store import StoreError
+    from attncache.pipeline.store import StoreError
 
     return StoreError(message)
 
@@ -47,7 +47,7 @@ def _half_created(rels: list[str]) -> bool:
 
 def _root_metadata(path: str) -> tuple[dict | None, str]:
     """The root metadata if it can be trusted, else None and why not."""
-    from pipeline.store import META_ATTR, cache_id
+    from attncache.pipeline.store import META_ATTR, cache_id
 
     raw = Path(path, "zarr.json")
     if not raw.is_file():
@@ -111,7 +111,7 @@ def comparable(meta: dict) -> dict:
 
 def _restore(path: str, meta: dict) -> None:
     """Write the root group's metadata again (only the root zarr.json; no array, marker or data file)."""
-    from pipeline.store import META_ATTR
+    from attncache.pipeline.store import META_ATTR
 
     Path(path, "zarr.json").unlink(missing_ok=True)
     group = zarr.open_group(path, mode="a", zarr_format=3)
@@ -139,7 +139,7 @@ def _untrusted(path: str, why: str, meta: dict, repair: bool, rels: list[str]) -
 
 def open_existing_or_none(cls, path: str, meta: dict, repair: bool):
     """The store at `path` to resume, or None when a new store may be created there; else StoreError."""
-    from pipeline.store import _require_same_job
+    from attncache.pipeline.store import _require_same_job
 
     if "://" in path:  # object stores: no listing of half-made states; the old rule
         return _open_remote(cls, path, meta)
@@ -169,7 +169,7 @@ def open_existing_or_none(cls, path: str, meta: dict, repair: bool):
 
 
 def _open_remote(cls, path: str, meta: dict):
-    from pipeline.store import META_ATTR, _require_same_job
+    from attncache.pipeline.store import META_ATTR, _require_same_job
 
     try:
         group = zarr.open_group(path, mode="r+", zarr_format=3)

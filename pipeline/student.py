@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.teacher import TeacherConfig, _seeded_init, check_supported, load_state_dict, resolve_teacher_config
+from attncache.pipeline.teacher import TeacherConfig, _seeded_init, check_supported, load_state_dict, resolve_teacher_config
 
 
 class Signal(enum.Enum):

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipeline import atomic
-from pipeline.data import brace_pattern, shard_writer
+from attncache.pipeline import atomic
+from attncache.pipeline.data import brace_pattern, shard_writer
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond", "bar", "star")
 SPLITS = {"train": 0, "val": 1, "pool": 2, "shifted-train": 3, "shifted-val": 4, "shifted-pool": 5}

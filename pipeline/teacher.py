@@ -21,8 +21,8 @@ from typing import Any
 import timm
 import torch
 
-from pipeline.augment import RecipeDefaults
-from pipeline.teacher_check import check_layers, first_failure, probe_images
+from attncache.pipeline.augment import RecipeDefaults
+from attncache.pipeline.teacher_check import check_layers, first_failure, probe_images
 
 TEACHER_CONFIG_FILE = "config.json"
 TEACHER_WEIGHTS_FILE = "model.safetensors"

@@ -25,19 +25,19 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from pipeline import atomic
-from pipeline.checkpoint import TrainError, load_checkpoint, open_metrics, save_checkpoint
-from pipeline.data import DEFAULT_MAX_SAMPLE_BYTES
-from pipeline.distributed import (World, barrier, dump_step, global_count, init_world, loss_weight, shutdown, stall_at,
+from attncache.pipeline import atomic
+from attncache.pipeline.checkpoint import TrainError, load_checkpoint, open_metrics, save_checkpoint
+from attncache.pipeline.data import DEFAULT_MAX_SAMPLE_BYTES
+from attncache.pipeline.distributed import (World, barrier, dump_step, global_count, init_world, loss_weight, shutdown, stall_at,
                                   step_counts, sum_gradients, sum_over_ranks, wrap_model)
-from pipeline.evaluate import EvalCounts, evaluate_counts
-from pipeline.loader import DEFAULT_INTERLEAVE, StreamConfig, epoch_loader, steps_in_epoch, view_of
-from pipeline.optim import OptimConfig, WeightEma, build_optimizer, lr_at, set_lr
-from pipeline.precompute import default_threads
-from pipeline.run_identity import check_or_write_run, run_id, run_record
-from pipeline.setup import Session, TransferSpec, build_session, eval_stream, infer_num_classes, train_stream
-from pipeline.student import transfer_loss
-from pipeline.teacher import TEACHER_CONFIG_FILE
+from attncache.pipeline.evaluate import EvalCounts, evaluate_counts
+from attncache.pipeline.loader import DEFAULT_INTERLEAVE, StreamConfig, epoch_loader, steps_in_epoch, view_of
+from attncache.pipeline.optim import OptimConfig, WeightEma, build_optimizer, lr_at, set_lr
+from attncache.pipeline.precompute import default_threads
+from attncache.pipeline.run_identity import check_or_write_run, run_id, run_record
+from attncache.pipeline.setup import Session, TransferSpec, build_session, eval_stream, infer_num_classes, train_stream
+from attncache.pipeline.student import transfer_loss
+from attncache.pipeline.teacher import TEACHER_CONFIG_FILE
 
 MODEL_FILE = "model.safetensors"
 
@@ -156,8 +156,8 @@ class EpochCounts:
         return self._by_view[view]
 
     def _read(self, view: int | None) -> list[int]:
-        from pipeline.data import build_manifest
-        from pipeline.store import CacheStore
+        from attncache.pipeline.data import build_manifest
+        from attncache.pipeline.store import CacheStore
 
         if view is None:
             return [s.count for s in build_manifest(list(self.stream.shards)).shards]

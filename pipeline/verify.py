@@ -13,13 +13,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.augment import Recipe
-from pipeline.data import DataError, decode_sample, iter_shard, redact
-from pipeline.factors import attention_kl, exact_logits
-from pipeline.finite import NonFiniteValues
-from pipeline.store import CacheStore, StoreError, Unit
-from pipeline.teacher import Teacher, TeacherConfig
-from storage_schema import SchemaError
+from attncache.pipeline.augment import Recipe
+from attncache.pipeline.data import DataError, decode_sample, iter_shard, redact
+from attncache.pipeline.factors import attention_kl, exact_logits
+from attncache.pipeline.finite import NonFiniteValues
+from attncache.pipeline.store import CacheStore, StoreError, Unit
+from attncache.pipeline.teacher import Teacher, TeacherConfig
+from attncache.storage_schema import SchemaError
 
 
 @dataclass

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cli.main import cli
+from attncache.cli.main import cli
 
 TEACHER = ["--teacher", "vit_tiny_patch16_224", "--random-init", "--model-arg", "img_size=32",
            "--model-arg", "patch_size=8", "--model-arg", "depth=2", "--model-arg", "embed_dim=48",
@@ -83,7 +83,7 @@ def test_reserving_gpus_for_a_cpu_teacher_is_refused(synth_data, tmp_path):
 @pytest.mark.parametrize("name, default", [("precompute", "(default: 256)"), ("precompute-profile", "(default: 32)"),
                                            ("train", "(default: 40)"), ("students", "(default: 0,1,2)")])
 def test_bench_scripts_are_commands_whose_help_names_their_defaults(name, default):
-    result = subprocess.run([str(Path(sys.executable).parent / "attncache"), "bench", name, "--help"],
+    result = subprocess.run([sys.executable, "-m", "attncache.cli.main", "bench", name, "--help"],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert f"usage: attncache bench {name}" in result.stdout and default in result.stdout

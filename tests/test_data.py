@@ -7,10 +7,10 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from cli.data_cmd import data
-from pipeline.data import (BadSample, DataError, build_manifest, decode_sample, expand_shards, iter_shard,
+from attncache.cli.data_cmd import data
+from attncache.pipeline.data import (BadSample, DataError, build_manifest, decode_sample, expand_shards, iter_shard,
                            pack_image_folder)
-from pipeline.synth import SynthConfig, synth_dataset
+from attncache.pipeline.synth import SynthConfig, synth_dataset
 
 
 def _encode(img, fmt, **kw):

@@ -6,8 +6,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from cli.main import cli
-from pipeline.repro_report import arm_stats, gap_recovered, within_noise
+from attncache.cli.main import cli
+from attncache.pipeline.repro_report import arm_stats, gap_recovered, within_noise
 
 
 @pytest.mark.slow

@@ -23,13 +23,13 @@ from click.testing import CliRunner
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from cli.main import cli
-from pipeline.distributed import LaunchError, World, rank_device, wrap_model
-from pipeline.precompute import PrecomputeConfig, run_precompute
-from pipeline.setup import TransferSpec, build_session
-from pipeline.student import MODES, StudentConfig
-from pipeline.teacher import TeacherConfig
-from pipeline.train import step_losses
+from attncache.cli.main import cli
+from attncache.pipeline.distributed import LaunchError, World, rank_device, wrap_model
+from attncache.pipeline.precompute import PrecomputeConfig, run_precompute
+from attncache.pipeline.setup import TransferSpec, build_session
+from attncache.pipeline.student import MODES, StudentConfig
+from attncache.pipeline.teacher import TeacherConfig
+from attncache.pipeline.train import step_losses
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -40,7 +40,7 @@ STUDENT = ["--student", "vit_tiny_patch16_224"] + [a for k, v in SHAPE.items() f
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """7 train shards of 32 (2 ranks: 128 / 96 samples; 3 ranks: 96 / 64 / 64) and 3 val shards."""
-    from pipeline.synth import SynthConfig, synth_dataset
+    from attncache.pipeline.synth import SynthConfig, synth_dataset
 
     return synth_dataset(tmp_path_factory.mktemp("ddp_data"), num_train=224, num_val=96, shard_size=32, seed=3,
                          config=SynthConfig(image_size=32, num_classes=4))
@@ -62,7 +62,7 @@ def _free_port() -> int:
 
 
 def _env(**extra):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO),
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
                **extra)
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
@@ -73,7 +73,7 @@ def _torchrun(ranks: int, port: int, *args) -> list[str]:
     """The README's multi-node command, on one node: c10d rendezvous at 127.0.0.1:PORT."""
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--node-rank", "0",
             "--nproc-per-node", str(ranks), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
-            str(BIN / "attncache"), *args]
+            "-m", "attncache.cli.main", *args]
 
 
 def _train_args(data, cache, out, *extra):

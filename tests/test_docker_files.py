@@ -5,7 +5,7 @@ from pathlib import Path
 
 import yaml
 
-from cli.cache_cmd import precompute
+from attncache.cli.cache_cmd import precompute
 
 DOCKER = Path(__file__).resolve().parents[1] / "docker"
 

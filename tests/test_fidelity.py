@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cli.main import cli
-from pipeline.factors import parse_encoding
-from pipeline.fidelity import stored_bytes
-from pipeline.precompute import PrecomputeConfig, run_precompute
-from pipeline.store import CacheStore, parse_compression
-from pipeline.teacher import TeacherConfig
+from attncache.cli.main import cli
+from attncache.pipeline.factors import parse_encoding
+from attncache.pipeline.fidelity import stored_bytes
+from attncache.pipeline.precompute import PrecomputeConfig, run_precompute
+from attncache.pipeline.store import CacheStore, parse_compression
+from attncache.pipeline.teacher import TeacherConfig
 
 TINY = ["--model-arg", "img_size=32", "--model-arg", "patch_size=8", "--model-arg", "depth=3",
         "--model-arg", "embed_dim=48", "--model-arg", "num_heads=3"]

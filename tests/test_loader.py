@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.augment import Recipe
-from pipeline.data import DataError, decode_sample, iter_shard, shard_writer
-from pipeline.loader import CacheCorrupt, StreamConfig, epoch_loader, epoch_order, match_shards, steps_in_epoch
-from pipeline.loader_order import rank_units
-from pipeline.precompute import PrecomputeConfig, run_precompute
-from pipeline.store import CacheStore
-from pipeline.teacher import TeacherConfig
+from attncache.pipeline.augment import Recipe
+from attncache.pipeline.data import DataError, decode_sample, iter_shard, shard_writer
+from attncache.pipeline.loader import CacheCorrupt, StreamConfig, epoch_loader, epoch_order, match_shards, steps_in_epoch
+from attncache.pipeline.loader_order import rank_units
+from attncache.pipeline.precompute import PrecomputeConfig, run_precompute
+from attncache.pipeline.store import CacheStore
+from attncache.pipeline.teacher import TeacherConfig
 
 from conftest import TINY_TEACHER
 
@@ -152,7 +152,7 @@ def test_epoch_e_reads_view_e_mod_v_and_replays_its_augmentation(train_cache, sy
 
 
 def test_a_shard_whose_keys_changed_since_precompute_is_an_error_naming_both_keys(synth_data, tmp_path):
-    from pipeline.data import expand_shards
+    from attncache.pipeline.data import expand_shards
 
     source = expand_shards(synth_data["val"])[0]
     data = tmp_path / "d"

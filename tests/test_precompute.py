@@ -14,13 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.augment import Recipe
-from pipeline.data import BadSample, decode_sample, iter_shard
-from pipeline.precompute import OnBadSample, PrecomputeConfig, TooManySkipped, run_precompute
-from pipeline.store import CacheStore, StoreError
-from pipeline.teacher import Teacher, TeacherConfig
-from pipeline.verify import inspect_store, recompute_check, verify_store
-from storage_schema import SchemaError
+from attncache.pipeline.augment import Recipe
+from attncache.pipeline.data import BadSample, decode_sample, iter_shard
+from attncache.pipeline.precompute import OnBadSample, PrecomputeConfig, TooManySkipped, run_precompute
+from attncache.pipeline.store import CacheStore, StoreError
+from attncache.pipeline.teacher import Teacher, TeacherConfig
+from attncache.pipeline.verify import inspect_store, recompute_check, verify_store
+from attncache.storage_schema import SchemaError
 
 TEACHER = TeacherConfig("vit_tiny_patch16_224", (("depth", 3), ("embed_dim", 48), ("img_size", 32),
                                                   ("num_heads", 3), ("patch_size", 8)), random_init=True, seed=0)
@@ -134,7 +134,7 @@ def test_verify_names_a_corrupted_unit_and_a_missing_marker(synth_data, tmp_path
 
 def test_verify_cli_exits_non_zero_and_recompute_agrees_with_the_teacher(synth_data, tmp_path):
     from click.testing import CliRunner
-    from cli.main import cli
+    from attncache.cli.main import cli
 
     out = tmp_path / "c.zarr"
     run_precompute(_config(synth_data["val"], out, encoding="exact:fp32"))
@@ -252,17 +252,17 @@ def test_fail_policy_and_skip_threshold_stop_the_job_naming_file_and_key(messy_s
 
 
 def _cli(*args):
-    return [sys.executable, "-m", "cli.main", *args]
+    return [sys.executable, "-m", "attncache.cli.main", *args]
 
 
 @pytest.mark.slow
 def test_sigkill_part_way_then_resume_gives_the_same_bytes(tmp_path):
-    from pipeline.synth import SynthConfig, synth_dataset
+    from attncache.pipeline.synth import SynthConfig, synth_dataset
 
     info = synth_dataset(tmp_path / "d", num_train=384, num_val=16, config=SynthConfig(image_size=32, num_classes=4), shard_size=32, seed=3)
     common = ["precompute", "--data", info["train"], *TEACHER_ARGS, "--views", "2", "--batch-size", "16",
               "--workers", "1", "--threads", "1", "--encoding", "lowrank:r=8:int8", "--ray", "none", "--quiet"]
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]))
+    env = dict(os.environ)
     subprocess.run(_cli(*common, "--out", str(tmp_path / "ref.zarr")), check=True, env=env, capture_output=True)
     victim = tmp_path / "kill.zarr"
     proc = subprocess.Popen(_cli(*common, "--out", str(victim)), env=env, stdout=subprocess.DEVNULL,

@@ -22,16 +22,16 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cli.main import cli
-from pipeline.encodings_extra import QUANTS
-from pipeline.factors import CannotDecode, parse_encoding
-from pipeline.loader import epoch_loader
-from pipeline.precompute import PrecomputeConfig, run_precompute
-from pipeline.setup import TransferSpec, build_session, train_stream
-from pipeline.signals import CacheSignal, OnlineSignal
-from pipeline.student import StudentConfig, StudentMismatch
-from pipeline.teacher import TeacherConfig
-from pipeline.train import step_losses
+from attncache.cli.main import cli
+from attncache.pipeline.encodings_extra import QUANTS
+from attncache.pipeline.factors import CannotDecode, parse_encoding
+from attncache.pipeline.loader import epoch_loader
+from attncache.pipeline.precompute import PrecomputeConfig, run_precompute
+from attncache.pipeline.setup import TransferSpec, build_session, train_stream
+from attncache.pipeline.signals import CacheSignal, OnlineSignal
+from attncache.pipeline.student import StudentConfig, StudentMismatch
+from attncache.pipeline.teacher import TeacherConfig
+from attncache.pipeline.train import step_losses
 
 from conftest import TINY_TEACHER
 

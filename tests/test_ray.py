@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.verify import verify_store
+from attncache.pipeline.verify import verify_store
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +33,7 @@ def _free_port() -> int:
 def cluster():
     """A head node and a second node on 127.0.0.1, token auth (needed for a node to join), no dashboard."""
     temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths have a length limit
-    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), PYTHONPATH=str(ROOT))
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
     port = _free_port()
     common = ["--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
     subprocess.run([RAY, "start", "--head", "--port", str(port), "--include-dashboard", "false", "--temp-dir", temp,
@@ -49,14 +49,14 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
-    from pipeline.synth import SynthConfig, synth_dataset
+    from attncache.pipeline.synth import SynthConfig, synth_dataset
 
     root = tmp_path_factory.mktemp("rayjob")
     info = synth_dataset(root / "d", num_train=384, num_val=4, config=SynthConfig(image_size=32, num_classes=4), shard_size=32, seed=3)
     args = ["precompute", "--data", info["train"], *TEACHER, "--views", "2", "--batch-size", "16", "--threads", "1",
             "--encoding", "lowrank:r=8:int8", "--quiet"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    subprocess.run([sys.executable, "-m", "cli.main", *args, "--ray", "none", "--out", str(root / "ref.zarr")],
+    env = dict(os.environ)
+    subprocess.run([sys.executable, "-m", "attncache.cli.main", *args, "--ray", "none", "--out", str(root / "ref.zarr")],
                    env=env, check=True, capture_output=True)
     return root, args
 
@@ -66,12 +66,12 @@ def _arrays(store: Path) -> dict[str, bytes]:
 
 
 def _run(args, env, out, **kw):
-    return subprocess.run([sys.executable, "-m", "cli.main", *args, "--out", str(out)], env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "attncache.cli.main", *args, "--out", str(out)], env=env, capture_output=True,
                           text=True, **kw)
 
 
 def _start(args, env, out):
-    return subprocess.Popen([sys.executable, "-m", "cli.main", *args, "--out", str(out)], env=env,
+    return subprocess.Popen([sys.executable, "-m", "attncache.cli.main", *args, "--out", str(out)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
@@ -84,7 +84,7 @@ def _wait_for_markers(store: Path, n: int, proc, timeout=180):
 
 def test_local_ray_gives_the_same_bytes_as_in_process(job):
     root, args = job
-    result = _run([*args, "--ray", "local"], dict(os.environ, PYTHONPATH=str(ROOT)), root / "local.zarr")
+    result = _run([*args, "--ray", "local"], dict(os.environ), root / "local.zarr")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "samples written: 768" in result.stdout
     assert _arrays(root / "local.zarr") == _arrays(root / "ref.zarr")
@@ -139,7 +139,7 @@ def test_a_unit_that_keeps_failing_is_retried_then_named_and_the_job_fails(tmp_p
     import io
     import tarfile
 
-    from pipeline.synth import SynthConfig, synth_dataset
+    from attncache.pipeline.synth import SynthConfig, synth_dataset
 
     info = synth_dataset(tmp_path / "d", num_train=64, num_val=4, config=SynthConfig(image_size=32, num_classes=4), shard_size=32, seed=1)
     bad = tmp_path / "d" / "train-000001.tar"
@@ -150,11 +150,11 @@ def test_a_unit_that_keeps_failing_is_retried_then_named_and_the_job_fails(tmp_p
         tar.addfile(member, io.BytesIO(payload))
     args = ["precompute", "--data", info["train"], *TEACHER, "--threads", "1", "--on-bad-sample", "fail",
             "--max-retries", "1", "--ray", "local", "--quiet"]
-    result = _run(args, dict(os.environ, PYTHONPATH=str(ROOT)), tmp_path / "f.zarr", timeout=300)
+    result = _run(args, dict(os.environ), tmp_path / "f.zarr", timeout=300)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "UnitsFailed: 1 unit(s) failed after 1 retries" in result.stderr
     assert "shard 000001 (train-000001.tar)" in result.stderr and "broken" in result.stderr
-    from pipeline.store import CacheStore
+    from attncache.pipeline.store import CacheStore
 
     store = CacheStore.open(tmp_path / "f.zarr")
     assert store.read_marker(0, 0) is not None and store.read_marker(0, 1) is None

@@ -4,14 +4,14 @@ import pytest
 import timm
 import torch
 
-from pipeline.loader import epoch_loader
-from pipeline.precompute import PrecomputeConfig, run_precompute
-from pipeline.setup import TransferSpec, build_session, train_stream
-from pipeline.signals import CacheSignal, OnlineSignal
-from pipeline.student import (MODES, Copy, Signal, StudentConfig, StudentMismatch, TransferAttention, attention_ce,
+from attncache.pipeline.loader import epoch_loader
+from attncache.pipeline.precompute import PrecomputeConfig, run_precompute
+from attncache.pipeline.setup import TransferSpec, build_session, train_stream
+from attncache.pipeline.signals import CacheSignal, OnlineSignal
+from attncache.pipeline.student import (MODES, Copy, Signal, StudentConfig, StudentMismatch, TransferAttention, attention_ce,
                               build_student, install_transfer, transfer_loss)
-from pipeline.teacher import TeacherConfig, TeacherError
-from pipeline.train import step_losses
+from attncache.pipeline.teacher import TeacherConfig, TeacherError
+from attncache.pipeline.train import step_losses
 
 from conftest import TINY_TEACHER
 

@@ -7,9 +7,9 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from cli.main import cli
-from pipeline.data import decode_image, decode_sample, expand_shards, iter_shard
-from pipeline.synth import SHAPES, SynthConfig, render_sample, synth_dataset
+from attncache.cli.main import cli
+from attncache.pipeline.data import decode_image, decode_sample, expand_shards, iter_shard
+from attncache.pipeline.synth import SHAPES, SynthConfig, render_sample, synth_dataset
 
 
 def _entries(pattern):

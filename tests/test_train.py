@@ -16,13 +16,14 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from cli.main import cli
-from pipeline.precompute import PrecomputeConfig, run_precompute
-from pipeline.teacher import TeacherConfig
+from attncache.cli.main import cli
+from attncache.pipeline.precompute import PrecomputeConfig, run_precompute
+from attncache.pipeline.teacher import TeacherConfig
 
 from conftest import TINY_TEACHER
 
 BIN = Path(sys.executable).parent
+ATTNCACHE = [sys.executable, "-m", "attncache.cli.main"]  # this interpreter's attncache, whatever is on PATH
 STUDENT = ["--student", TINY_TEACHER["model"]] + [
     a for k, v in TINY_TEACHER["model_args"].items() if k != "num_classes" for a in ("--student-arg", f"{k}={v}")]
 
@@ -174,9 +175,9 @@ def test_a_killed_run_resumes_to_bit_identical_weights(synth_data, mix_cache, tm
     workers and epochs crossing views), then the same command again: weights equal bit for bit."""
     options = ["--max-steps", "20", "--checkpoint-every", "3", "--model-ema-decay", "0.9", "--drop-path", "0.1",
                "--layer-decay", "0.75", "--clip-grad", "1.0", "--warmup-epochs", "1", "--workers", "2"]
-    command = [str(BIN / "attncache"), *_train_args(synth_data, mix_cache, tmp_path / "whole", *options)]
+    command = [*ATTNCACHE, *_train_args(synth_data, mix_cache, tmp_path / "whole", *options)]
     subprocess.run(command, check=True, env=_env(), capture_output=True, timeout=300)
-    killed = [str(BIN / "attncache"), *_train_args(synth_data, mix_cache, tmp_path / "killed", *options)]
+    killed = [*ATTNCACHE, *_train_args(synth_data, mix_cache, tmp_path / "killed", *options)]
     proc = subprocess.Popen(killed, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = tmp_path / "killed" / "state.json"
     deadline = time.time() + 120
@@ -202,7 +203,7 @@ def test_torchrun_splits_the_cache_across_two_ranks(synth_data, mix_cache, tmp_p
     ranks, one final accuracy printed by rank 0, and `evaluate` agrees with it."""
     out = tmp_path / "ddp"
     command = [str(BIN / "torchrun"), "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(_free_port()), str(BIN / "attncache"),
+               "--master_port", str(_free_port()), "-m", "attncache.cli.main",
                *_train_args(synth_data, mix_cache, out, "--epochs", "2", "--batch-size", "32", "--workers", "1",
                             "--threads", "1", "--eval-data", synth_data["val"])]
     result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=600)
@@ -223,7 +224,7 @@ def test_a_trained_run_directory_is_a_teacher_directory(synth_data, mix_cache, e
     assert config["model"] == TINY_TEACHER["model"] and config["model_args"]["num_classes"] == 4
     _run(["precompute", "--data", synth_data["val"], "--out", str(tmp_path / "next.zarr"), "--teacher",
           str(tmp_path / "s"), "--views", "1", "--workers", "0", "--quiet"])
-    from pipeline.store import CacheStore
+    from attncache.pipeline.store import CacheStore
     store = CacheStore.open(tmp_path / "next.zarr")
     assert store.meta["teacher"]["checkpoint"]["file"] == "model.safetensors"
     assert store.meta["teacher"]["checkpoint"]["sha256"] == hashlib.sha256(
@@ -246,9 +247,9 @@ def test_amp_bf16_autocasts_the_student_on_cpu(synth_data, mix_cache, tmp_path):
 def test_heads_subset_distils_only_those_heads(synth_data, mix_cache, trained_teacher_dir):
     """`--heads 0,2`: the loss compares the teacher's heads 0 and 2 with the student's heads 0 and 2,
     the same tensors an online teacher gives; copy modes refuse a subset."""
-    from pipeline.loader import epoch_loader
-    from pipeline.setup import TransferSpec, build_session, train_stream
-    from pipeline.student import StudentConfig, StudentMismatch, attention_ce, transfer_loss
+    from attncache.pipeline.loader import epoch_loader
+    from attncache.pipeline.setup import TransferSpec, build_session, train_stream
+    from attncache.pipeline.student import StudentConfig, StudentMismatch, attention_ce, transfer_loss
 
     args = tuple(sorted((k, v) for k, v in TINY_TEACHER["model_args"].items() if k != "num_classes"))
     student = StudentConfig(TINY_TEACHER["model"], args, 4, 0.0, 3)
@@ -275,7 +276,7 @@ def test_views_option_uses_only_the_first_views_of_the_cache(synth_data, mix_cac
     _run(_train_args(synth_data, mix_cache, tmp_path / "v1", "--epochs", "2", "--views", "1", "--lr", "1e-4"))
     ends = [m for m in _metrics(tmp_path / "v1") if "epoch_end" in m]
     assert len(ends) == 2
-    from pipeline.loader import view_of
+    from attncache.pipeline.loader import view_of
     spec = json.loads((tmp_path / "v1" / "student.json").read_text())
     assert view_of(1, 1) == 0 and spec["run"]["views"] == 1
     result = CliRunner().invoke(cli, _train_args(synth_data, mix_cache, tmp_path / "v3", "--epochs", "1",
@@ -284,7 +285,7 @@ def test_views_option_uses_only_the_first_views_of_the_cache(synth_data, mix_cac
 
 
 def test_ensemble_averages_probabilities_of_runs_on_the_same_samples(synth_data, mix_cache, tmp_path):
-    from pipeline.ensemble import ensemble_top1, predict_run
+    from attncache.pipeline.ensemble import ensemble_top1, predict_run
 
     for name, seed in (("a", "0"), ("b", "1")):
         _run(_train_args(synth_data, mix_cache, tmp_path / name, "--max-steps", "3", "--seed", seed))

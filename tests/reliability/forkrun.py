@@ -22,7 +22,7 @@ from relhelp import env
 DRIVER = r'''
 import json, os, signal, sys, time
 runs = json.load(open(sys.argv[1]))
-from cli.main import cli
+from attncache.cli.main import cli
 results = []
 for run in runs:
     out, err = run["log"] + ".out", run["log"] + ".err"

@@ -20,11 +20,11 @@ FAST = ["--batch-size", "16", "--workers", "0", "--threads", "1", "--encoding", 
 
 
 def env(**extra) -> dict:
-    return dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", **extra)
+    return dict(os.environ, HF_HUB_OFFLINE="1", **extra)
 
 
 def cli_args(*args) -> list[str]:
-    return [sys.executable, "-m", "cli.main", *map(str, args)]
+    return [sys.executable, "-m", "attncache.cli.main", *map(str, args)]
 
 
 def run_cli(*args, extra_env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -37,7 +37,7 @@ def invoke(*args):
     """`attncache ARGS` through click's runner in this process (fast; exceptions become exit codes)."""
     from click.testing import CliRunner
 
-    from cli.main import cli
+    from attncache.cli.main import cli
 
     return CliRunner().invoke(cli, [str(a) for a in args])
 
@@ -83,7 +83,7 @@ def noise_shards(out: Path, num: int, shard_size: int, size: int = 32, seed: int
     not depend on `data synth`'s image style), deterministic in `seed`; returns the brace pattern."""
     import numpy as np
 
-    from pipeline.data import brace_pattern, shard_writer
+    from attncache.pipeline.data import brace_pattern, shard_writer
 
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

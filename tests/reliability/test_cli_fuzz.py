@@ -32,7 +32,7 @@ def walk(command: click.Command, path: tuple[str, ...] = ()):
 
 
 def numeric_options():
-    from cli.main import cli
+    from attncache.cli.main import cli
 
     for path, command in walk(cli):
         for param in command.params:
@@ -49,7 +49,7 @@ class Reached(Exception):
 
 @pytest.fixture
 def tripwire(monkeypatch):
-    from cli.main import cli
+    from attncache.cli.main import cli
 
     def body(**kwargs):
         raise Reached()

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from pipeline.lease import Lease, LeaseConfig, StoreBusy
+from attncache.pipeline.lease import Lease, LeaseConfig, StoreBusy
 from relhelp import FAST, TEACHER_ARGS, cli_args, differing, env, invoke, noise_shards, store_files
 
 LEASE_HOLDER = re.compile(r"is being written by another precompute \(pid \d+ on host \S+, started")
