@@ -32,12 +32,12 @@ import torch
 
 from attncache.benchmarks import HelpFormatter
 
-from attncache.pipeline.factors import DEFAULT_ENCODING
-from attncache.pipeline.loader import StreamConfig, epoch_loader, match_shards
-from attncache.pipeline.precompute import PrecomputeConfig, run_precompute
-from attncache.pipeline.store import CacheStore
-from attncache.pipeline.synth import SynthConfig, synth_dataset
-from attncache.pipeline.teacher import TeacherConfig
+from attncache.pipeline.encodings.spec import DEFAULT_ENCODING
+from attncache.pipeline.precompute.job import PrecomputeConfig, run_precompute
+from attncache.pipeline.store.cache import CacheStore
+from attncache.pipeline.studies.synth import SynthConfig, synth_dataset
+from attncache.pipeline.teacher.model import TeacherConfig
+from attncache.pipeline.train.loader import StreamConfig, epoch_loader, match_shards
 
 
 def teacher_cfg(size: int) -> TeacherConfig:

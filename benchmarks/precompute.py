@@ -22,11 +22,11 @@ import torch
 
 from attncache.benchmarks import HelpFormatter
 
-from attncache.pipeline.synth import SynthConfig, synth_dataset
-from attncache.pipeline.factors import DEFAULT_ENCODING
-from attncache.pipeline.precompute import PrecomputeConfig, build_job, run_precompute
-from attncache.pipeline.teacher import Teacher, TeacherConfig
-from attncache.pipeline.verify import inspect_store
+from attncache.pipeline.encodings.spec import DEFAULT_ENCODING
+from attncache.pipeline.precompute.job import PrecomputeConfig, build_job, run_precompute
+from attncache.pipeline.store.checks import inspect_store
+from attncache.pipeline.studies.synth import SynthConfig, synth_dataset
+from attncache.pipeline.teacher.model import Teacher, TeacherConfig
 
 
 def bare_forward_rate(teacher: Teacher, batch_size: int, batches: int) -> float:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from attncache.benchmarks import HelpFormatter
 
-from attncache.pipeline.precompute import PrecomputeConfig, UnitAccumulator, build_job, prepare_unit
-from attncache.pipeline.synth import SynthConfig, synth_dataset
-from attncache.pipeline.teacher import TeacherConfig
+from attncache.pipeline.precompute.job import PrecomputeConfig, UnitAccumulator, build_job, prepare_unit
+from attncache.pipeline.studies.synth import SynthConfig, synth_dataset
+from attncache.pipeline.teacher.model import TeacherConfig
 
 
 def main(argv: list[str] | None = None) -> None:

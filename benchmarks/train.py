@@ -2,7 +2,7 @@
 
     .venv/bin/attncache bench train [--steps 40] [--batch-size 64] [--rounds 2] [--json out.json]
 
-Same student, batch size, loader workers and steps for every mode, through `pipeline.train.train`
+Same student, batch size, loader workers and steps for every mode, through `pipeline.train.loop.train`
 (the code `attncache train` runs): (a) scratch, (b) distill from a cache with the default encoding,
 (c) distill with an online teacher of the student's size, (d) distill with an online teacher twice
 as wide (same heads and tokens). (t) is the bare teacher forward (Q/K capture) on one batch of
@@ -25,15 +25,15 @@ import torch
 
 from attncache.benchmarks import HelpFormatter
 
-from attncache.pipeline.optim import OptimConfig
-from attncache.pipeline.precompute import PrecomputeConfig, run_precompute
-from attncache.pipeline.factors import DEFAULT_ENCODING
-from attncache.pipeline.loader import epoch_loader
-from attncache.pipeline.setup import TransferSpec, build_session, train_stream
-from attncache.pipeline.student import StudentConfig
-from attncache.pipeline.synth import SynthConfig, synth_dataset
-from attncache.pipeline.teacher import Teacher, TeacherConfig
-from attncache.pipeline.train import TrainConfig, train
+from attncache.pipeline.encodings.spec import DEFAULT_ENCODING
+from attncache.pipeline.precompute.job import PrecomputeConfig, run_precompute
+from attncache.pipeline.studies.synth import SynthConfig, synth_dataset
+from attncache.pipeline.teacher.model import Teacher, TeacherConfig
+from attncache.pipeline.train.loader import epoch_loader
+from attncache.pipeline.train.loop import TrainConfig, train
+from attncache.pipeline.train.optim import OptimConfig
+from attncache.pipeline.train.session import TransferSpec, build_session, train_stream
+from attncache.pipeline.train.student import StudentConfig
 
 MODEL = "vit_tiny_patch16_224"
 SHAPE = {"img_size": 32, "patch_size": 4, "depth": 6, "num_heads": 4}  # 65 tokens

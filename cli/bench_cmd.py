@@ -1,4 +1,4 @@
-"""`attncache bench`: the fidelity-bytes frontier (pipeline.fidelity) and the scripts of benchmarks/."""
+"""`attncache bench`: the fidelity-bytes frontier (pipeline.tools.fidelity) and the scripts of benchmarks/."""
 from __future__ import annotations
 
 import importlib
@@ -8,8 +8,8 @@ import click
 
 from attncache.cli import params as P
 from attncache.cli.cache_cmd import make_teacher_config, teacher_options
-from attncache.pipeline.fidelity import DEFAULT_GRID, FidelityConfig, format_table, is_store, plot_frontier, run_fidelity, \
-    run_store_fidelity
+from attncache.pipeline.tools.fidelity import (DEFAULT_GRID, FidelityConfig, format_table, is_store, plot_frontier,
+    run_fidelity, run_store_fidelity)
 
 _DEFAULTS = FidelityConfig(teacher=None)
 

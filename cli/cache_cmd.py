@@ -7,11 +7,11 @@ import sys
 import click
 import numpy as np
 
-from attncache.pipeline.data import MAX_SAMPLE_BYTES_RANGE
 from attncache.cli import params as P
 from attncache.cli.outdir import writing_to
-from attncache.pipeline.precompute import OnBadSample, PrecomputeConfig, run_precompute
-from attncache.pipeline.teacher import TeacherConfig, parse_model_args
+from attncache.pipeline.data.shards import MAX_SAMPLE_BYTES_RANGE
+from attncache.pipeline.precompute.job import OnBadSample, PrecomputeConfig, run_precompute
+from attncache.pipeline.teacher.model import TeacherConfig, parse_model_args
 
 _DEFAULTS = PrecomputeConfig(data=(), out="", teacher=TeacherConfig("x"))
 
@@ -102,7 +102,7 @@ def precompute(data, teacher, model_args, checkpoint, random_init, seed, out, vi
         if ray_address == "none":
             summary = run_precompute(config)
         else:
-            from attncache.pipeline.ray_runner import RayOptions, run_precompute_ray
+            from attncache.pipeline.precompute.ray_runner import RayOptions, run_precompute_ray
 
             summary = run_precompute_ray(config, RayOptions(ray_address, num_workers, cpus_per_worker,
                                                             gpus_per_worker, max_retries))
@@ -119,9 +119,10 @@ def precompute(data, teacher, model_args, checkpoint, random_init, seed, out, vi
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 def verify(store, recompute, teacher, model_args, checkpoint, random_init, seed, tolerance, as_json):
     """Check a store: schema, every unit's marker, checksums and counts. Exit 1 naming each bad unit."""
-    from attncache.pipeline.data import redact
-    from attncache.pipeline.store import CacheStore
-    from attncache.pipeline.verify import recompute_check, verify_store
+    from attncache.pipeline.data.shards import redact
+    from attncache.pipeline.store.cache import CacheStore
+    from attncache.pipeline.tools.recompute import recompute_check
+    from attncache.pipeline.store.checks import verify_store
 
     report = verify_store(store, progress=not as_json)
     result = {"ok": report.ok, "units_ok": report.units_ok, "units_total": report.units_total,
@@ -140,7 +141,7 @@ def verify(store, recompute, teacher, model_args, checkpoint, random_init, seed,
         for problem in report.problems:
             click.echo(f"  PROBLEM {problem}")
         if report.problems:
-            from attncache.pipeline.store_integrity import REPAIR_ADVICE
+            from attncache.pipeline.store.integrity import REPAIR_ADVICE
             click.echo(f"to repair: {REPAIR_ADVICE} (it re-checks every unit and rewrites the damaged ones)")
         if "recompute" in result:
             r = result["recompute"]
@@ -154,7 +155,7 @@ def verify(store, recompute, teacher, model_args, checkpoint, random_init, seed,
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 def inspect(store, as_json):
     """Print a store's metadata, units done/total, bytes on disk and per sample, ratio to fp32 maps."""
-    from attncache.pipeline.verify import inspect_store
+    from attncache.pipeline.store.checks import inspect_store
 
     info = inspect_store(store)
     if as_json:
@@ -179,9 +180,9 @@ def inspect(store, as_json):
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
 def show(store, key, view, layers, heads, query, out):
     """Draw the replayed augmented image and its cached attention maps to a PNG."""
-    from attncache.pipeline.show import find_key, render
-    from attncache.pipeline.store import CacheStore
-    from attncache.pipeline.teacher import resolve_heads, resolve_layers
+    from attncache.pipeline.tools.show import find_key, render
+    from attncache.pipeline.store.cache import CacheStore
+    from attncache.pipeline.teacher.model import resolve_heads, resolve_layers
 
     cache = CacheStore.open(store)
     stored = cache.meta["layers"]

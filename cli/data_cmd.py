@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from attncache.cli import params as P
-from attncache.pipeline.data import brace_pattern, pack_image_folder
+from attncache.pipeline.data.shards import brace_pattern, pack_image_folder
 
 
 @click.group()
@@ -13,7 +13,7 @@ def data():
 
 
 def _synth_defaults():
-    from attncache.pipeline.synth import SynthConfig
+    from attncache.pipeline.studies.synth import SynthConfig
     return SynthConfig()
 
 
@@ -40,7 +40,7 @@ def synth(out_dir, num_train, num_val, num_pool, num_shifted, image_size, num_cl
           texture, noise, shard_size, seed):
     """Write the embedded synthetic data set: the class is the shape of the one outlined, striped
     object among decoy shapes and blobs. Splits train/val, optional unlabelled pool and shifted style."""
-    from attncache.pipeline.synth import SynthConfig, synth_dataset
+    from attncache.pipeline.studies.synth import SynthConfig, synth_dataset
 
     try:
         config = SynthConfig(image_size, num_classes, decoys, blobs, tuple(scale), texture, noise)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from attncache.pipeline.demo import QUICK, DemoConfig
+from attncache.pipeline.studies.demo import QUICK, DemoConfig
 
 _D = DemoConfig()
 
@@ -27,7 +27,7 @@ def demo(out, quick, teacher_method, quiet):
     views, students 6 epochs of batch 128. Each step prints the equivalent attncache command.
     About 4 minutes on 2 CPU cores (README states the measured time).
     """
-    from attncache.pipeline.demo import run_demo, table
+    from attncache.pipeline.studies.demo import run_demo, table
 
     base = QUICK if quick else _D
     cfg = DemoConfig(**{**base.__dict__, "out": out, "teacher_method": teacher_method, "progress": not quiet})

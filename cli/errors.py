@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import errno
 
-from attncache.pipeline.data import redact
+from attncache.pipeline.data.shards import redact
 
 _ADVICE = {
     errno.ENOSPC: "no space left on device: free space (or choose another path) and re-run the same command; "

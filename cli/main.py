@@ -6,22 +6,22 @@ from attncache.cli.cache_cmd import inspect, precompute, show, verify
 from attncache.cli.data_cmd import data
 from attncache.cli.demo_cmd import demo
 from attncache.cli.errors import os_error_line
-from attncache.cli.train_cmd import evaluate, train
 from attncache.cli.plan_cmd import plan
 from attncache.cli.repro_cmd import repro
 from attncache.cli.teacher_cmd import teacher
-from attncache.pipeline.checkpoint import TrainError
-from attncache.pipeline.data import BadSample, DataError
-from attncache.pipeline.plan import PlanError
-from attncache.pipeline.distributed import LaunchError
-from attncache.pipeline.finite import NonFiniteFactors
-from attncache.pipeline.student import StudentMismatch
-from attncache.pipeline.precompute import TooManySkipped
-from attncache.pipeline.pretrain import PretrainError
-from attncache.pipeline.ray_runner import ClusterTooSmall, UnitsFailed
-from attncache.pipeline.spec_error import SpecError
-from attncache.pipeline.store import StoreError
-from attncache.pipeline.teacher import TeacherError
+from attncache.cli.train_cmd import evaluate, train
+from attncache.pipeline._util.spec_error import SpecError
+from attncache.pipeline.data.shards import BadSample, DataError
+from attncache.pipeline.encodings.finite import NonFiniteFactors
+from attncache.pipeline.precompute.job import TooManySkipped
+from attncache.pipeline.precompute.ray_runner import ClusterTooSmall, UnitsFailed
+from attncache.pipeline.store.meta import StoreError
+from attncache.pipeline.studies.pretrain import PretrainError
+from attncache.pipeline.teacher.model import TeacherError
+from attncache.pipeline.tools.plan import PlanError
+from attncache.pipeline.train.checkpoint import TrainError
+from attncache.pipeline.train.distributed import LaunchError
+from attncache.pipeline.train.student import StudentMismatch
 from attncache.storage_schema import SchemaError
 
 # errors that are about the user's input, not bugs: one line naming file, key and cause, exit 1

@@ -123,32 +123,32 @@ def _spec(parse):
 
 
 def _encoding(text: str) -> None:
-    from attncache.pipeline.factors import parse_encoding
+    from attncache.pipeline.encodings.spec import parse_encoding
 
     for part in text.split():
         parse_encoding(part)
 
 
 def _compression(text: str) -> None:
-    from attncache.pipeline.store import parse_compression
+    from attncache.pipeline.store.cache import parse_compression
 
     parse_compression(text)
 
 
 def _recipe(text: str) -> None:
-    from attncache.pipeline.augment import check_recipe_text
+    from attncache.pipeline.augment.recipe import check_recipe_text
 
     check_recipe_text(text)
 
 
 def _layers(text: str) -> None:
-    from attncache.pipeline.teacher import check_layers_text
+    from attncache.pipeline.teacher.model import check_layers_text
 
     check_layers_text(text)
 
 
 def _heads(text: str) -> None:
-    from attncache.pipeline.teacher import check_heads_text
+    from attncache.pipeline.teacher.model import check_heads_text
 
     check_heads_text(text)
 

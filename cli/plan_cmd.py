@@ -1,4 +1,4 @@
-"""`attncache plan`: predicted store size and precompute time. Thin: parse, call pipeline.plan."""
+"""`attncache plan`: predicted store size and precompute time. Thin: parse, call pipeline.tools.plan."""
 from __future__ import annotations
 
 import json
@@ -6,8 +6,8 @@ import json
 import click
 
 from attncache.cli import params as P
-from attncache.pipeline.plan import TRANSFER_MODES, PlanConfig, PlanError, make_plan, plan_lines
-from attncache.pipeline.teacher import TeacherConfig, parse_model_args
+from attncache.pipeline.teacher.model import TeacherConfig, parse_model_args
+from attncache.pipeline.tools.plan import TRANSFER_MODES, PlanConfig, PlanError, make_plan, plan_lines
 
 _DEFAULTS = PlanConfig(teacher=TeacherConfig("x"), samples=1)
 

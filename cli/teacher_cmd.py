@@ -6,10 +6,10 @@ import json
 import click
 
 from attncache.cli import params as P
-from attncache.pipeline.optim import OptimConfig
-from attncache.pipeline.precompute import default_threads
-from attncache.pipeline.pretrain import METHODS, TINY_VIT, Mae, PretrainConfig, Supervised
-from attncache.pipeline.teacher import parse_model_args
+from attncache.pipeline._util.runtime import default_threads
+from attncache.pipeline.studies.pretrain import METHODS, TINY_VIT, Mae, PretrainConfig, Supervised
+from attncache.pipeline.teacher.model import parse_model_args
+from attncache.pipeline.train.optim import OptimConfig
 
 _P = PretrainConfig(data=(), out="")
 _TINY = " ".join(f"{k}={v}" for k, v in TINY_VIT)
@@ -54,7 +54,7 @@ def pretrain(method, data, out, model, model_args, epochs, batch_size, lr, warmu
     `precompute --teacher OUT`, `train --teacher OUT --mode finetune` and `bench fidelity OUT` then
     load it like any other teacher. Same arguments, same weights.
     """
-    from attncache.pipeline.pretrain import pretrain as run_pretrain
+    from attncache.pipeline.studies.pretrain import pretrain as run_pretrain
 
     strategy = (Mae(mask_ratio=mask_ratio, decoder_dim=decoder_dim, decoder_depth=decoder_depth) if method == "mae"
                 else Supervised(smoothing=smoothing))

@@ -7,15 +7,15 @@ from pathlib import Path
 
 import click
 
-from attncache.pipeline import atomic
-from attncache.cli.cache_cmd import max_sample_bytes_option
 from attncache.cli import params as P
+from attncache.cli.cache_cmd import max_sample_bytes_option
 from attncache.cli.outdir import writing_to
-from attncache.pipeline.optim import OptimConfig
-from attncache.pipeline.precompute import default_threads
-from attncache.pipeline.student import MODES, StudentConfig
-from attncache.pipeline.teacher import TeacherConfig, parse_model_args
-from attncache.pipeline.train import TrainConfig
+from attncache.pipeline._util import atomic
+from attncache.pipeline._util.runtime import default_threads
+from attncache.pipeline.teacher.model import TeacherConfig, parse_model_args
+from attncache.pipeline.train.loop import TrainConfig
+from attncache.pipeline.train.optim import OptimConfig
+from attncache.pipeline.train.student import MODES, StudentConfig
 
 _T = TrainConfig(data=(), out="", spec=None)
 _O = OptimConfig()
@@ -43,7 +43,7 @@ def _student_args(pairs) -> tuple:
 def _recipe_with_mix(recipe: str, mixup: float, cutmix: float) -> str:
     if mixup <= 0 and cutmix <= 0:
         return recipe
-    from attncache.pipeline.augment import PRESETS
+    from attncache.pipeline.augment.recipe import PRESETS
 
     return PRESETS.get(recipe, recipe) + f"|mix(mixup_alpha={mixup},cutmix_alpha={cutmix})"
 
@@ -119,8 +119,8 @@ def train(data, cache, teacher, model_args, checkpoint, random_init, teacher_see
     Re-running the same command in the same --out resumes from its last checkpoint. Under
     `torchrun --nproc_per_node N` the units are split across ranks; rank 0 writes and evaluates.
     """
-    from attncache.pipeline.setup import TransferSpec, infer_num_classes
-    from attncache.pipeline.train import train as run_train
+    from attncache.pipeline.train.session import TransferSpec, infer_num_classes
+    from attncache.pipeline.train.loop import train as run_train
 
     if (max_steps is None) == (epochs is None):
         raise click.UsageError("give exactly one of --max-steps or --epochs")
@@ -130,8 +130,8 @@ def train(data, cache, teacher, model_args, checkpoint, random_init, teacher_see
     if cache and recipe != _T.recipe:
         raise click.UsageError("--recipe: the cache carries the recipe the teacher saw; it applies only without --cache")
     if cache and check_data == "full":  # before any work; the size check runs in every run
-        from attncache.pipeline.shard_binding import check_store_data
-        from attncache.pipeline.store import CacheStore
+        from attncache.pipeline.data.binding import check_store_data
+        from attncache.pipeline.store.cache import CacheStore
 
         check_store_data(CacheStore.open(cache), tuple(data), full=True)
     student_kwargs = _student_args(student_args)
@@ -188,12 +188,12 @@ def _echo_skipped(records: list[dict], where: str, total: int | None = None) -> 
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (top1, top5, loss, confusion).")
 def evaluate(run, data, cache, batch_size, workers, device, out_file, others, as_json):
     """Top-1/top-5 of a trained student (run directory, or its model.safetensors) on an eval split."""
-    from attncache.pipeline.setup import evaluate_run
+    from attncache.pipeline.train.session import evaluate_run
 
     if not data and not cache:
         raise click.UsageError("give --data (eval shards) and/or --cache (an eval store)")
     if others:
-        from attncache.pipeline.ensemble import ensemble_top1
+        from attncache.pipeline.train.ensemble import ensemble_top1
 
         runs = [run, *others]
         report = ensemble_top1(runs, tuple(data), [cache] * len(runs), batch_size, workers, device)

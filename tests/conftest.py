@@ -15,7 +15,7 @@ TINY_TEACHER = {"model": "vit_tiny_patch16_224",
 
 
 def load_split(pattern):
-    from attncache.pipeline.data import decode_sample, expand_shards, iter_shard
+    from attncache.pipeline.data.shards import decode_sample, expand_shards, iter_shard
 
     images, labels = [], []
     for url in expand_shards(pattern):
@@ -29,7 +29,7 @@ def load_split(pattern):
 
 @pytest.fixture(scope="session")
 def synth_data(tmp_path_factory):
-    from attncache.pipeline.synth import SynthConfig, synth_dataset
+    from attncache.pipeline.studies.synth import SynthConfig, synth_dataset
 
     out = tmp_path_factory.mktemp("synth")
     info = synth_dataset(out, num_train=512, num_val=128, config=SynthConfig(image_size=32, num_classes=4), shard_size=128, seed=0)

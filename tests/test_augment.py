@@ -7,7 +7,7 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from attncache.pipeline.augment import PRESETS, Recipe, RecipeDefaults, parse_recipe
+from attncache.pipeline.augment.recipe import PRESETS, Recipe, RecipeDefaults, parse_recipe
 
 DEFAULTS = RecipeDefaults(image_size=32, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 CUSTOM = "rrc(scale=(0.2,1.0),interpolation='random')|flip(p=0.5)|jitter(brightness=0.4,contrast=0.4,saturation=0.4,hue=0.1)|randaug(n=3,m=12,mstd=1.0,inc=0,mmax=15)|normalize|erase(p=0.9)"

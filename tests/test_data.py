@@ -8,9 +8,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from attncache.cli.data_cmd import data
-from attncache.pipeline.data import (BadSample, DataError, build_manifest, decode_sample, expand_shards, iter_shard,
-                           pack_image_folder)
-from attncache.pipeline.synth import SynthConfig, synth_dataset
+from attncache.pipeline.data.shards import (BadSample, DataError, build_manifest, decode_sample, expand_shards,
+    iter_shard, pack_image_folder)
+from attncache.pipeline.studies.synth import SynthConfig, synth_dataset
 
 
 def _encode(img, fmt, **kw):

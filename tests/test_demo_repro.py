@@ -7,7 +7,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from attncache.cli.main import cli
-from attncache.pipeline.repro_report import arm_stats, gap_recovered, within_noise
+from attncache.pipeline.studies.repro_report import arm_stats, gap_recovered, within_noise
 
 
 @pytest.mark.slow

@@ -24,12 +24,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from attncache.cli.main import cli
-from attncache.pipeline.distributed import LaunchError, World, rank_device, wrap_model
-from attncache.pipeline.precompute import PrecomputeConfig, run_precompute
-from attncache.pipeline.setup import TransferSpec, build_session
-from attncache.pipeline.student import MODES, StudentConfig
-from attncache.pipeline.teacher import TeacherConfig
-from attncache.pipeline.train import step_losses
+from attncache.pipeline.precompute.job import PrecomputeConfig, run_precompute
+from attncache.pipeline.teacher.model import TeacherConfig
+from attncache.pipeline.train.distributed import LaunchError, World, rank_device, wrap_model
+from attncache.pipeline.train.loop import step_losses
+from attncache.pipeline.train.session import TransferSpec, build_session
+from attncache.pipeline.train.student import MODES, StudentConfig
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -40,7 +40,7 @@ STUDENT = ["--student", "vit_tiny_patch16_224"] + [a for k, v in SHAPE.items() f
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """7 train shards of 32 (2 ranks: 128 / 96 samples; 3 ranks: 96 / 64 / 64) and 3 val shards."""
-    from attncache.pipeline.synth import SynthConfig, synth_dataset
+    from attncache.pipeline.studies.synth import SynthConfig, synth_dataset
 
     return synth_dataset(tmp_path_factory.mktemp("ddp_data"), num_train=224, num_val=96, shard_size=32, seed=3,
                          config=SynthConfig(image_size=32, num_classes=4))

@@ -3,8 +3,10 @@ import numpy as np
 import pytest
 import torch
 
-from attncache.pipeline.encodings_extra import QuantExactEncoding, RankedLowRankEncoding, quantize_rows_int4, unpack_int4
-from attncache.pipeline.factors import (ExactEncoding, LowRankEncoding, attention_kl, exact_logits, parse_encoding)
+from attncache.pipeline.encodings.extra import (QuantExactEncoding, RankedLowRankEncoding, quantize_rows_int4,
+    unpack_int4)
+from attncache.pipeline.encodings.core import ExactEncoding, LowRankEncoding, attention_kl, exact_logits
+from attncache.pipeline.encodings.spec import parse_encoding
 
 SCALE = 16 ** -0.5
 
@@ -80,7 +82,7 @@ def test_rank_above_head_dim_is_refused():
 @pytest.fixture(scope="module")
 def trained_qk(trained_teacher_dir, synth_data):
     from conftest import load_split
-    from attncache.pipeline.teacher import Teacher, TeacherConfig
+    from attncache.pipeline.teacher.model import Teacher, TeacherConfig
 
     teacher = Teacher(TeacherConfig(str(trained_teacher_dir)))
     x, _ = load_split(synth_data["val"])
@@ -101,7 +103,7 @@ def test_fidelity_on_trained_attention_gets_worse_monotonically_as_rank_drops(tr
     # training made the attention structured: a rank-1 fit loses far more than on random weights,
     # whose near-zero logits make every encoding look perfect
     from conftest import TINY_TEACHER
-    from attncache.pipeline.teacher import Teacher, TeacherConfig
+    from attncache.pipeline.teacher.model import Teacher, TeacherConfig
 
     random_teacher = Teacher(TeacherConfig(TINY_TEACHER["model"], tuple(sorted(TINY_TEACHER["model_args"].items())),
                                            random_init=True))

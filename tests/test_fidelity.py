@@ -6,11 +6,11 @@ import pytest
 from click.testing import CliRunner
 
 from attncache.cli.main import cli
-from attncache.pipeline.factors import parse_encoding
-from attncache.pipeline.fidelity import stored_bytes
-from attncache.pipeline.precompute import PrecomputeConfig, run_precompute
-from attncache.pipeline.store import CacheStore, parse_compression
-from attncache.pipeline.teacher import TeacherConfig
+from attncache.pipeline.encodings.spec import parse_encoding
+from attncache.pipeline.precompute.job import PrecomputeConfig, run_precompute
+from attncache.pipeline.store.cache import CacheStore, parse_compression
+from attncache.pipeline.teacher.model import TeacherConfig
+from attncache.pipeline.tools.fidelity import stored_bytes
 
 TINY = ["--model-arg", "img_size=32", "--model-arg", "patch_size=8", "--model-arg", "depth=3",
         "--model-arg", "embed_dim=48", "--model-arg", "num_heads=3"]

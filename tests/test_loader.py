@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from attncache.pipeline.augment import Recipe
-from attncache.pipeline.data import DataError, decode_sample, iter_shard, shard_writer
-from attncache.pipeline.loader import CacheCorrupt, StreamConfig, epoch_loader, epoch_order, match_shards, steps_in_epoch
-from attncache.pipeline.loader_order import rank_units
-from attncache.pipeline.precompute import PrecomputeConfig, run_precompute
-from attncache.pipeline.store import CacheStore
-from attncache.pipeline.teacher import TeacherConfig
+from attncache.pipeline.augment.recipe import Recipe
+from attncache.pipeline.data.shards import DataError, decode_sample, iter_shard, shard_writer
+from attncache.pipeline.train.loader import (CacheCorrupt, StreamConfig, epoch_loader, epoch_order, match_shards,
+    steps_in_epoch)
+from attncache.pipeline.precompute.job import PrecomputeConfig, run_precompute
+from attncache.pipeline.store.cache import CacheStore
+from attncache.pipeline.teacher.model import TeacherConfig
+from attncache.pipeline.train.loader_order import rank_units
 
 from conftest import TINY_TEACHER
 
@@ -152,7 +153,7 @@ def test_epoch_e_reads_view_e_mod_v_and_replays_its_augmentation(train_cache, sy
 
 
 def test_a_shard_whose_keys_changed_since_precompute_is_an_error_naming_both_keys(synth_data, tmp_path):
-    from attncache.pipeline.data import expand_shards
+    from attncache.pipeline.data.shards import expand_shards
 
     source = expand_shards(synth_data["val"])[0]
     data = tmp_path / "d"

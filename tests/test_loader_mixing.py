@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from attncache.cli.main import cli
-from attncache.pipeline.data import shard_writer
+from attncache.pipeline.data.shards import shard_writer
 
 from conftest import TINY_TEACHER
 
@@ -70,9 +70,9 @@ def _run(args):
 def test_batches_of_class_ordered_shards_hold_many_classes(ordered):
     """Every batch of 20 from 10 one-class shards of 100 holds many classes, with the default
     shuffle buffer (30ef699's 256-sample buffer per worker gave 1 to 4 classes per batch)."""
-    from attncache.pipeline.augment import RecipeDefaults, parse_recipe
-    from attncache.pipeline.data import expand_shards
-    from attncache.pipeline.loader import StreamConfig, epoch_loader
+    from attncache.pipeline.augment.recipe import RecipeDefaults, parse_recipe
+    from attncache.pipeline.data.shards import expand_shards
+    from attncache.pipeline.train.loader import StreamConfig, epoch_loader
 
     recipe = parse_recipe("eval", RecipeDefaults(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)))
     stream = StreamConfig(tuple(expand_shards(ordered["train"])), tuple(recipe.to_json()), CLASSES, None, 0, None,

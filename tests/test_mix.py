@@ -9,13 +9,13 @@ import torch
 from PIL import Image
 from timm.data.mixup import mixup_target, rand_bbox
 
-from attncache.pipeline import mix
-from attncache.pipeline.augment import Recipe, RecipeDefaults, parse_recipe
-from attncache.pipeline.data import decode_sample, iter_shard
-from attncache.pipeline.mix import apply_mix, draw_mix, fill_mix_params, mix_targets, replay_unit
-from attncache.pipeline.precompute import PrecomputeConfig, prepare_unit, run_precompute
-from attncache.pipeline.store import CacheStore, Unit
-from attncache.pipeline.teacher import Teacher, TeacherConfig
+from attncache.pipeline.augment import mix
+from attncache.pipeline.augment.mix import apply_mix, draw_mix, fill_mix_params, mix_targets, replay_unit
+from attncache.pipeline.augment.recipe import Recipe, RecipeDefaults, parse_recipe
+from attncache.pipeline.data.shards import decode_sample, iter_shard
+from attncache.pipeline.precompute.job import PrecomputeConfig, prepare_unit, run_precompute
+from attncache.pipeline.store.cache import CacheStore, Unit
+from attncache.pipeline.teacher.model import Teacher, TeacherConfig
 
 DEFAULTS = RecipeDefaults(image_size=32, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 TEACHER = TeacherConfig("vit_tiny_patch16_224", (("depth", 3), ("embed_dim", 48), ("img_size", 32),
@@ -195,7 +195,7 @@ def test_a_skipped_sample_is_never_a_partner_and_batches_keep_their_boundaries(t
 
 
 def test_replayed_unit_equals_what_the_teacher_saw_and_samples_are_mixed(tmp_path, monkeypatch):
-    from attncache.pipeline.synth import SynthConfig, synth_dataset
+    from attncache.pipeline.studies.synth import SynthConfig, synth_dataset
 
     info = synth_dataset(tmp_path / "d", num_train=64, num_val=16, config=SynthConfig(image_size=32, num_classes=4), shard_size=32, seed=0)
     seen = []

@@ -1,4 +1,5 @@
 """The wheel installs one import namespace, `attncache`, and nothing beside it."""
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -8,8 +9,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _wheel_names(tmp_path: Path) -> list[str]:
+    """Built from a copy of the tree: a stale build/ folder of an earlier layout would otherwise leak into it."""
+    source = tmp_path / "src"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__",
+                                                                 "demo_out", "bench_out", "repro_out"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True, timeout=300)
+                    "-w", str(tmp_path), str(source)], check=True, capture_output=True, timeout=300)
     (wheel,) = tmp_path.glob("attncache-*.whl")
     return zipfile.ZipFile(wheel).namelist()
 

@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 from attncache.cli.main import cli
-from attncache.pipeline.factors import parse_encoding
+from attncache.pipeline.encodings.spec import parse_encoding
 
 TINY = ["--teacher", "vit_tiny_patch16_224", "--model-arg", "img_size=32", "--model-arg", "patch_size=8",
         "--model-arg", "depth=4", "--model-arg", "embed_dim=64", "--model-arg", "num_heads=4"]

@@ -14,12 +14,14 @@ import pytest
 import torch
 from PIL import Image
 
-from attncache.pipeline.augment import Recipe
-from attncache.pipeline.data import BadSample, decode_sample, iter_shard
-from attncache.pipeline.precompute import OnBadSample, PrecomputeConfig, TooManySkipped, run_precompute
-from attncache.pipeline.store import CacheStore, StoreError
-from attncache.pipeline.teacher import Teacher, TeacherConfig
-from attncache.pipeline.verify import inspect_store, recompute_check, verify_store
+from attncache.pipeline.augment.recipe import Recipe
+from attncache.pipeline.data.shards import BadSample, decode_sample, iter_shard
+from attncache.pipeline.precompute.job import OnBadSample, PrecomputeConfig, TooManySkipped, run_precompute
+from attncache.pipeline.store.cache import CacheStore
+from attncache.pipeline.store.checks import inspect_store, verify_store
+from attncache.pipeline.store.meta import StoreError
+from attncache.pipeline.teacher.model import Teacher, TeacherConfig
+from attncache.pipeline.tools.recompute import recompute_check
 from attncache.storage_schema import SchemaError
 
 TEACHER = TeacherConfig("vit_tiny_patch16_224", (("depth", 3), ("embed_dim", 48), ("img_size", 32),
@@ -257,7 +259,7 @@ def _cli(*args):
 
 @pytest.mark.slow
 def test_sigkill_part_way_then_resume_gives_the_same_bytes(tmp_path):
-    from attncache.pipeline.synth import SynthConfig, synth_dataset
+    from attncache.pipeline.studies.synth import SynthConfig, synth_dataset
 
     info = synth_dataset(tmp_path / "d", num_train=384, num_val=16, config=SynthConfig(image_size=32, num_classes=4), shard_size=32, seed=3)
     common = ["precompute", "--data", info["train"], *TEACHER_ARGS, "--views", "2", "--batch-size", "16",

@@ -9,9 +9,10 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from attncache.cli.main import cli
-from attncache.pipeline.pretrain import Mae, PretrainConfig, PretrainError, Supervised, pretrain, random_resized_crop
-from attncache.pipeline.synth import SynthConfig, synth_dataset
-from attncache.pipeline.teacher import Teacher, TeacherConfig
+from attncache.pipeline.studies.pretrain import (Mae, PretrainConfig, PretrainError, Supervised, pretrain,
+    random_resized_crop)
+from attncache.pipeline.studies.synth import SynthConfig, synth_dataset
+from attncache.pipeline.teacher.model import Teacher, TeacherConfig
 
 TINY = (("depth", 2), ("embed_dim", 32), ("img_size", 32), ("num_heads", 2), ("patch_size", 8))
 
@@ -38,7 +39,7 @@ def test_mae_writes_a_teacher_directory_that_precompute_and_finetune_load(pool, 
     assert not any(k.startswith("decoder") for k in saved)  # the encoder only
     for name, tensor in teacher.model.state_dict().items():
         assert torch.equal(tensor, saved[name]), name
-    from attncache.pipeline.student import StudentConfig, build_student
+    from attncache.pipeline.train.student import StudentConfig, build_student
     student = build_student(StudentConfig("vit_tiny_patch16_224", TINY, 3, 0.0, 5),
                             init_from=TeacherConfig(str(tmp_path / "t")))
     assert torch.equal(student.blocks[1].attn.qkv.weight, saved["blocks.1.attn.qkv.weight"])

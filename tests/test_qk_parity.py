@@ -5,7 +5,7 @@ The store is made with a layer subset and a reordered head set (`--layers 1:4 --
 the student transfers a subset of those layers (and, for distill_*, of the heads), so the decode
 must pick the right slots of both axes, not only the right arithmetic.
 
-Bounds per element, derived from the encoding (`pipeline/encodings_extra.py` header), where x is the
+Bounds per element, derived from the encoding (`pipeline/encodings/extra.py` header), where x is the
 online teacher's value and m the max |x| of its (layer, head, token) row:
 - fp32: capture noise only (the same teacher at another batch size): 1e-6 m;
 - fp16 / bf16: round to nearest, unit roundoff u = 2^-11 / 2^-8: u |x| (plus the noise);
@@ -23,15 +23,16 @@ import torch
 from click.testing import CliRunner
 
 from attncache.cli.main import cli
-from attncache.pipeline.encodings_extra import QUANTS
-from attncache.pipeline.factors import CannotDecode, parse_encoding
-from attncache.pipeline.loader import epoch_loader
-from attncache.pipeline.precompute import PrecomputeConfig, run_precompute
-from attncache.pipeline.setup import TransferSpec, build_session, train_stream
-from attncache.pipeline.signals import CacheSignal, OnlineSignal
-from attncache.pipeline.student import StudentConfig, StudentMismatch
-from attncache.pipeline.teacher import TeacherConfig
-from attncache.pipeline.train import step_losses
+from attncache.pipeline.encodings.core import CannotDecode
+from attncache.pipeline.encodings.extra import QUANTS
+from attncache.pipeline.encodings.spec import parse_encoding
+from attncache.pipeline.precompute.job import PrecomputeConfig, run_precompute
+from attncache.pipeline.teacher.model import TeacherConfig
+from attncache.pipeline.train.loader import epoch_loader
+from attncache.pipeline.train.loop import step_losses
+from attncache.pipeline.train.session import TransferSpec, build_session, train_stream
+from attncache.pipeline.train.signals import CacheSignal, OnlineSignal
+from attncache.pipeline.train.student import StudentConfig, StudentMismatch
 
 from conftest import TINY_TEACHER
 

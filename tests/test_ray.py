@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from attncache.pipeline.verify import verify_store
+from attncache.pipeline.store.checks import verify_store
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +49,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
-    from attncache.pipeline.synth import SynthConfig, synth_dataset
+    from attncache.pipeline.studies.synth import SynthConfig, synth_dataset
 
     root = tmp_path_factory.mktemp("rayjob")
     info = synth_dataset(root / "d", num_train=384, num_val=4, config=SynthConfig(image_size=32, num_classes=4), shard_size=32, seed=3)
@@ -139,7 +139,7 @@ def test_a_unit_that_keeps_failing_is_retried_then_named_and_the_job_fails(tmp_p
     import io
     import tarfile
 
-    from attncache.pipeline.synth import SynthConfig, synth_dataset
+    from attncache.pipeline.studies.synth import SynthConfig, synth_dataset
 
     info = synth_dataset(tmp_path / "d", num_train=64, num_val=4, config=SynthConfig(image_size=32, num_classes=4), shard_size=32, seed=1)
     bad = tmp_path / "d" / "train-000001.tar"
@@ -154,7 +154,7 @@ def test_a_unit_that_keeps_failing_is_retried_then_named_and_the_job_fails(tmp_p
     assert result.returncode == 1, result.stdout + result.stderr
     assert "UnitsFailed: 1 unit(s) failed after 1 retries" in result.stderr
     assert "shard 000001 (train-000001.tar)" in result.stderr and "broken" in result.stderr
-    from attncache.pipeline.store import CacheStore
+    from attncache.pipeline.store.cache import CacheStore
 
     store = CacheStore.open(tmp_path / "f.zarr")
     assert store.read_marker(0, 0) is not None and store.read_marker(0, 1) is None

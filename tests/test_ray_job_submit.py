@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from test_ray import ROOT, TEACHER, _arrays, _free_port
+from test_ray import TEACHER, _arrays, _free_port
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -17,7 +17,7 @@ ATTNCACHE = [sys.executable, "-m", "attncache.cli.main"]  # this interpreter's a
 
 
 def test_precompute_submitted_as_a_ray_job_matches_in_process(tmp_path):
-    from attncache.pipeline.synth import SynthConfig, synth_dataset
+    from attncache.pipeline.studies.synth import SynthConfig, synth_dataset
 
     info = synth_dataset(tmp_path / "d", num_train=96, num_val=4, config=SynthConfig(image_size=32, num_classes=4), shard_size=32, seed=5)
     args = ["precompute", "--data", info["train"], *TEACHER, "--views", "2", "--batch-size", "16", "--threads", "1",

@@ -8,8 +8,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from attncache.cli.main import cli
-from attncache.pipeline.data import decode_image, decode_sample, expand_shards, iter_shard
-from attncache.pipeline.synth import SHAPES, SynthConfig, render_sample, synth_dataset
+from attncache.pipeline.data.shards import decode_image, decode_sample, expand_shards, iter_shard
+from attncache.pipeline.studies.synth import SHAPES, SynthConfig, render_sample, synth_dataset
 
 
 def _entries(pattern):

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from attncache.pipeline.teacher import Teacher, TeacherConfig, TeacherError, resolve_heads, resolve_layers
+from attncache.pipeline.teacher.model import Teacher, TeacherConfig, TeacherError, resolve_heads, resolve_layers
 
 SMALL = (("depth", 3), ("embed_dim", 48), ("img_size", 32), ("num_heads", 3), ("patch_size", 8))
 

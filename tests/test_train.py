@@ -17,8 +17,8 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from attncache.cli.main import cli
-from attncache.pipeline.precompute import PrecomputeConfig, run_precompute
-from attncache.pipeline.teacher import TeacherConfig
+from attncache.pipeline.precompute.job import PrecomputeConfig, run_precompute
+from attncache.pipeline.teacher.model import TeacherConfig
 
 from conftest import TINY_TEACHER
 
@@ -224,7 +224,7 @@ def test_a_trained_run_directory_is_a_teacher_directory(synth_data, mix_cache, e
     assert config["model"] == TINY_TEACHER["model"] and config["model_args"]["num_classes"] == 4
     _run(["precompute", "--data", synth_data["val"], "--out", str(tmp_path / "next.zarr"), "--teacher",
           str(tmp_path / "s"), "--views", "1", "--workers", "0", "--quiet"])
-    from attncache.pipeline.store import CacheStore
+    from attncache.pipeline.store.cache import CacheStore
     store = CacheStore.open(tmp_path / "next.zarr")
     assert store.meta["teacher"]["checkpoint"]["file"] == "model.safetensors"
     assert store.meta["teacher"]["checkpoint"]["sha256"] == hashlib.sha256(
@@ -247,9 +247,9 @@ def test_amp_bf16_autocasts_the_student_on_cpu(synth_data, mix_cache, tmp_path):
 def test_heads_subset_distils_only_those_heads(synth_data, mix_cache, trained_teacher_dir):
     """`--heads 0,2`: the loss compares the teacher's heads 0 and 2 with the student's heads 0 and 2,
     the same tensors an online teacher gives; copy modes refuse a subset."""
-    from attncache.pipeline.loader import epoch_loader
-    from attncache.pipeline.setup import TransferSpec, build_session, train_stream
-    from attncache.pipeline.student import StudentConfig, StudentMismatch, attention_ce, transfer_loss
+    from attncache.pipeline.train.loader import epoch_loader
+    from attncache.pipeline.train.session import TransferSpec, build_session, train_stream
+    from attncache.pipeline.train.student import StudentConfig, StudentMismatch, attention_ce, transfer_loss
 
     args = tuple(sorted((k, v) for k, v in TINY_TEACHER["model_args"].items() if k != "num_classes"))
     student = StudentConfig(TINY_TEACHER["model"], args, 4, 0.0, 3)
@@ -276,7 +276,7 @@ def test_views_option_uses_only_the_first_views_of_the_cache(synth_data, mix_cac
     _run(_train_args(synth_data, mix_cache, tmp_path / "v1", "--epochs", "2", "--views", "1", "--lr", "1e-4"))
     ends = [m for m in _metrics(tmp_path / "v1") if "epoch_end" in m]
     assert len(ends) == 2
-    from attncache.pipeline.loader import view_of
+    from attncache.pipeline.train.loader import view_of
     spec = json.loads((tmp_path / "v1" / "student.json").read_text())
     assert view_of(1, 1) == 0 and spec["run"]["views"] == 1
     result = CliRunner().invoke(cli, _train_args(synth_data, mix_cache, tmp_path / "v3", "--epochs", "1",
@@ -285,7 +285,7 @@ def test_views_option_uses_only_the_first_views_of_the_cache(synth_data, mix_cac
 
 
 def test_ensemble_averages_probabilities_of_runs_on_the_same_samples(synth_data, mix_cache, tmp_path):
-    from attncache.pipeline.ensemble import ensemble_top1, predict_run
+    from attncache.pipeline.train.ensemble import ensemble_top1, predict_run
 
     for name, seed in (("a", "0"), ("b", "1")):
         _run(_train_args(synth_data, mix_cache, tmp_path / name, "--max-steps", "3", "--seed", seed))

@@ -5,7 +5,7 @@ that kills and resumes a run ten times would spend minutes on imports. So one dr
 imports the CLI once, before any tensor work (no thread pools to inherit), and forks one child per
 command: each child is a real process (its own pid, killed by a real SIGKILL, its files written by
 its own descriptors), and the parent only waits and reports. A child may be killed by a fault point
-(`ATTNCACHE_FAULT`, see pipeline.store.fault_point), by `kill_after_s` (a SIGKILL from the driver
+(`ATTNCACHE_FAULT`, see pipeline._util.fault.fault_point), by `kill_after_s` (a SIGKILL from the driver
 that many seconds after the fork), or by `kill_at_replace` = "before:N" / "after:N" (SIGKILL just
 before or just after the N-th `os.replace` of the child: every rename of every atomic write, on
 any version of the code).

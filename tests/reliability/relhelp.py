@@ -83,7 +83,7 @@ def noise_shards(out: Path, num: int, shard_size: int, size: int = 32, seed: int
     not depend on `data synth`'s image style), deterministic in `seed`; returns the brace pattern."""
     import numpy as np
 
-    from attncache.pipeline.data import brace_pattern, shard_writer
+    from attncache.pipeline.data.shards import brace_pattern, shard_writer
 
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

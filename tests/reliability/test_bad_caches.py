@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from attncache.pipeline.store import cache_id
+from attncache.pipeline.store.meta import cache_id
 from relhelp import FAST, TEACHER_ARGS, invoke, noise_shards
 
 STUDENT = ["--student", "vit_tiny_patch16_224", "--student-arg", "img_size=32", "--student-arg", "patch_size=8",

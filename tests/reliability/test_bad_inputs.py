@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from attncache.pipeline.store import CacheStore
+from attncache.pipeline.store.cache import CacheStore
 from relhelp import FAST, TEACHER_ARGS, invoke, png, write_tar
 
 RGB = Image.new("RGB", (40, 30), (200, 30, 30))

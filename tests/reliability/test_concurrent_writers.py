@@ -1,4 +1,4 @@
-"""Concurrent writers: one precompute writes a store at a time (`pipeline/lease.py`); a second is
+"""Concurrent writers: one precompute writes a store at a time (`pipeline/store/lease.py`); a second is
 refused naming the holder, a dead or frozen holder's lease is taken over, and the store always ends
 byte-identical to a single uninterrupted run."""
 import json
@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from attncache.pipeline.lease import Lease, LeaseConfig, StoreBusy
+from attncache.pipeline.store.lease import Lease, LeaseConfig, StoreBusy
 from relhelp import FAST, TEACHER_ARGS, cli_args, differing, env, invoke, noise_shards, store_files
 
 LEASE_HOLDER = re.compile(r"is being written by another precompute \(pid \d+ on host \S+, started")

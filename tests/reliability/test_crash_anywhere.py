@@ -1,7 +1,7 @@
 """Crash anywhere: precompute SIGKILLed at 10 seeded points, resumed each time, ends byte-identical.
 
 The kill points come from the env-var test hook `ATTNCACHE_FAULT=POINT:N[:torn]`
-(`pipeline.store.fault_point`): the precompute process SIGKILLs itself the N-th time it passes
+(`pipeline._util.fault.fault_point`): the precompute process SIGKILLs itself the N-th time it passes
 POINT, so every kill lands exactly where it is meant to, on any machine speed. The points cover
 store creation, the start of a unit, the middle of a unit's shard writes (some Zarr shard files
 written, the rest not; `torn`: a file cut in half with zarr's `.partial` temp beside it), between

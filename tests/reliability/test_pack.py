@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from attncache.pipeline.data import decode_sample, iter_shard
+from attncache.pipeline.data.shards import decode_sample, iter_shard
 from relhelp import invoke, png
 
 

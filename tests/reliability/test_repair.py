@@ -9,7 +9,7 @@ import pytest
 
 from relhelp import FAST, TEACHER_ARGS, differing, invoke, noise_shards, store_files
 
-REPAIR_ADVICE = "re-run the same `attncache precompute` command with --repair"  # pipeline.store_integrity's
+REPAIR_ADVICE = "re-run the same `attncache precompute` command with --repair"  # pipeline.store.integrity's
 
 STUDENT = ["--student", "vit_tiny_patch16_224", "--student-arg", "img_size=32", "--student-arg", "patch_size=8",
            "--student-arg", "depth=3", "--student-arg", "embed_dim=48", "--student-arg", "num_heads=3"]

@@ -13,8 +13,8 @@ import tarfile
 import pytest
 from PIL import Image
 
-from attncache.pipeline.data import DataError, build_manifest, iter_shard
-from attncache.pipeline.store import CacheStore
+from attncache.pipeline.data.shards import DataError, build_manifest, iter_shard
+from attncache.pipeline.store.cache import CacheStore
 from relhelp import FAST, ROOT, TEACHER_ARGS, env, invoke, png, write_tar
 
 IMG = png(Image.new("RGB", (32, 32), (90, 10, 200)))
@@ -61,7 +61,7 @@ def gib_shard(tmp_path_factory):
 def test_a_1gib_member_is_recorded_without_raising_peak_memory(gib_shard):
     script = (
         "import json, resource, sys\n"
-        "from attncache.pipeline.data import iter_shard\n"
+        "from attncache.pipeline.data.shards import iter_shard\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "entries = [(e.key, e.error, len(e.names)) for e in iter_shard(sys.argv[1])]\n"
         "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"

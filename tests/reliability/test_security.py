@@ -107,7 +107,7 @@ def test_ray_started_by_precompute_listens_on_loopback_only_without_a_dashboard(
     127.0.0.1, and there is no dashboard URL."""
     import ray
 
-    from attncache.pipeline.ray_runner import RayOptions, _connect
+    from attncache.pipeline.precompute.ray_runner import RayOptions, _connect
 
     try:
         _connect(RayOptions())

@@ -146,9 +146,9 @@ def twins(tmp_path_factory):
 
 
 def test_shards_of_the_same_name_are_bound_to_their_own_folder(twins, tmp_path):
-    from attncache.pipeline.data import DataError
-    from attncache.pipeline.loader import match_shards
-    from attncache.pipeline.store import CacheStore
+    from attncache.pipeline.data.shards import DataError
+    from attncache.pipeline.train.loader import match_shards
+    from attncache.pipeline.store.cache import CacheStore
 
     root, a, b = twins
     store = CacheStore.open(root / "twins.zarr")
@@ -176,8 +176,8 @@ def test_a_resume_given_same_name_shards_in_another_order_rebuilds_each_from_its
 
 
 def _rewrite_shard(path, change):
-    """Rewritten the way noise_shards wrote it (pipeline.data.shard_writer), members changed."""
-    from attncache.pipeline.data import shard_writer
+    """Rewritten the way noise_shards wrote it (pipeline.data.shards.shard_writer), members changed."""
+    from attncache.pipeline.data.shards import shard_writer
 
     with tarfile.open(path) as tar:
         members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from attncache.pipeline.data import BadSample, build_manifest, decode_sample, iter_shard
-from attncache.pipeline.store import CacheStore
+from attncache.pipeline.data.shards import BadSample, build_manifest, decode_sample, iter_shard
+from attncache.pipeline.store.cache import CacheStore
 from relhelp import FAST, TEACHER_ARGS, invoke, png
 
 PIXELS = {name: png(Image.new("RGB", (32, 32), colour)) for name, colour in

@@ -17,14 +17,14 @@ TINY = {"depth": 3, "embed_dim": 48, "img_size": 32, "num_heads": 3, "patch_size
 
 
 def _cfg(name, **extra):
-    from attncache.pipeline.teacher import TeacherConfig
+    from attncache.pipeline.teacher.model import TeacherConfig
     return TeacherConfig(name, tuple(sorted({**TINY, **extra}.items())), random_init=True)
 
 
 @pytest.mark.parametrize("name", ["vit_relpos_base_patch16_224", "vit_srelpos_small_patch16_224",
                                   "vit_relpos_medium_patch16_cls_224"])
 def test_relative_position_bias_teachers_are_refused_by_the_self_check(name):
-    from attncache.pipeline.teacher import Teacher, TeacherError
+    from attncache.pipeline.teacher.model import Teacher, TeacherError
     with pytest.raises(TeacherError) as err:
         Teacher(_cfg(name))
     text = str(err.value)
@@ -34,7 +34,7 @@ def test_relative_position_bias_teachers_are_refused_by_the_self_check(name):
 
 def test_the_self_check_decides_by_the_model_not_by_a_name(monkeypatch):
     """A RoPE teacher with the name pre-check switched off is still refused, by its attention."""
-    import attncache.pipeline.teacher as teacher
+    import attncache.pipeline.teacher.model as teacher
     monkeypatch.setattr(teacher, "check_supported", lambda model, name: None)
     with pytest.raises(teacher.TeacherError, match="self-check failed at layer 0"):
         teacher.Teacher(teacher.TeacherConfig("eva02_tiny_patch14_224", (("depth", 2), ("img_size", 28)),
@@ -44,8 +44,8 @@ def test_the_self_check_decides_by_the_model_not_by_a_name(monkeypatch):
 @pytest.mark.parametrize("extra", [{}, {"reg_tokens": 4}, {"class_token": False, "global_pool": "avg"},
                                    {"qk_norm": True}])
 def test_plain_register_and_no_class_token_vits_pass_with_float_rounding_only(extra):
-    from attncache.pipeline.teacher import Teacher
-    from attncache.pipeline.teacher_check import check_layers, probe_images
+    from attncache.pipeline.teacher.model import Teacher
+    from attncache.pipeline.teacher.self_check import check_layers, probe_images
     t = Teacher(_cfg("vit_tiny_patch16_224", **extra))
     layers = tuple(range(t.num_layers))
     results = [check_layers([b.attn for b in t.model.blocks], lambda x: t.capture(x, layers), probe_images(32), t.scale)
@@ -165,9 +165,9 @@ def test_q_k_beyond_the_encodings_range_refuse_the_job_naming_key_and_layer(tmp_
 def test_verify_recompute_counts_a_cache_decoding_to_nan_as_mismatched(tmp_path, monkeypatch):
     """A cache that decodes to inf/NaN (what a store written before the finite check could hold)
     is mismatched: a NaN KL compares False, so a plain `>` test would have passed it."""
-    from attncache.pipeline.store import CacheStore
-    from attncache.pipeline.teacher import TeacherConfig
-    from attncache.pipeline.verify import recompute_check
+    from attncache.pipeline.store.cache import CacheStore
+    from attncache.pipeline.teacher.model import TeacherConfig
+    from attncache.pipeline.tools.recompute import recompute_check
 
     from tests.reliability.relhelp import FAST, TEACHER_ARGS
 

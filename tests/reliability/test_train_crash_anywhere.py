@@ -3,8 +3,8 @@ every rename it makes, and at random instants, then re-run as is: the end is bit
 uninterrupted run (weights, EMA, state, metrics lines), and no temp or stray checkpoint remains.
 
 Kills land where they are meant to on any machine speed: named fault points
-(`ATTNCACHE_FAULT=POINT:N[:torn]`, pipeline.store.fault_point) inside pipeline/checkpoint.py and
-pipeline/atomic.py, and a hook that SIGKILLs just before / after the N-th `os.replace` (so the
+(`ATTNCACHE_FAULT=POINT:N[:torn]`, pipeline._util.fault.fault_point) inside pipeline/train/checkpoint.py and
+pipeline/_util/atomic.py, and a hook that SIGKILLs just before / after the N-th `os.replace` (so the
 same test runs against any version of the code). The random kills are SIGKILLs at seeded delays
 spread over the run's duration; whatever instant they hit, the outcome asserted is the same.
 """

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from attncache.pipeline.atomic import read_jsonl
+from attncache.pipeline._util.atomic import read_jsonl
 from relhelp import FAST, TEACHER_ARGS, invoke, noise_shards
 
 STUDENT = ["--student", "vit_tiny_patch16_224", "--student-arg", "img_size=32", "--student-arg", "patch_size=8",
@@ -136,7 +136,7 @@ def test_rerunning_a_finished_run_is_idempotent(cache, finished, tmp_path):
 
 def test_a_huge_lr_stops_at_the_first_non_finite_loss_and_keeps_the_last_good_checkpoint(cache, tmp_path):
     """lr 1e30: step 1 is finite, its update blows the weights up, step 2's loss is NaN/inf."""
-    from attncache.pipeline.train import train as run_train  # the pipeline entry: independent of the CLI's --lr range
+    from attncache.pipeline.train.loop import train as run_train  # the pipeline entry: independent of the CLI's --lr range
 
     config = _config(cache, tmp_path / "run", lr=1e30)
     with pytest.raises(Exception) as caught:
@@ -153,10 +153,10 @@ def test_a_huge_lr_stops_at_the_first_non_finite_loss_and_keeps_the_last_good_ch
 
 
 def _config(cache, out, lr):
-    from attncache.pipeline.optim import OptimConfig
-    from attncache.pipeline.setup import TransferSpec
-    from attncache.pipeline.student import StudentConfig
-    from attncache.pipeline.train import TrainConfig
+    from attncache.pipeline.train.optim import OptimConfig
+    from attncache.pipeline.train.session import TransferSpec
+    from attncache.pipeline.train.student import StudentConfig
+    from attncache.pipeline.train.loop import TrainConfig
 
     data, store = cache
     args = (("depth", 3), ("embed_dim", 48), ("img_size", 32), ("num_heads", 3), ("patch_size", 8))
@@ -166,8 +166,8 @@ def _config(cache, out, lr):
 
 
 def test_non_finite_weights_are_never_committed_over_the_last_checkpoint(tmp_path):
-    from attncache.pipeline.checkpoint import TrainError, save_checkpoint
-    from attncache.pipeline.optim import OptimConfig, build_optimizer
+    from attncache.pipeline.train.checkpoint import TrainError, save_checkpoint
+    from attncache.pipeline.train.optim import OptimConfig, build_optimizer
 
     model = torch.nn.Linear(3, 2)
     optimizer = build_optimizer(model, OptimConfig())
@@ -182,7 +182,7 @@ def test_non_finite_weights_are_never_committed_over_the_last_checkpoint(tmp_pat
 
 
 def test_metrics_readers_skip_a_torn_last_line_and_name_a_damaged_one(tmp_path):
-    from attncache.pipeline.show import learning_curves
+    from attncache.pipeline.tools.show import learning_curves
 
     run = tmp_path / "run"
     run.mkdir()

@@ -1,0 +1,113 @@
+"""Whole-or-nothing files for a run directory: temp name, fsync, rename, fsync the folder.
+
+A kill at any instant leaves either the old file or the new one, never half of one (plus, at
+worst, a `<name>.tmp-<pid>` temp that `remove_temps` clears). `read_jsonl` reads an appended log
+whose last line a kill may have cut short.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from attncache.pipeline._util.fault import fault_point
+
+TEMP_MARK = ".tmp-"
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def temp_path(path: Path) -> Path:
+    return path.with_name(f"{path.name}{TEMP_MARK}{os.getpid()}")
+
+
+def commit_temp(tmp: Path, path: Path, fault: str | None = None) -> None:
+    """fsync `tmp`, rename it onto `path`, fsync the folder. `fault`: test hook names
+    `<fault>-tmp` (temp complete, not renamed; `:torn` cuts it) and `<fault>-renamed`."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    if fault:
+        fault_point(f"{fault}-tmp", torn_file=str(tmp))
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    if fault:
+        fault_point(f"{fault}-renamed")
+
+
+def write_bytes(path: Path, data: bytes, fault: str | None = None) -> None:
+    path = Path(path)
+    tmp = temp_path(path)
+    tmp.write_bytes(data)
+    commit_temp(tmp, path, fault)
+
+
+def write_text(path: Path, text: str, fault: str | None = None) -> None:
+    write_bytes(path, text.encode(), fault)
+
+
+def write_json(path: Path, obj, fault: str | None = None) -> None:
+    write_text(path, json.dumps(obj, indent=1), fault)
+
+
+def save_figure(fig, path: Path, **savefig_kwargs) -> None:
+    """A matplotlib figure, whole or not at all (the format follows the final name's suffix)."""
+    path = Path(path)
+    tmp = temp_path(path)
+    fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", **savefig_kwargs)
+    commit_temp(tmp, path)
+
+
+def save_safetensors(tensors: dict, path: Path, fault: str | None = None) -> None:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = temp_path(path)
+    save_file(tensors, str(tmp))
+    commit_temp(tmp, path, fault)
+
+
+def remove_temps(folder: Path, names: tuple[str, ...]) -> list[Path]:
+    """Delete temps `<name>.tmp-*` left by killed writers of the given file names (and of
+    versioned names that start with them); only the run's own writer writes beside them."""
+    gone = []
+    for stale in Path(folder).glob(f"*{TEMP_MARK}*"):
+        if stale.is_file() and stale.name.startswith(names):
+            stale.unlink(missing_ok=True)
+            gone.append(stale)
+    return gone
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of an append-only JSON-lines log. A last line without its newline is what a
+    kill mid-append leaves: it is skipped. Any other line that is not a JSON object is damage
+    the user should hear about: ValueError naming the file and line."""
+    text = Path(path).read_text(errors="replace")
+    lines = text.split("\n")
+    torn_tail = not text.endswith("\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict):
+            if torn_tail and number == len(lines):
+                break
+            raise ValueError(f"{path}:{number}: not a JSON record; the log is damaged (move it away to start a "
+                             f"fresh one)")
+        records.append(record)
+    return records

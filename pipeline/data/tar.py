@@ -1,0 +1,262 @@
+"""Reading webdataset tar shards so that every member the tar holds lands in exactly one entry.
+
+An entry is a sample (consecutive members sharing a key, webdataset's grouping) that is either
+usable or carries an `error` saying why not; nothing the tar holds is dropped before counting
+(invariant 5). Members that are not sample data (directories, symbolic links, devices, FIFOs,
+sparse or unknown types, names without an extension or not valid UTF-8) make their sample an
+error entry instead of vanishing. Hard links are resolved as GNU tar means them: the link *is* the
+earlier regular member of that name (GNU tar stores a file it meets twice, or a file with several
+names, as a link), so its bytes are read from the target; a link with no regular target earlier
+in the shard is an error. Symbolic links are never followed (they could point anywhere).
+
+A sample's members are read only while their declared sizes stay within `max_sample_bytes`; a
+bigger sample becomes an error entry and its members are skipped in the stream unread, so a small
+compressed shard with a huge member cannot take the memory (tarfile skips by reading in 10 KiB
+blocks). A tar cut short, with a corrupt header, without its end-of-archive marker, or with data
+after that marker, ends with an error entry instead of silently losing the rest.
+"""
+from __future__ import annotations
+
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Iterator, Mapping
+
+from webdataset.tariterators import base_plus_ext
+
+from attncache.pipeline.data.errors import DataError, redact
+
+DEFAULT_MAX_SAMPLE_BYTES = 64 * 2**20
+MAX_SAMPLE_BYTES_RANGE = (1024, 2**40)  # what --max-sample-bytes accepts: 1 KiB to 1 TiB
+_READ_ERRORS = (tarfile.TarError, EOFError, OSError, ValueError)
+_TYPE_NAMES = {tarfile.DIRTYPE: "directory member (holds no sample data)",
+               tarfile.SYMTYPE: "symbolic link (not followed)",
+               tarfile.CHRTYPE: "character device member (not a regular file)",
+               tarfile.BLKTYPE: "block device member (not a regular file)",
+               tarfile.FIFOTYPE: "FIFO member (not a regular file)"}
+
+
+def open_url(url: str):
+    if "://" in url:
+        import fsspec
+        return fsspec.open(url, "rb").open()
+    return open(url, "rb")
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    """One sample as stored in the tar, before decoding; `names` are the tar members it holds
+    (used with it, or recorded with its error), so members in the tar = sum of len(names)."""
+
+    position: int
+    key: str
+    members: Mapping[str, bytes]
+    error: str | None = None
+    names: tuple[str, ...] = ()
+
+
+def check_max_sample_bytes(value: int) -> int:
+    lo, hi = MAX_SAMPLE_BYTES_RANGE
+    if not isinstance(value, int) or not lo <= value <= hi:
+        raise ValueError(f"--max-sample-bytes must be an integer from {lo} to {hi}, not {value!r}")
+    return value
+
+
+def iter_shard(url: str, max_sample_bytes: int = DEFAULT_MAX_SAMPLE_BYTES) -> Iterator[ShardEntry]:
+    """Samples in tar order; broken ones carry an error instead of raising. A file that is not a
+    tar at all (or is empty) is a DataError: nothing of it can be counted."""
+    check_max_sample_bytes(max_sample_bytes)
+    try:
+        fileobj = open_url(url)
+    except OSError as exc:
+        raise DataError(redact(f"{url}: cannot open shard ({exc})", url)) from None
+    with fileobj, _Links(url) as links:
+        try:
+            stream = tarfile.open(fileobj=fileobj, mode="r|*", tarinfo=_TrackedInfo, encoding="utf-8",
+                                  errors="surrogateescape")
+        except tarfile.TarError as exc:
+            raise DataError(redact(f"{url}: not a readable tar file ({exc})", url)) from None
+        yield from _read(stream, max_sample_bytes, links)
+
+
+class _TrackedInfo(tarfile.TarInfo):
+    """tarfile's own header reader, keeping the last header block so the end of the stream can be
+    told apart: an end-of-archive marker (zeros), nothing (cut between members), or garbage."""
+
+    @classmethod
+    def fromtarfile(cls, archive):
+        buf = archive.fileobj.read(tarfile.BLOCKSIZE)
+        archive.attncache_last_header = buf
+        obj = cls.frombuf(buf, archive.encoding, archive.errors)
+        obj.offset = archive.fileobj.tell() - tarfile.BLOCKSIZE
+        return obj._proc_member(archive)
+
+
+class _Links:
+    """Reads a hard link's target bytes from a second, forward-only pass over the same shard
+    (reopened only when a target lies behind the previous one)."""
+
+    def __init__(self, url: str):
+        self.url, self.raw, self.archive = url, None, None
+
+    def read(self, offset: int, size: int) -> bytes:
+        if self.archive is None or self.archive.fileobj.tell() > offset:
+            self.close()
+            self.raw = open_url(self.url)
+            self.archive = tarfile.open(fileobj=self.raw, mode="r|*")
+        self.archive.fileobj.seek(offset)
+        data = self.archive.fileobj.read(size)
+        if len(data) != size:
+            raise tarfile.ReadError("unexpected end of data")
+        return data
+
+    def close(self) -> None:
+        if self.raw is not None:
+            self.raw.close()
+        self.raw = self.archive = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _shown(name: str) -> tuple[str, bool]:
+    """The name as text that can be printed and stored, and whether the tar's bytes were UTF-8."""
+    if any("\udc80" <= c <= "\udcff" for c in name):
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"), False
+    return name, True
+
+
+def _unsafe(name: str) -> bool:
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    return name.startswith(("/", "\\")) or ".." in parts or (len(name) > 1 and name[1] == ":")
+
+
+def _problem(info: tarfile.TarInfo, name: str, utf8: bool, has_ext: bool) -> str | None:
+    """Why this member cannot be part of a usable sample, or None."""
+    if _unsafe(name):
+        return f"unsafe member path {name!r}"
+    if info.type in _TYPE_NAMES:
+        link = f" -> {info.linkname!r}" if info.issym() else ""
+        return f"{_TYPE_NAMES[info.type]}: {name!r}{link}"
+    if info.issparse():
+        return f"sparse file member (not supported): {name!r}"
+    if not (info.isreg() or info.islnk()):
+        return f"unsupported tar member type {info.type!r}: {name!r}"
+    if not utf8:
+        return f"member name is not valid UTF-8: {name!r}"
+    if not has_ext:
+        return f"member name without an extension: {name!r} (webdataset names are KEY.EXT)"
+    return None
+
+
+@dataclass
+class _Sample:
+    key: str
+    members: dict = field(default_factory=dict)
+    names: list = field(default_factory=list)
+    error: str | None = None
+    size: int = 0
+
+
+class _Emitter:
+    """Numbers samples in tar order and marks repeated keys."""
+
+    def __init__(self):
+        self.seen: dict[str, int] = {}
+        self.position = 0
+
+    def __call__(self, s: _Sample) -> ShardEntry:
+        error = s.error
+        if error is None and s.key in self.seen:
+            error = f"duplicate key in shard (first at position {self.seen[s.key]})"
+        self.seen.setdefault(s.key, self.position)
+        entry = ShardEntry(self.position, s.key, dict(s.members), error, tuple(s.names))
+        self.position += 1
+        return entry
+
+
+def _read(stream: tarfile.TarFile, limit: int, links: _Links) -> Iterator[ShardEntry]:
+    emit, current = _Emitter(), None
+    regular: dict[str, tuple[int, int]] = {}  # member name -> (data offset, size), for hard links
+    try:
+        for info in stream:
+            stream.members = []  # tarfile keeps every header otherwise
+            name, utf8 = _shown(info.name)
+            key, ext = base_plus_ext(name)
+            if key is None:
+                key, ext = name, ""
+            if current is None or key != current.key:
+                if current is not None:
+                    yield emit(current)
+                current = _Sample(key)
+            current.names.append(name)
+            if info.isreg() and not info.issparse():
+                regular[info.name] = (info.offset_data, info.size)
+            problem = _problem(info, name, utf8, bool(ext))
+            if problem is not None:
+                current.error = current.error or problem
+                continue
+            if current.error is not None:
+                continue  # already recorded: its remaining members are recorded with it, unread
+            _add(current, stream, info, name, ext.lower(), limit, regular, links)
+        end = _end_problem(stream)
+    except _READ_ERRORS as exc:
+        end = ("current", f"tar truncated or corrupt ({exc}): the rest of the shard is unreadable")
+    if end is not None and end[0] == "current":
+        current = current or _Sample(f"<unknown after position {emit.position}>")
+        current.error = end[1]
+    if current is not None:
+        yield emit(current)
+    if end is not None and end[0] == "extra":
+        yield emit(_Sample("<after the end-of-archive marker>", error=end[1]))
+
+
+def _add(sample: _Sample, stream, info, name: str, ext: str, limit: int, regular: dict, links: _Links) -> None:
+    """Read one member into the sample, or set the sample's error (reading nothing)."""
+    if ext in sample.members:
+        sample.error = f"duplicate member {name!r}"
+        return
+    source = regular.get(info.linkname) if info.islnk() else (info.offset_data, info.size)
+    if source is None:
+        sample.error = (f"hard link without a target: {name!r} -> {info.linkname!r} is not a regular member "
+                        f"earlier in the shard")
+        return
+    if sample.size + source[1] > limit:
+        sample.error = (f"sample exceeds --max-sample-bytes {limit:,}: {sample.size + source[1]:,} bytes with "
+                        f"member {name!r} (not read)")
+        return
+    if info.islnk():
+        try:
+            data = links.read(*source)
+        except _READ_ERRORS as exc:
+            sample.error = f"hard link {name!r} -> {info.linkname!r}: target unreadable ({exc})"
+            return
+        regular[info.name] = source
+    else:
+        data = stream.extractfile(info).read()
+        if len(data) != info.size:
+            raise tarfile.ReadError("unexpected end of data")
+    sample.members[ext] = data
+    sample.size += len(data)
+
+
+def _end_problem(stream: tarfile.TarFile) -> tuple[str, str] | None:
+    """How the tar ended: None for an end-of-archive marker followed by zeros only; else whether
+    the problem belongs to the last sample ("current") or is data beyond the archive ("extra")."""
+    last = getattr(stream, "attncache_last_header", b"\0" * tarfile.BLOCKSIZE)
+    if len(last) == 0:
+        return "current", ("tar truncated: it ends without the end-of-archive marker (cut between members: "
+                           "later samples may be missing)")
+    if len(last) < tarfile.BLOCKSIZE:
+        return "current", f"tar truncated: it ends inside the member header at byte {stream.offset:,}"
+    if last.count(0) != tarfile.BLOCKSIZE:
+        return "current", (f"tar corrupt: the member header at byte {stream.offset:,} is unreadable; "
+                           f"the rest of the shard is not read")
+    while chunk := stream.fileobj.read(1 << 16):
+        if chunk.count(0) != len(chunk):
+            return "extra", ("data after the end-of-archive marker, not read (concatenated tars? "
+                             "repack them into one tar)")
+    return None

@@ -1,0 +1,1 @@
+"""Whole studies built from the rooms below: the embedded data set, teacher pretraining, the demo, the paper's repro."""

@@ -1,0 +1,119 @@
+"""Attention figures from a store, like the paper's: the replayed image beside attention maps.
+
+The image is rebuilt from the raw shard and the stored augmentation (no teacher); the maps are
+softmax(decoded logits), either the class-token query's row or the mean over queries, restricted
+to patch tokens and laid out on the patch grid.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from attncache.pipeline._util import atomic
+from attncache.pipeline._util.atomic import read_jsonl
+from attncache.pipeline.augment.recipe import Recipe
+from attncache.pipeline.data.shards import decode_sample, iter_shard
+from attncache.pipeline.store.cache import CacheStore
+
+
+def find_key(store: CacheStore, key: str, view: int) -> tuple[int, int]:
+    """(shard_index, position) of a key among done units of a view."""
+    for unit in store.units():
+        if unit.view != view or not store.unit_done(unit):
+            continue
+        start, stop = store.slot_range(unit.shard_index)
+        keys = store.group[f"views/{view}/key"][start:stop]
+        hits = np.flatnonzero(keys == key)
+        if hits.size:
+            return unit.shard_index, int(hits[0])
+    raise KeyError(f"key {key!r} is not cached in view {view} of {store.path}")
+
+
+def replayed_image(store: CacheStore, shard_index: int, position: int, aug: np.ndarray) -> np.ndarray:
+    """HWC float image in [0, 1], de-normalised with the recipe's mean/std."""
+    recipe = Recipe.from_json(store.meta["recipe"]["ops"])
+    url = store.meta["dataset"]["shards"][shard_index]["url"]
+    entry = next(e for e in iter_shard(url) if e.position == position)
+    image, _ = decode_sample(url, entry)
+    pixels = recipe.apply(aug[: recipe.num_params], image)
+    norm = next(op for op in store.meta["recipe"]["ops"] if op["op"] == "normalize")["args"]
+    mean = torch.tensor(norm["mean"]).view(3, 1, 1)
+    std = torch.tensor(norm["std"]).view(3, 1, 1)
+    return (pixels * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+def attention_maps(store: CacheStore, view: int, slot: int, query: str) -> np.ndarray:
+    """[L, H, gh, gw] attention over patch tokens from the chosen query."""
+    logits = store.encoding.decode(store.read_factors(view, [slot]), "logits", store.meta["teacher"]["scale"])[0]
+    attn = logits.softmax(dim=-1)  # [L, H, N, N]
+    prefix = store.meta["tokens"]["num_prefix_tokens"]
+    gh, gw = store.meta["tokens"]["grid"]
+    if query == "cls":
+        if prefix == 0:
+            raise ValueError("the teacher has no class token: use --query mean")
+        rows = attn[:, :, 0, prefix:]
+    else:
+        rows = attn[:, :, prefix:, prefix:].mean(dim=2)
+    return rows.reshape(*rows.shape[:2], gh, gw).numpy()
+
+
+def render(store: CacheStore, key: str, view: int, layers: list[int], heads: list[int] | None,
+           query: str, out: str) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shard_index, position = find_key(store, key, view)
+    slot = shard_index * store.slots_per_shard + position
+    aug = store.group[f"views/{view}/aug"][slot]
+    image = replayed_image(store, shard_index, position, aug)
+    maps = attention_maps(store, view, slot, query)
+    stored_layers = store.meta["layers"]
+    rows = [stored_layers.index(l) for l in layers]
+    cols = list(range(maps.shape[1])) if heads is None else [store.meta["heads"].index(h) for h in heads]
+    fig, axes = plt.subplots(len(rows), len(cols) + 2, figsize=(2 * (len(cols) + 2), 2 * len(rows)), squeeze=False)
+    for r, li in enumerate(rows):
+        axes[r, 0].imshow(image)
+        axes[r, 0].set_ylabel(f"layer {stored_layers[li]}")
+        axes[r, 1].imshow(maps[li].mean(0), cmap="inferno")
+        axes[r, 1].set_title("mean of heads", fontsize=8)
+        for c, hi in enumerate(cols):
+            axes[r, c + 2].imshow(maps[li, hi], cmap="inferno")
+            axes[r, c + 2].set_title(f"head {store.meta['heads'][hi]}", fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"{key} view {view}: {query} query, {store.meta['teacher']['name']} ({store.meta['encoding']['spec']})",
+                 fontsize=9)
+    fig.tight_layout()
+    atomic.save_figure(fig, out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def learning_curves(runs: dict[str, Path], out: Path, dpi: int = 110) -> Path:
+    """Training cross-entropy per step of each run directory (its metrics.jsonl), the final val
+    top-1 in the legend; runs without metrics are left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    for mode, run_dir in runs.items():
+        if not (run_dir / "metrics.jsonl").is_file():
+            continue
+        rows = read_jsonl(run_dir / "metrics.jsonl")  # a live or killed run's torn last line is skipped
+        train_rows = [r for r in rows if "ce" in r]
+        final = next((r["eval"]["top1"] for r in reversed(rows) if "eval" in r), None)
+        label = f"{mode} (val top-1 {final:.1f})" if final is not None else mode
+        ax.plot([r["step"] for r in train_rows], [r["ce"] for r in train_rows], label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training cross-entropy")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic.save_figure(fig, out, dpi=dpi)
+    plt.close(fig)
+    return out
