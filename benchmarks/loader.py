@@ -33,7 +33,8 @@ import torch
 from attncache.benchmarks import HelpFormatter
 
 from attncache.pipeline.encodings.spec import DEFAULT_ENCODING
-from attncache.pipeline.precompute.job import PrecomputeConfig, run_precompute
+from attncache.pipeline.precompute.job import PrecomputeConfig
+from attncache.pipeline.precompute.local import run_precompute
 from attncache.pipeline.store.cache import CacheStore
 from attncache.pipeline.studies.synth import SynthConfig, synth_dataset
 from attncache.pipeline.teacher.model import TeacherConfig

@@ -23,7 +23,8 @@ import torch
 from attncache.benchmarks import HelpFormatter
 
 from attncache.pipeline.encodings.spec import DEFAULT_ENCODING
-from attncache.pipeline.precompute.job import PrecomputeConfig, build_job, run_precompute
+from attncache.pipeline.precompute.job import PrecomputeConfig, build_job
+from attncache.pipeline.precompute.local import run_precompute
 from attncache.pipeline.store.checks import inspect_store
 from attncache.pipeline.studies.synth import SynthConfig, synth_dataset
 from attncache.pipeline.teacher.model import Teacher, TeacherConfig

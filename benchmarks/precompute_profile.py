@@ -13,7 +13,8 @@ from pathlib import Path
 
 from attncache.benchmarks import HelpFormatter
 
-from attncache.pipeline.precompute.job import PrecomputeConfig, UnitAccumulator, build_job, prepare_unit
+from attncache.pipeline.precompute.job import PrecomputeConfig, build_job
+from attncache.pipeline.precompute.units import UnitAccumulator, prepare_unit
 from attncache.pipeline.studies.synth import SynthConfig, synth_dataset
 from attncache.pipeline.teacher.model import TeacherConfig
 

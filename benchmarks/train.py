@@ -26,7 +26,8 @@ import torch
 from attncache.benchmarks import HelpFormatter
 
 from attncache.pipeline.encodings.spec import DEFAULT_ENCODING
-from attncache.pipeline.precompute.job import PrecomputeConfig, run_precompute
+from attncache.pipeline.precompute.job import PrecomputeConfig
+from attncache.pipeline.precompute.local import run_precompute
 from attncache.pipeline.studies.synth import SynthConfig, synth_dataset
 from attncache.pipeline.teacher.model import Teacher, TeacherConfig
 from attncache.pipeline.train.loader import epoch_loader

@@ -10,7 +10,8 @@ import numpy as np
 from attncache.cli import params as P
 from attncache.cli.outdir import writing_to
 from attncache.pipeline.data.shards import MAX_SAMPLE_BYTES_RANGE
-from attncache.pipeline.precompute.job import OnBadSample, PrecomputeConfig, run_precompute
+from attncache.pipeline.precompute.job import OnBadSample, PrecomputeConfig
+from attncache.pipeline.precompute.local import run_precompute
 from attncache.pipeline.teacher.model import TeacherConfig, parse_model_args
 
 _DEFAULTS = PrecomputeConfig(data=(), out="", teacher=TeacherConfig("x"))

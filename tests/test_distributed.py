@@ -24,7 +24,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from attncache.cli.main import cli
-from attncache.pipeline.precompute.job import PrecomputeConfig, run_precompute
+from attncache.pipeline.precompute.job import PrecomputeConfig
+from attncache.pipeline.precompute.local import run_precompute
 from attncache.pipeline.teacher.model import TeacherConfig
 from attncache.pipeline.train.distributed import LaunchError, World, rank_device, wrap_model
 from attncache.pipeline.train.loop import step_losses

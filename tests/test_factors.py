@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
+from attncache.pipeline.encodings.core import ExactEncoding, LowRankEncoding, attention_kl, exact_logits
 from attncache.pipeline.encodings.extra import (QuantExactEncoding, RankedLowRankEncoding, quantize_rows_int4,
     unpack_int4)
-from attncache.pipeline.encodings.core import ExactEncoding, LowRankEncoding, attention_kl, exact_logits
 from attncache.pipeline.encodings.spec import parse_encoding
 
 SCALE = 16 ** -0.5

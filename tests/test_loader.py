@@ -10,11 +10,12 @@ import torch
 
 from attncache.pipeline.augment.recipe import Recipe
 from attncache.pipeline.data.shards import DataError, decode_sample, iter_shard, shard_writer
-from attncache.pipeline.train.loader import (CacheCorrupt, StreamConfig, epoch_loader, epoch_order, match_shards,
-    steps_in_epoch)
-from attncache.pipeline.precompute.job import PrecomputeConfig, run_precompute
+from attncache.pipeline.precompute.job import PrecomputeConfig
+from attncache.pipeline.precompute.local import run_precompute
 from attncache.pipeline.store.cache import CacheStore
 from attncache.pipeline.teacher.model import TeacherConfig
+from attncache.pipeline.train.loader import (CacheCorrupt, StreamConfig, epoch_loader, epoch_order, match_shards,
+    steps_in_epoch)
 from attncache.pipeline.train.loader_order import rank_units
 
 from conftest import TINY_TEACHER

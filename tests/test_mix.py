@@ -13,7 +13,9 @@ from attncache.pipeline.augment import mix
 from attncache.pipeline.augment.mix import apply_mix, draw_mix, fill_mix_params, mix_targets, replay_unit
 from attncache.pipeline.augment.recipe import Recipe, RecipeDefaults, parse_recipe
 from attncache.pipeline.data.shards import decode_sample, iter_shard
-from attncache.pipeline.precompute.job import PrecomputeConfig, prepare_unit, run_precompute
+from attncache.pipeline.precompute.job import PrecomputeConfig
+from attncache.pipeline.precompute.local import run_precompute
+from attncache.pipeline.precompute.units import prepare_unit
 from attncache.pipeline.store.cache import CacheStore, Unit
 from attncache.pipeline.teacher.model import Teacher, TeacherConfig
 

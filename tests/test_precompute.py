@@ -16,7 +16,8 @@ from PIL import Image
 
 from attncache.pipeline.augment.recipe import Recipe
 from attncache.pipeline.data.shards import BadSample, decode_sample, iter_shard
-from attncache.pipeline.precompute.job import OnBadSample, PrecomputeConfig, TooManySkipped, run_precompute
+from attncache.pipeline.precompute.job import OnBadSample, PrecomputeConfig, TooManySkipped
+from attncache.pipeline.precompute.local import run_precompute
 from attncache.pipeline.store.cache import CacheStore
 from attncache.pipeline.store.checks import inspect_store, verify_store
 from attncache.pipeline.store.meta import StoreError

@@ -26,7 +26,8 @@ from attncache.cli.main import cli
 from attncache.pipeline.encodings.core import CannotDecode
 from attncache.pipeline.encodings.extra import QUANTS
 from attncache.pipeline.encodings.spec import parse_encoding
-from attncache.pipeline.precompute.job import PrecomputeConfig, run_precompute
+from attncache.pipeline.precompute.job import PrecomputeConfig
+from attncache.pipeline.precompute.local import run_precompute
 from attncache.pipeline.teacher.model import TeacherConfig
 from attncache.pipeline.train.loader import epoch_loader
 from attncache.pipeline.train.loop import step_losses

@@ -4,14 +4,15 @@ import pytest
 import timm
 import torch
 
-from attncache.pipeline.precompute.job import PrecomputeConfig, run_precompute
+from attncache.pipeline.precompute.job import PrecomputeConfig
+from attncache.pipeline.precompute.local import run_precompute
+from attncache.pipeline.teacher.model import TeacherConfig, TeacherError
 from attncache.pipeline.train.loader import epoch_loader
+from attncache.pipeline.train.loop import step_losses
 from attncache.pipeline.train.session import TransferSpec, build_session, train_stream
 from attncache.pipeline.train.signals import CacheSignal, OnlineSignal
 from attncache.pipeline.train.student import (MODES, Copy, Signal, StudentConfig, StudentMismatch, TransferAttention,
     attention_ce, build_student, install_transfer, transfer_loss)
-from attncache.pipeline.teacher.model import TeacherConfig, TeacherError
-from attncache.pipeline.train.loop import step_losses
 
 from conftest import TINY_TEACHER
 

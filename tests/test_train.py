@@ -17,7 +17,8 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from attncache.cli.main import cli
-from attncache.pipeline.precompute.job import PrecomputeConfig, run_precompute
+from attncache.pipeline.precompute.job import PrecomputeConfig
+from attncache.pipeline.precompute.local import run_precompute
 from attncache.pipeline.teacher.model import TeacherConfig
 
 from conftest import TINY_TEACHER

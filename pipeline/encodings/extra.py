@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from attncache.pipeline._util.spec_error import SpecError
 from attncache.pipeline.encodings.core import (_FLOAT_DTYPES, LOGIT_FACTORS_ONLY, SIGNALS, ArraySpec, ExactEncoding,
     LowRankEncoding, _as_tensor, _from_storage, _to_storage, check_signal, dequantize_rows_int8, quantize_rows_int8)
-from attncache.pipeline._util.spec_error import SpecError
 from attncache.pipeline.encodings.finite import require_row_scale_fits
 
 SCALED_QUANTS = {"int8": 127.0, "int4": 7.0, "fp8": 448.0}  # largest stored magnitude of each

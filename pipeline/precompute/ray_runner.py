@@ -19,10 +19,11 @@ from tqdm.auto import tqdm
 
 from attncache.pipeline.data.shards import redact
 from attncache.pipeline.encodings.finite import NonFiniteFactors
-from attncache.pipeline.store.lease import Lease, LeaseConfig
 from attncache.pipeline.precompute.job import (PrecomputeConfig, Summary, TooManySkipped, build_job, job_notes,
-    job_units, process_unit, units_to_do)
+    job_units, units_to_do)
+from attncache.pipeline.precompute.units import process_unit
 from attncache.pipeline.store.cache import Unit
+from attncache.pipeline.store.lease import Lease, LeaseConfig
 from attncache.pipeline.teacher.model import Teacher
 
 

@@ -58,7 +58,8 @@ class Step:
 
 def run_demo(cfg: DemoConfig, echo=print) -> dict:
     """Run every step; returns the summary also written to OUT/demo.json."""
-    from attncache.pipeline.precompute.job import PrecomputeConfig, run_precompute
+    from attncache.pipeline.precompute.job import PrecomputeConfig
+    from attncache.pipeline.precompute.local import run_precompute
     from attncache.pipeline.studies.pretrain import METHODS, PretrainConfig, pretrain
     from attncache.pipeline.train.session import TransferSpec, infer_num_classes
     from attncache.pipeline.train.student import StudentConfig

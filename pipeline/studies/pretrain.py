@@ -30,10 +30,10 @@ from tqdm.auto import tqdm
 
 from attncache.pipeline._util import atomic
 from attncache.pipeline.data.shards import BadSample, decode_image, decode_sample, expand_shards, iter_shard
-from attncache.pipeline.train.loop import set_determinism
-from attncache.pipeline.train.optim import OptimConfig, build_optimizer, lr_at, set_lr
 from attncache.pipeline.teacher.model import (TEACHER_CONFIG_FILE, TEACHER_WEIGHTS_FILE, _seeded_init,
     model_recipe_defaults)
+from attncache.pipeline.train.loop import set_determinism
+from attncache.pipeline.train.optim import OptimConfig, build_optimizer, lr_at, set_lr
 
 TINY_VIT = (("depth", 6), ("embed_dim", 64), ("img_size", 32), ("num_heads", 4), ("patch_size", 4))
 REPORT_FILE = "pretrain.json"

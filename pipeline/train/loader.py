@@ -27,14 +27,14 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from attncache.pipeline.augment.mix import draw_and_mix_unit, mix_targets, replay_unit
 from attncache.pipeline.augment.recipe import Recipe
 from attncache.pipeline.data.shards import (DEFAULT_MAX_SAMPLE_BYTES, BadSample, DataError, decode_sample,
     expand_shards, iter_shard, redact)
-from attncache.pipeline.train.loader_order import (DEFAULT_INTERLEAVE, epoch_order, rank_units, steps_in_epoch,
-    view_of, window_full, window_permutation)
-from attncache.pipeline.augment.mix import draw_and_mix_unit, mix_targets, replay_unit
 from attncache.pipeline.store.cache import BASE_ARRAYS, CacheStore
 from attncache.pipeline.store.meta import StoreError
+from attncache.pipeline.train.loader_order import (DEFAULT_INTERLEAVE, epoch_order, rank_units, steps_in_epoch,
+    view_of, window_full, window_permutation)
 
 
 class CacheCorrupt(StoreError):

@@ -26,18 +26,18 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from attncache.pipeline._util import atomic
+from attncache.pipeline._util.runtime import default_threads
 from attncache.pipeline.data.shards import DEFAULT_MAX_SAMPLE_BYTES
+from attncache.pipeline.teacher.model import TEACHER_CONFIG_FILE
 from attncache.pipeline.train.checkpoint import TrainError, load_checkpoint, open_metrics, save_checkpoint
 from attncache.pipeline.train.distributed import (World, barrier, dump_step, global_count, init_world, loss_weight,
     shutdown, stall_at, step_counts, sum_gradients, sum_over_ranks, wrap_model)
-from attncache.pipeline._util.runtime import default_threads
 from attncache.pipeline.train.evaluate import EvalCounts, evaluate_counts
 from attncache.pipeline.train.loader import DEFAULT_INTERLEAVE, StreamConfig, epoch_loader, steps_in_epoch, view_of
 from attncache.pipeline.train.optim import OptimConfig, WeightEma, build_optimizer, lr_at, set_lr
 from attncache.pipeline.train.run_identity import check_or_write_run, run_id, run_record
 from attncache.pipeline.train.session import (Session, TransferSpec, build_session, eval_stream, infer_num_classes,
     train_stream)
-from attncache.pipeline.teacher.model import TEACHER_CONFIG_FILE
 from attncache.pipeline.train.student import transfer_loss
 
 MODEL_FILE = "model.safetensors"

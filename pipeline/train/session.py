@@ -14,13 +14,13 @@ from attncache.pipeline.augment.recipe import Recipe, parse_recipe
 from attncache.pipeline.data.shards import DataError, expand_shards
 from attncache.pipeline.store.cache import CacheStore
 from attncache.pipeline.store.meta import StoreError
+from attncache.pipeline.teacher.model import (Teacher, TeacherConfig, model_recipe_defaults, resolve_heads,
+    resolve_layers)
 from attncache.pipeline.train.evaluate import check_same_normalisation, eval_recipe_like
 from attncache.pipeline.train.loader import DEFAULT_INTERLEAVE, StreamConfig, match_shards
 from attncache.pipeline.train.signals import CacheSignal, NoSignal, OnlineSignal, SignalGeometry, check_fit
 from attncache.pipeline.train.student import (Geometry, Mode, Signal, StudentConfig, StudentMismatch, TransferContext,
     build_student, default_layers, get_mode, install_transfer)
-from attncache.pipeline.teacher.model import (Teacher, TeacherConfig, model_recipe_defaults, resolve_heads,
-    resolve_layers)
 
 
 @dataclass(frozen=True)
