@@ -69,6 +69,17 @@ def match_shards(store: CacheStore, data: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(check_store_data(store, data, full=False))
 
 
+def cache_stream(store: CacheStore, data: tuple[str, ...], num_classes: int, seed: int = 0, views: int | None = None,
+                 smoothing: float = 0.0, shuffle_buffer: int = 256, with_factors: bool = True,
+                 interleave: int = DEFAULT_INTERLEAVE) -> StreamConfig:
+    """The stream of a store's samples: its replayed views of `data` (the shards it was made from,
+    bound to them by `match_shards`), one view per epoch (epoch e reads view e mod `views`, the
+    store's views when None), with the teacher's factors when `with_factors`."""
+    return StreamConfig(match_shards(store, data), tuple(store.meta["recipe"]["ops"]), num_classes, store.path, seed,
+                        views or store.meta["views"], smoothing, shuffle_buffer, with_factors=with_factors,
+                        interleave=interleave)
+
+
 # ---------------------------------------------------------------------------------------------- reading
 
 

@@ -17,7 +17,7 @@ from attncache.pipeline.store.meta import StoreError
 from attncache.pipeline.teacher.model import (Teacher, TeacherConfig, model_recipe_defaults, resolve_heads,
     resolve_layers)
 from attncache.pipeline.train.evaluate import check_same_normalisation, eval_recipe_like
-from attncache.pipeline.train.loader import DEFAULT_INTERLEAVE, StreamConfig, match_shards
+from attncache.pipeline.train.loader import DEFAULT_INTERLEAVE, StreamConfig, cache_stream
 from attncache.pipeline.train.signals import CacheSignal, NoSignal, OnlineSignal, SignalGeometry, check_fit
 from attncache.pipeline.train.student import (Geometry, Mode, Signal, StudentConfig, StudentMismatch, TransferContext,
     build_student, default_layers, get_mode, install_transfer)
@@ -171,8 +171,7 @@ def train_stream(session: Session, data: tuple[str, ...], seed: int, num_classes
         have = "no cache" if store is None else f"a cache of {store.meta['views']} views"
         raise StudentMismatch(f"--views {views}: needs 1 <= views <= the cache's views, but the run has {have}")
     if store is not None:
-        return StreamConfig(match_shards(store, data), tuple(store.meta["recipe"]["ops"]), num_classes, store.path,
-                            seed, views or store.meta["views"], smoothing, shuffle_buffer,
+        return cache_stream(store, data, num_classes, seed, views, smoothing, shuffle_buffer,
                             with_factors=session.mode.strategy.signal is not Signal.NONE, interleave=interleave)
     return StreamConfig(tuple(expand_shards(list(data))), tuple(session.recipe.to_json()), num_classes, None, seed,
                         None, smoothing, shuffle_buffer, with_factors=False, interleave=interleave)
@@ -198,8 +197,7 @@ def eval_stream(session: Session, num_classes: int, eval_cache: str | None,
             check_fit(Geometry.of(session.model), SignalGeometry.of_store(store.meta), strategy, session.layers)
             signal = CacheSignal(store.meta, session.layers, strategy.signal)
         data = eval_data or tuple(s["url"] for s in store.meta["dataset"]["shards"])
-        stream = StreamConfig(match_shards(store, data), tuple(store.meta["recipe"]["ops"]), num_classes, store.path,
-                              0, 1, 0.0, 0, with_factors=strategy.uses_teacher_at_eval)
+        stream = cache_stream(store, data, num_classes, 0, 1, 0.0, 0, with_factors=strategy.uses_teacher_at_eval)
         return stream, signal
     if not eval_data:
         return None
