@@ -136,3 +136,18 @@ def test_the_checks_see_a_bad_import_and_a_circle():
     found["attncache.pipeline.data.tar"] = ast.parse(ast.unparse(found["attncache.pipeline.data.tar"])
                                                      + "\nfrom attncache.pipeline.data.shards import iter_shard\n")
     assert ["attncache.pipeline.data.shards", "attncache.pipeline.data.tar"] in cycles(graph(found))
+
+
+def test_a_cache_side_import_loads_no_training_module():
+    """The package face resolves its API names lazily: a Ray teacher actor or `attncache verify`
+    that imports the store must not load the training side (nor pay for it)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, attncache.pipeline.store.cache, attncache.pipeline.precompute.units; "
+             "print([m for m in sys.modules if m.startswith('attncache.pipeline.train')])")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]", loaded
+    import attncache.pipeline as api
+
+    assert api.transfer_loss.__module__ == "attncache.pipeline.train.student" and "CacheStore" in dir(api)
