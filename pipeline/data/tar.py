@@ -14,6 +14,25 @@ bigger sample becomes an error entry and its members are skipped in the stream u
 compressed shard with a huge member cannot take the memory (tarfile skips by reading in 10 KiB
 blocks). A tar cut short, with a corrupt header, without its end-of-archive marker, or with data
 after that marker, ends with an error entry instead of silently losing the rest.
+
+What is webdataset's and what is ours. Grouping members into samples is webdataset's
+`group_by_keys`, with `base_plus_ext` for the key, and a recording handler (`_Recorder`): the one
+member it refuses to store (an extension repeated within a sample) is kept with its sample and
+counted instead of dropped. Suffixes are handed to it with a leading "." so that no member can
+collide with its own `__key__`, `__url__` and `__bad__` entries (a member `x.__bad__` would
+otherwise make it drop the whole sample silently); the leading "." is removed again here.
+Reading the members is ours (`_members`), not webdataset's `tar_file_iterator`, because that
+iterator cannot keep this module's promises, and no handler or wrapper can restore them in one pass:
+- it skips every member that is not a regular file (directories, links, devices; hard links
+  too, so GNU tar's second name of a file is lost) and names like `__x__` with `continue`,
+  before any handler sees them: such members could be neither counted nor recorded;
+- it reads each member it selects in full before anything sees its size (`select_files` gets
+  the name only), so `--max-sample-bytes` could not stop a 1 GiB member reaching memory;
+- it opens the TarFile itself, and tarfile ends iteration silently at an unreadable header after
+  the first member, so a corrupt or truncated tar would look complete (we keep the last header
+  block, `_TrackedInfo`, to tell an end-of-archive marker from garbage or a cut).
+Pre-filtering for it at the tarfile level would need a second pass over every shard (a second
+download from an object store, a second gunzip), so the member reader stays ours.
 """
 from __future__ import annotations
 
@@ -22,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Iterator, Mapping
 
-from webdataset.tariterators import base_plus_ext
+from webdataset.tariterators import base_plus_ext, group_by_keys
 
 from attncache.pipeline.data.errors import DataError, redact
 
@@ -76,7 +95,7 @@ def iter_shard(url: str, max_sample_bytes: int = DEFAULT_MAX_SAMPLE_BYTES) -> It
                                   errors="surrogateescape")
         except tarfile.TarError as exc:
             raise DataError(redact(f"{url}: not a readable tar file ({exc})", url)) from None
-        yield from _read(stream, max_sample_bytes, links)
+        yield from _read(stream, url, max_sample_bytes, links)
 
 
 class _TrackedInfo(tarfile.TarInfo):
@@ -152,13 +171,59 @@ def _problem(info: tarfile.TarInfo, name: str, utf8: bool, has_ext: bool) -> str
     return None
 
 
+@dataclass(frozen=True)
+class _Member:
+    """One tar member on its way through the grouping: its bytes when read, else None (with the
+    reason when this member is the cause; members after a sample's first problem carry none)."""
+
+    ordinal: int
+    name: str
+    ext: str
+    data: bytes | None = None
+    problem: str | None = None
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """(key, extension) as webdataset splits them; a name without an extension is its own key."""
+    key, ext = base_plus_ext(name)
+    return (name, "") if key is None else (key, ext)
+
+
+def _grouping_key(name: str) -> tuple[str, str]:
+    key, ext = split_name(name)
+    return key, "." + ext  # never equal to group_by_keys' own __key__ / __url__ / __bad__ entries
+
+
+class _Recorder:
+    """group_by_keys' handler. The only member it refuses is one whose extension repeats within
+    the sample: that member is kept here (the reader has already recorded why) and joins its
+    sample's entry, so it is counted. Anything else is a bug and raises (a handler that returns
+    False would end the shard silently)."""
+
+    def __init__(self):
+        self.last: _Member | None = None  # the member group_by_keys is handling (set by the reader)
+        self.pending: list[_Member] = []
+
+    def __call__(self, exn: Exception) -> bool:
+        if isinstance(exn, ValueError) and "duplicate file name" in str(exn) and self.last is not None:
+            self.pending.append(self.last)
+            return True
+        raise exn
+
+    def take(self) -> list[_Member]:
+        taken, self.pending = self.pending, []
+        return taken
+
+
 @dataclass
-class _Sample:
-    key: str
-    members: dict = field(default_factory=dict)
-    names: list = field(default_factory=list)
-    error: str | None = None
+class _Budget:
+    """What the reader must know of the sample being read before it reads a member: the bytes and
+    extensions already taken (size limit, duplicates) and whether the sample already failed."""
+
+    key: str | None = None
     size: int = 0
+    exts: set = field(default_factory=set)
+    failed: bool = False
 
 
 class _Emitter:
@@ -168,79 +233,92 @@ class _Emitter:
         self.seen: dict[str, int] = {}
         self.position = 0
 
-    def __call__(self, s: _Sample) -> ShardEntry:
-        error = s.error
-        if error is None and s.key in self.seen:
-            error = f"duplicate key in shard (first at position {self.seen[s.key]})"
-        self.seen.setdefault(s.key, self.position)
-        entry = ShardEntry(self.position, s.key, dict(s.members), error, tuple(s.names))
+    def __call__(self, key: str, members: list[_Member], error: str | None = None) -> ShardEntry:
+        error = error or next((m.problem for m in members if m.problem), None)
+        if error is None and key in self.seen:
+            error = f"duplicate key in shard (first at position {self.seen[key]})"
+        self.seen.setdefault(key, self.position)
+        entry = ShardEntry(self.position, key, {m.ext: m.data for m in members if m.data is not None}, error,
+                           tuple(m.name for m in members))
         self.position += 1
         return entry
 
 
-def _read(stream: tarfile.TarFile, limit: int, links: _Links) -> Iterator[ShardEntry]:
-    emit, current = _Emitter(), None
-    regular: dict[str, tuple[int, int]] = {}  # member name -> (data offset, size), for hard links
+def _read(stream: tarfile.TarFile, url: str, limit: int, links: _Links) -> Iterator[ShardEntry]:
+    recorder, end = _Recorder(), []
+    samples = group_by_keys(_members(stream, url, limit, links, recorder, end), keys=_grouping_key, lcase=True,
+                            handler=recorder)
+    emit, last = _Emitter(), None
+    for sample in samples:  # one sample behind: a bad end belongs to the last sample
+        members = [v for k, v in sample.items() if k.startswith(".")] + recorder.take()
+        if last is not None:
+            yield emit(*last)
+        last = (sample["__key__"], sorted(members, key=lambda m: m.ordinal))
+    if end and end[0][0] == "current":
+        key, members = last or (f"<unknown after position {emit.position}>", [])
+        last = (key, members, end[0][1])
+    if last is not None:
+        yield emit(*last)
+    if end and end[0][0] == "extra":
+        yield emit("<after the end-of-archive marker>", [], end[0][1])
+
+
+def _members(stream, url: str, limit: int, links: _Links, recorder: _Recorder, end: list) -> Iterator[dict]:
+    """Every member as webdataset's file records ({fname, data, __url__}, `data` a _Member), read
+    only when it can be used; how the tar ended goes into `end` (None, or (where, reason))."""
+    budget, regular = _Budget(), {}  # regular: member name -> (data offset, size), for hard links
     try:
-        for info in stream:
+        for ordinal, info in enumerate(stream):
             stream.members = []  # tarfile keeps every header otherwise
             name, utf8 = _shown(info.name)
-            key, ext = base_plus_ext(name)
-            if key is None:
-                key, ext = name, ""
-            if current is None or key != current.key:
-                if current is not None:
-                    yield emit(current)
-                current = _Sample(key)
-            current.names.append(name)
+            key, ext = split_name(name)
+            if key != budget.key:
+                budget = _Budget(key)
             if info.isreg() and not info.issparse():
                 regular[info.name] = (info.offset_data, info.size)
-            problem = _problem(info, name, utf8, bool(ext))
-            if problem is not None:
-                current.error = current.error or problem
-                continue
-            if current.error is not None:
-                continue  # already recorded: its remaining members are recorded with it, unread
-            _add(current, stream, info, name, ext.lower(), limit, regular, links)
-        end = _end_problem(stream)
+            problem, data, failure = _problem(info, name, utf8, bool(ext)), None, None
+            if problem is None and not budget.failed:
+                try:
+                    data, problem = _take(budget, stream, info, name, ext.lower(), limit, regular, links)
+                except _READ_ERRORS as exc:
+                    failure = exc
+            budget.failed = budget.failed or problem is not None
+            recorder.last = _Member(ordinal, name, ext.lower(), data, problem)
+            yield {"fname": name, "data": recorder.last, "__url__": url}
+            if failure is not None:
+                raise failure
+        end.append(_end_problem(stream))
     except _READ_ERRORS as exc:
-        end = ("current", f"tar truncated or corrupt ({exc}): the rest of the shard is unreadable")
-    if end is not None and end[0] == "current":
-        current = current or _Sample(f"<unknown after position {emit.position}>")
-        current.error = end[1]
-    if current is not None:
-        yield emit(current)
-    if end is not None and end[0] == "extra":
-        yield emit(_Sample("<after the end-of-archive marker>", error=end[1]))
+        end.append(("current", f"tar truncated or corrupt ({exc}): the rest of the shard is unreadable"))
+    if end[0] is None:
+        end.clear()
 
 
-def _add(sample: _Sample, stream, info, name: str, ext: str, limit: int, regular: dict, links: _Links) -> None:
-    """Read one member into the sample, or set the sample's error (reading nothing)."""
-    if ext in sample.members:
-        sample.error = f"duplicate member {name!r}"
-        return
+def _take(budget: _Budget, stream, info, name: str, ext: str, limit: int, regular: dict,
+          links: _Links) -> tuple[bytes | None, str | None]:
+    """One member's bytes, or why its sample fails (reading nothing)."""
+    if ext in budget.exts:
+        return None, f"duplicate member {name!r}"
     source = regular.get(info.linkname) if info.islnk() else (info.offset_data, info.size)
     if source is None:
-        sample.error = (f"hard link without a target: {name!r} -> {info.linkname!r} is not a regular member "
-                        f"earlier in the shard")
-        return
-    if sample.size + source[1] > limit:
-        sample.error = (f"sample exceeds --max-sample-bytes {limit:,}: {sample.size + source[1]:,} bytes with "
-                        f"member {name!r} (not read)")
-        return
+        return None, (f"hard link without a target: {name!r} -> {info.linkname!r} is not a regular member "
+                      f"earlier in the shard")
+    if budget.size + source[1] > limit:
+        return None, (f"sample exceeds --max-sample-bytes {limit:,}: {budget.size + source[1]:,} bytes with "
+                      f"member {name!r} (not read)")
     if info.islnk():
         try:
             data = links.read(*source)
         except _READ_ERRORS as exc:
-            sample.error = f"hard link {name!r} -> {info.linkname!r}: target unreadable ({exc})"
-            return
+            return None, f"hard link {name!r} -> {info.linkname!r}: target unreadable ({exc})"
         regular[info.name] = source
     else:
         data = stream.extractfile(info).read()
         if len(data) != info.size:
             raise tarfile.ReadError("unexpected end of data")
-    sample.members[ext] = data
-    sample.size += len(data)
+    budget.exts.add(ext)
+    budget.size += len(data)
+    return data, None
 
 
 def _end_problem(stream: tarfile.TarFile) -> tuple[str, str] | None:

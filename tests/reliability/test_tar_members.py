@@ -199,3 +199,33 @@ def test_train_passes_max_sample_bytes_to_the_loader(odd_tar, tmp_path):
     assert low.exit_code == 1 and "Traceback" not in low.output
     assert "'big': sample exceeds --max-sample-bytes 4,096: 5,000 bytes with member 'big.png' (not read)" in low.output
     assert invoke(*common, "--out", tmp_path / "default").exit_code == 0
+
+
+def test_members_named_like_webdatasets_own_entries_stay_members_of_their_sample(tmp_path):
+    """Grouping is webdataset's group_by_keys, whose samples also hold `__key__`, `__url__` and
+    `__bad__`: a member `x.__bad__` must neither drop its sample nor collide with those entries."""
+    path = tmp_path / "reserved.tar"
+    with tarfile.open(path, "w") as tar:
+        for name, data in (("x.__bad__", b"1"), ("x.png", PIXELS["good"]), ("x.__key__", b"k"), ("x.__url__", b"u"),
+                           ("x.cls", b"2"), ("y.png", PIXELS["other"]), ("y.cls", b"0")):
+            _add(tar, name, data)
+    entries = list(iter_shard(str(path)))
+    assert [(e.key, e.error, len(e.names)) for e in entries] == [("x", None, 5), ("y", None, 2)]
+    assert entries[0].members == {"__bad__": b"1", "png": PIXELS["good"], "__key__": b"k", "__url__": b"u", "cls": b"2"}
+    assert [decode_sample(str(path), e)[1] for e in entries] == [2, 0]
+
+
+def test_a_repeated_extension_after_a_recorded_member_is_counted_with_it(tmp_path):
+    """group_by_keys refuses a repeated extension; the recording handler keeps that member with its
+    sample (counted), and the sample's reason stays its first problem."""
+    path = tmp_path / "rep.tar"
+    with tarfile.open(path, "w") as tar:
+        _add(tar, "a.png", kind=tarfile.SYMTYPE, link="/etc/passwd")
+        _add(tar, "a.png", PIXELS["good"])
+        _add(tar, "a.cls", b"1")
+        _add(tar, "b.png", PIXELS["good"])
+        _add(tar, "b.cls", b"1")
+    entries = list(iter_shard(str(path)))
+    assert [(e.key, e.error, e.names) for e in entries] == [
+        ("a", "symbolic link (not followed): 'a.png' -> '/etc/passwd'", ("a.png", "a.png", "a.cls")),
+        ("b", None, ("b.png", "b.cls"))]
