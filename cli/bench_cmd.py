@@ -25,7 +25,7 @@ def bench() -> None:
               help="STORE mode: a teacher name or directory to load weights from [default: the store's teacher].")
 @teacher_options
 @click.option("--data", "data", multiple=True,
-              help="Teacher mode: webdataset shards, e.g. 'd/val-{000000..000003}.tar' (repeatable). "
+              help=f"Teacher mode, shards (webdataset tars): {P.DATA_FORMS}. "
                    "STORE mode reads the store's own shards.")
 @click.option("--samples", default=_DEFAULTS.samples, type=P.ints(1, 10**7), help="Samples to capture Q/K for (the first K in shard order).")
 @click.option("--recipe", default=None, callback=P.recipe_callback,

@@ -42,7 +42,7 @@ def make_teacher_config(teacher: str, model_args, checkpoint, random_init, seed,
 
 @click.command()
 @click.option("--data", "data", multiple=True, required=True,
-              help="Webdataset shards: a brace pattern like 'd/train-{000000..000009}.tar' (repeatable).")
+              help=f"Shards to precompute (webdataset tars): {P.DATA_FORMS}.")
 @click.option("--teacher", required=True, help="timm model name, or a directory written by `teacher pretrain`.")
 @teacher_options
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Store path (created, or resumed if it is this job's).")

@@ -23,6 +23,11 @@ def ints(low: int, high: int) -> click.IntRange:
     return click.IntRange(low, high)
 
 
+# what every --data (and --eval-data) takes: pipeline/data/patterns.py expands it
+DATA_FORMS = ("a brace pattern 'd/train-{000000..000009}.tar', a glob 'd/*.tar' or "
+              "'s3://bucket/train-*.tar' (its matches in sorted order), or a path or URL; repeatable, used in "
+              "the order given; a pattern or glob that matches nothing is refused, naming it")
+
 SEED = ints(0, SEED_MAX)
 STEPS = ints(1, 10**9)
 EPOCHS = ints(1, 10**6)

@@ -24,7 +24,7 @@ def teacher():
 @click.option("--method", type=click.Choice(sorted(METHODS)), default="mae",
               help="mae: masked autoencoding on unlabelled images (the paper's main teacher); "
                    "supervised: cross-entropy on a labelled split.")
-@click.option("--data", multiple=True, required=True, help="Shards to pre-train on (brace pattern; repeatable). "
+@click.option("--data", multiple=True, required=True, help=f"Shards to pre-train on (webdataset tars): {P.DATA_FORMS}. "
                                                            "Labels are read only for --method supervised.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Teacher directory to write.")
 @click.option("--model", default=_P.model, help="timm model name.")
@@ -40,7 +40,7 @@ def teacher():
 @click.option("--decoder-depth", default=Mae().decoder_depth, type=P.ints(1, 64), help="MAE: blocks in the decoder.")
 @click.option("--smoothing", default=Supervised().smoothing, type=P.FRACTION, help="Supervised: label smoothing.")
 @click.option("--num-classes", type=P.CLASSES, default=None, help="Supervised: classes [default: max label + 1].")
-@click.option("--eval-data", multiple=True, help="Supervised: labelled shards to report top-1 on at the end.")
+@click.option("--eval-data", multiple=True, help="Supervised: labelled shards to report top-1 on at the end, in the forms of --data.")
 @click.option("--seed", default=_P.seed, type=P.SEED, help="Seed of the init, the order, the crops and the masks.")
 @click.option("--threads", default=default_threads(), type=P.THREADS, help="Torch intra-op threads.")
 @click.option("--device", default=_P.device, help="Device: cpu, cuda, cuda:1 ... (crops and masks are drawn on "

@@ -49,7 +49,7 @@ def _recipe_with_mix(recipe: str, mixup: float, cutmix: float) -> str:
 
 
 @click.command()
-@click.option("--data", multiple=True, required=True, help="Training shards (brace pattern; repeatable).")
+@click.option("--data", multiple=True, required=True, help=f"Training shards (webdataset tars): {P.DATA_FORMS}.")
 @click.option("--cache", default=None, type=click.Path(), help="Store written by `precompute` for these shards.")
 @click.option("--teacher", default=None, help="Online teacher (timm name or teacher dir) instead of a cache; "
                                                 "also the weights of --mode finetune.")
@@ -85,7 +85,7 @@ def _recipe_with_mix(recipe: str, mixup: float, cutmix: float) -> str:
 @click.option("--model-ema-decay", type=P.floats(0, 1, low_open=True, high_open=True), default=None, help="Keep an EMA of the weights [default: off].")
 @click.option("--recipe", default=_T.recipe, callback=P.recipe_callback, help="Augmentation recipe without a cache (a cache carries its own).")
 @click.option("--eval-cache", default=None, type=click.Path(), help="Eval store (precompute --recipe eval).")
-@click.option("--eval-data", multiple=True, help="Eval shards (with the eval recipe, or matching --eval-cache).")
+@click.option("--eval-data", multiple=True, help="Eval shards (with the eval recipe, or matching --eval-cache), in the forms of --data.")
 @click.option("--seed", default=_T.seed, type=P.SEED, help="Seed of the student init, unit order, shuffle and drop path.")
 @click.option("--workers", default=_T.workers, type=P.LOADER_WORKERS,
               help="Loader processes per rank (0: decode in the training process). They change speed and memory "
@@ -175,7 +175,7 @@ def _echo_skipped(records: list[dict], where: str, total: int | None = None) -> 
 
 @click.command()
 @click.argument("run", type=click.Path(exists=True))
-@click.option("--data", multiple=True, help="Eval shards [default: the --cache store's shards].")
+@click.option("--data", multiple=True, help=f"Eval shards [default: the --cache store's shards]: {P.DATA_FORMS}.")
 @click.option("--cache", default=None, type=click.Path(), help="Eval store (needed by copy modes; its recipe is used).")
 @click.option("--batch-size", default=128, type=P.BATCH, help="Samples per batch.")
 @click.option("--workers", default=2, type=P.LOADER_WORKERS, help="Loader processes.")

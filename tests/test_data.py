@@ -204,3 +204,46 @@ def test_fsspec_urls_read_like_local_paths(tmp_path):
     assert remote == local
     manifest = build_manifest([url])
     assert manifest.shards[0].count == 2 and manifest.shards[0].size_bytes is None
+
+
+def test_globs_expand_in_sorted_order_lists_and_braces_in_the_order_written(tmp_path):
+    for name in ("c", "a", "b"):  # written out of order: a directory listing need not be sorted
+        _tar(tmp_path / f"s-{name}.tar", [(f"k{name}.cls", b"0")])
+    (tmp_path / "s-dir.tar").mkdir()  # a folder never matches
+    shard = {n: str(tmp_path / f"s-{n}.tar") for n in "abc"}
+    assert expand_shards(str(tmp_path / "s-*.tar")) == [shard["a"], shard["b"], shard["c"]]
+    assert expand_shards(str(tmp_path / "s-?.tar")) == [shard["a"], shard["b"], shard["c"]]
+    assert expand_shards(str(tmp_path / "s-[cb].tar")) == [shard["b"], shard["c"]]
+    assert expand_shards(str(tmp_path / "s-{c,a}.tar")) == [shard["c"], shard["a"]]
+    assert expand_shards([shard["c"], str(tmp_path / "s-*.tar")]) == [shard["c"], shard["a"], shard["b"]]
+    assert expand_shards(str(tmp_path / "s-{c,*}.tar")) == [shard["c"], shard["a"], shard["b"]]
+    assert expand_shards(str(tmp_path / "**" / "s-a.tar")) == [shard["a"]]
+
+
+def test_a_glob_that_matches_nothing_names_itself_in_one_line(tmp_path):
+    _tar(tmp_path / "s-a.tar", [("k.cls", b"0")])
+    missing = str(tmp_path / "t-*.tar")
+    with pytest.raises(DataError) as err:
+        expand_shards([str(tmp_path / "s-a.tar"), missing])
+    assert str(err.value) == f"data glob {missing!r} matches no files"
+    with pytest.raises(DataError) as err:
+        expand_shards(str(tmp_path / "{s,t}-*.tar"))
+    assert str(err.value) == f"data glob {missing!r} (from {str(tmp_path / '{s,t}-*.tar')!r}) matches no files"
+    with pytest.raises(DataError, match=r"^data glob 'memory://nobucket-\w+/\*\.tar' matches no files$"):
+        expand_shards(f"memory://nobucket-{tmp_path.name}/*.tar")
+
+
+def test_url_globs_go_through_fsspec_and_keep_the_url_as_written(tmp_path):
+    import fsspec
+
+    png = _encode(Image.new("RGB", (4, 4), (9, 9, 9)), "PNG")
+    local = _tar(tmp_path / "u.tar", [("a.png", png), ("a.cls", b"2")])
+    base = f"memory://bucket-{tmp_path.name}/train"
+    for name in ("000002", "000000", "000001"):
+        with fsspec.open(f"{base}-{name}.tar", "wb") as f:
+            f.write(open(local, "rb").read())
+    urls = expand_shards(f"{base}-*.tar")
+    assert urls == expand_shards(f"{base}-{{000000..000002}}.tar") == [f"{base}-{i:06d}.tar" for i in range(3)]
+    assert [e.key for e in iter_shard(urls[0])] == ["a"]
+    file_urls = expand_shards(f"file://{tmp_path}/*.tar")
+    assert file_urls == [f"file://{tmp_path}/u.tar"]

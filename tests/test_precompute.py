@@ -305,3 +305,44 @@ def test_rewriting_a_unit_removes_what_a_killed_writer_left(synth_data, tmp_path
     (out / "units/0/000000.json").unlink()
     assert run_precompute(_config(synth_data["val"], out, views=1)).units_processed == 1
     assert not stale.exists() and verify_store(out).ok
+
+
+def _invoke(*args):
+    from click.testing import CliRunner
+
+    from attncache.cli.main import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_a_glob_for_data_makes_the_store_the_brace_pattern_makes(tmp_path):
+    """`--data 'DIR/*.tar'` (what users type) and the brace pattern of the same shards: same cache id,
+    same bytes in every file (markers less their timing), shards in sorted order."""
+    from attncache.pipeline.studies.synth import SynthConfig, synth_dataset
+
+    info = synth_dataset(tmp_path / "d", num_train=48, num_val=8, config=SynthConfig(image_size=32, num_classes=4),
+                         shard_size=16, seed=1)
+    assert info["train"] == str(tmp_path / "d" / "train-{000000..000002}.tar")
+    common = ["precompute", *TEACHER_ARGS, "--views", "1", "--batch-size", "16", "--workers", "0", "--threads", "1",
+              "--encoding", "lowrank:r=8:int8", "--ray", "none", "--quiet"]
+    brace = _invoke(*common, "--data", info["train"], "--out", tmp_path / "brace.zarr")
+    glob = _invoke(*common, "--data", tmp_path / "d" / "train-*.tar", "--out", tmp_path / "glob.zarr")
+    assert brace.exit_code == 0 and glob.exit_code == 0, brace.output + glob.output
+    a, b = _all_files(tmp_path / "brace.zarr"), _all_files(tmp_path / "glob.zarr")
+    assert a.keys() == b.keys() and [k for k in a if a[k] != b[k]] == []
+    assert CacheStore.open(tmp_path / "glob.zarr").meta["cache_id"] == CacheStore.open(tmp_path / "brace.zarr").meta["cache_id"]
+    shards = [s["url"] for s in CacheStore.open(tmp_path / "glob.zarr").meta["dataset"]["shards"]]
+    assert shards == [str(tmp_path / "d" / f"train-{i:06d}.tar") for i in range(3)]
+
+
+def test_a_glob_that_matches_nothing_is_one_line_naming_it_and_creates_nothing(tmp_path):
+    (tmp_path / "d").mkdir()
+    pattern = tmp_path / "d" / "train-*.tar"
+    for command in (["precompute", "--data", pattern, *TEACHER_ARGS, "--ray", "none", "--out", tmp_path / "s.zarr"],
+                    ["precompute", "--data", pattern, *TEACHER_ARGS, "--ray", "local", "--out", tmp_path / "s.zarr"],
+                    ["train", "--data", pattern, "--mode", "scratch", "--student", "vit_tiny_patch16_224",
+                     "--out", tmp_path / "run", "--max-steps", "1"]):
+        result = _invoke(*command)
+        assert result.exit_code == 1, result.output
+        assert result.output.strip().splitlines() == [f"Error: DataError: data glob '{pattern}' matches no files"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]

@@ -4,8 +4,9 @@ Reading never raises for one bad sample: structural problems (truncated tar, dup
 unsafe member path, links, directories, oversized samples; see pipeline/data/tar.py) come back as
 entries with an `error`, and `decode_sample` raises `BadSample` with the file, key and reason, so
 the caller's single policy decides (skip and record, or fail). Keys follow webdataset: a member
-path up to the first "." of its basename. Reading lives in tar.py, writing and `data pack` in
-pack.py; every public name stays importable from here.
+path up to the first "." of its basename. What `--data` takes (brace patterns, lists, globs) lives
+in patterns.py, reading in tar.py, writing and `data pack` in pack.py; every public name stays
+importable from here.
 """
 from __future__ import annotations
 
@@ -17,36 +18,19 @@ import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
-import braceexpand
 import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
 from attncache.pipeline.data.errors import BadSample, DataError, redact  # noqa: F401  (public here)
 from attncache.pipeline.data.pack import IMAGE_EXTENSIONS, brace_pattern, pack_image_folder, sanitise_key, shard_writer
+from attncache.pipeline.data.patterns import expand_shards  # noqa: F401  (public here)
 from attncache.pipeline.data.tar import (DEFAULT_MAX_SAMPLE_BYTES, MAX_SAMPLE_BYTES_RANGE, ShardEntry,
     check_max_sample_bytes, iter_shard, open_url)
 
 LABEL_EXTENSIONS = ("cls", "label", "class")
 MAX_LABEL = 2**31 - 1  # labels are class indices; anything above is a bad value, not a class
 MAX_IMAGE_PIXELS = 178_956_970  # PIL's own default bomb limit, applied here without touching PIL globals
-
-
-def expand_shards(spec: str | Sequence[str]) -> list[str]:
-    """Brace patterns (or a list of them) to shard URLs, in the order given, without repeats."""
-    patterns = [spec] if isinstance(spec, str) else list(spec)
-    urls: list[str] = []
-    for pattern in patterns:
-        for url in braceexpand.braceexpand(pattern):
-            if url not in urls:
-                urls.append(url)
-    if not urls:
-        raise DataError(f"data pattern {redact(repr(spec))} matches no shards")
-    missing = [u for u in urls if "://" not in u and not os.path.isfile(u)]
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise DataError(f"data pattern {redact(repr(spec))}: no such shard file(s): {redact(shown)}")
-    return urls
 
 
 # ---------------------------------------------------------------------------------------------- decoding

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
-from attncache.pipeline.data.shards import redact
+from attncache.pipeline.data.shards import expand_shards, redact
 from attncache.pipeline.encodings.finite import NonFiniteFactors
 from attncache.pipeline.precompute.job import (PrecomputeConfig, Summary, TooManySkipped, build_job, job_notes,
     job_units, units_to_do)
@@ -109,6 +109,7 @@ def _worker_count(ray, options: RayOptions) -> int:
 
 def run_precompute_ray(config: PrecomputeConfig, options: RayOptions) -> Summary:
     """The driver holds the store's lease (pipeline/store/lease.py) for the whole job; actors never take it."""
+    expand_shards(list(config.data))  # a --data pattern that matches nothing is refused before any work
     teacher = Teacher(config.teacher)  # a teacher that cannot load is refused before --out exists
     with Lease(config.out, LeaseConfig(config.lease_timeout)) as lease:
         return _run(config, options, lease, teacher)
