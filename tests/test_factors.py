@@ -3,12 +3,22 @@ import numpy as np
 import pytest
 import torch
 
-from attncache.pipeline.encodings.core import ExactEncoding, LowRankEncoding, attention_kl, exact_logits
-from attncache.pipeline.encodings.extra import (QuantExactEncoding, RankedLowRankEncoding, quantize_rows_int4,
-    unpack_int4)
+from attncache.pipeline.encodings.codecs import ROW_CODECS
+from attncache.pipeline.encodings.exact import ExactEncoding
+from attncache.pipeline.encodings.kl import attention_kl, exact_logits
+from attncache.pipeline.encodings.lowrank import LowRankEncoding
+from attncache.pipeline.encodings.scaled import quantize_rows_int4, unpack_int4
 from attncache.pipeline.encodings.spec import parse_encoding
 
 SCALE = 16 ** -0.5
+
+
+def exact(quant: str) -> ExactEncoding:
+    return ExactEncoding(ROW_CODECS[quant])
+
+
+def lowrank(ranks, quant: str = "fp16") -> LowRankEncoding:
+    return LowRankEncoding(tuple(ranks) if isinstance(ranks, (tuple, list)) else (ranks,), ROW_CODECS[quant])
 
 
 def _qk(b=2, l=2, h=3, n=17, d=16, seed=0):
@@ -18,7 +28,7 @@ def _qk(b=2, l=2, h=3, n=17, d=16, seed=0):
 
 def test_exact_fp32_round_trip_is_lossless():
     q, k = _qk()
-    enc = ExactEncoding("fp32")
+    enc = exact("fp32")
     arrays = enc.encode(q, k, SCALE)
     assert np.array_equal(arrays["q"], q.numpy()) and np.array_equal(arrays["k"], k.numpy())
     assert torch.equal(enc.decode_logits(arrays, SCALE), exact_logits(q, k, SCALE))
@@ -27,7 +37,7 @@ def test_exact_fp32_round_trip_is_lossless():
 @pytest.mark.parametrize("dtype,atol", [("fp16", 5e-3), ("bf16", 5e-2)])
 def test_exact_half_precisions_round_trip_within_their_precision(dtype, atol):
     q, k = _qk()
-    enc = ExactEncoding(dtype)
+    enc = exact(dtype)
     arrays = enc.encode(q, k, SCALE)
     assert arrays["q"].dtype == (np.float16 if dtype == "fp16" else np.uint16)
     torch.testing.assert_close(enc.decode_logits(arrays, SCALE), exact_logits(q, k, SCALE), atol=atol * 8, rtol=atol)
@@ -39,7 +49,7 @@ def _row_centred(x):
 
 def test_lowrank_at_full_rank_reproduces_logits_up_to_a_per_row_constant():
     q, k = _qk()
-    enc = LowRankEncoding(rank=16, quant="fp32")
+    enc = lowrank(16, "fp32")
     est = enc.decode_logits(enc.encode(q, k, SCALE), SCALE)
     ref = exact_logits(q, k, SCALE)
     torch.testing.assert_close(_row_centred(est), _row_centred(ref), atol=1e-4, rtol=1e-4)
@@ -49,7 +59,7 @@ def test_lowrank_at_full_rank_reproduces_logits_up_to_a_per_row_constant():
 
 def test_lowrank_handles_fewer_tokens_than_the_rank():
     q, k = _qk(n=5, d=16)
-    enc = LowRankEncoding(rank=8, quant="fp32")
+    enc = lowrank(8, "fp32")
     arrays = enc.encode(q, k, SCALE)
     assert arrays["a"].shape[-1] == 8 and np.isfinite(arrays["a"]).all() and np.isfinite(arrays["b"]).all()
     est = enc.decode_logits(arrays, SCALE)
@@ -58,16 +68,16 @@ def test_lowrank_handles_fewer_tokens_than_the_rank():
 
 def test_int8_stores_one_scale_per_token_and_head():
     q, k = _qk()
-    arrays = LowRankEncoding(rank=8, quant="int8").encode(q, k, SCALE)
+    arrays = lowrank(8, "int8").encode(q, k, SCALE)
     assert arrays["a"].dtype == np.int8 and arrays["a"].shape == (2, 2, 3, 17, 8)
     assert arrays["a_scale"].shape == (2, 2, 3, 17) and arrays["a_scale"].dtype == np.float16
     assert np.abs(arrays["a"]).max(axis=-1).min() >= 126  # every row uses the full int8 range
 
 
 def test_encoding_specs_parse_and_reject_nonsense():
-    assert parse_encoding("exact:fp16") == ExactEncoding("fp16")
-    assert parse_encoding("lowrank:r=16:int8") == LowRankEncoding(16, "int8")
-    assert parse_encoding("lowrank:r=4") == LowRankEncoding(4, "fp16")
+    assert parse_encoding("exact:fp16") == exact("fp16")
+    assert parse_encoding("lowrank:r=16:int8") == lowrank(16, "int8")
+    assert parse_encoding("lowrank:r=4") == lowrank(4, "fp16")
     for bad in ("", "exact:fp12", "lowrank", "lowrank:r=0", "lowrank:r=4:int3", "svd:r=4"):
         with pytest.raises(ValueError):
             parse_encoding(bad)
@@ -76,7 +86,7 @@ def test_encoding_specs_parse_and_reject_nonsense():
 
 def test_rank_above_head_dim_is_refused():
     with pytest.raises(ValueError, match="head dim"):
-        LowRankEncoding(rank=32).array_specs(2, 3, 17, 16)
+        lowrank(32).array_specs(2, 3, 17, 16)
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +105,7 @@ def test_fidelity_on_trained_attention_gets_worse_monotonically_as_rank_drops(tr
     ref = exact_logits(q, k, scale)
     kls = {}
     for r in (16, 12, 8, 4, 2, 1):
-        enc = LowRankEncoding(rank=r, quant="fp32")
+        enc = lowrank(r, "fp32")
         kls[r] = float(attention_kl(ref, enc.decode_logits(enc.encode(q, k, scale), scale)).mean())
     ranks = sorted(kls, reverse=True)
     assert kls[16] < 1e-8
@@ -109,7 +119,7 @@ def test_fidelity_on_trained_attention_gets_worse_monotonically_as_rank_drops(tr
                                            random_init=True))
     qr, kr = random_teacher.capture(trained_images,
                                     tuple(range(random_teacher.num_layers)))
-    enc = LowRankEncoding(rank=1, quant="fp32")
+    enc = lowrank(1, "fp32")
     kl_random = float(attention_kl(exact_logits(qr, kr, scale), enc.decode_logits(enc.encode(qr, kr, scale), scale)).mean())
     assert kls[1] > 10 * kl_random, (kls[1], kl_random)
 
@@ -117,7 +127,7 @@ def test_fidelity_on_trained_attention_gets_worse_monotonically_as_rank_drops(tr
 def test_int8_costs_little_fidelity_on_trained_attention(trained_qk):
     q, k, scale, _ = trained_qk
     ref = exact_logits(q, k, scale)
-    f32, i8 = LowRankEncoding(8, "fp32"), LowRankEncoding(8, "int8")
+    f32, i8 = lowrank(8, "fp32"), lowrank(8, "int8")
     kl32 = float(attention_kl(ref, f32.decode_logits(f32.encode(q, k, scale), scale)).mean())
     kl8 = float(attention_kl(ref, i8.decode_logits(i8.encode(q, k, scale), scale)).mean())
     assert kl8 < kl32 + 2e-3
@@ -130,13 +140,14 @@ EVERY_SPEC = ["exact:fp32", "exact:fp16", "exact:bf16", "exact:int8", "exact:int
               "lowrank:r=8:fp8", "lowrank:r=2,5:fp16", "lowrank:r=3,8:int8", "lowrank:r=5,2:int4", "lowrank:r=1,8:fp8"]
 
 
-def test_core_specs_still_give_the_core_classes_and_new_specs_parse():
-    assert parse_encoding("exact") == ExactEncoding("fp16")
-    assert parse_encoding("lowrank:r=16:bf16") == LowRankEncoding(16, "bf16")
-    assert parse_encoding("exact:int4") == QuantExactEncoding("int4")
-    assert parse_encoding("lowrank:r=16:fp8") == RankedLowRankEncoding((16,), "fp8")
-    assert parse_encoding("lowrank:r=4x2,8,16x1:int8") == RankedLowRankEncoding((4, 4, 8, 16), "int8")
-    assert parse_encoding("lowrank:r=8x1") == LowRankEncoding(8, "fp16")  # one rank: the core class, same bytes
+def test_every_spec_gives_its_family_with_its_row_codec_and_round_trips():
+    assert parse_encoding("exact") == exact("fp16")
+    assert parse_encoding("lowrank:r=16:bf16") == lowrank(16, "bf16")
+    assert parse_encoding("exact:int4") == exact("int4")
+    assert parse_encoding("lowrank:r=16:fp8") == lowrank((16,), "fp8")
+    assert parse_encoding("lowrank:r=4x2,8,16x1:int8") == lowrank((4, 4, 8, 16), "int8")
+    assert parse_encoding("lowrank:r=8x1") == lowrank(8)  # one rank (its bytes: tests/test_encoding_pins.py)
+    assert {type(parse_encoding(s)) for s in EVERY_SPEC} == {ExactEncoding, LowRankEncoding}  # one class a family
     for spec in EVERY_SPEC + ["lowrank:r=4x2,8:int8"]:
         enc = parse_encoding(spec)
         assert parse_encoding(enc.spec) == enc and parse_encoding(enc.to_json()["spec"]) == enc
@@ -185,14 +196,14 @@ def test_new_lowrank_forms_at_full_rank_reproduce_the_logits(spec):
 
 def test_a_schedule_keeps_each_layers_top_ranks_and_zero_columns_after_them():
     q, k = _qk()
-    sched = RankedLowRankEncoding((3, 6), "fp32")
+    sched = lowrank((3, 6), "fp32")
     arrays = sched.encode(q, k, SCALE)
     assert arrays["a"].shape[-1] == 6
     assert not arrays["a"][:, 0, ..., 3:].any() and not arrays["b"][:, 0, ..., 3:].any()
     assert np.abs(arrays["a"][:, 1, ..., 5]).max() > 0
     est = sched.decode_logits(arrays, SCALE)
     for layer, rank in enumerate((3, 6)):  # each layer is the rank-r fit of that layer
-        single = LowRankEncoding(rank, "fp32")
+        single = lowrank(rank, "fp32")
         ref = single.decode_logits(single.encode(q[:, layer:layer + 1], k[:, layer:layer + 1], SCALE), SCALE)
         torch.testing.assert_close(est[:, layer:layer + 1], ref, atol=1e-4, rtol=1e-4)
 
@@ -208,15 +219,15 @@ def test_int4_packs_two_values_per_byte_low_nibble_first():
 def test_int4_and_fp8_rows_are_within_their_precision():
     q, k = _qk(n=33, d=16)
     amax = q.abs().amax(-1, keepdim=True)
-    q4, _ = QuantExactEncoding("int4").decode_qk(QuantExactEncoding("int4").encode(q, k, SCALE))
+    q4, _ = exact("int4").decode_qk(exact("int4").encode(q, k, SCALE))
     assert ((q4 - q).abs() <= amax / 14 * 1.01 + 1e-6).all()  # half a step of max|x| / 7
-    q8, k8 = QuantExactEncoding("fp8").decode_qk(QuantExactEncoding("fp8").encode(q, k, SCALE))
+    q8, k8 = exact("fp8").decode_qk(exact("fp8").encode(q, k, SCALE))
     step = amax / 448  # the stored scale; e4m3 keeps 3 mantissa bits, subnormals step 2^-9
     assert ((q8 - q).abs() <= q.abs() * 2 ** -4 * 1.01 + step * 2 ** -9 * 1.01 + 1e-6).all()
     assert (q8 != q).any() and (q4 != q).any()
-    qi, _ = QuantExactEncoding("int8").decode_qk(QuantExactEncoding("int8").encode(q, k, SCALE))
+    qi, _ = exact("int8").decode_qk(exact("int8").encode(q, k, SCALE))
     assert ((qi - q).abs() <= amax / 254 * 1.01 + 1e-6).all()
-    qe, ke = ExactEncoding("fp32").decode_qk(ExactEncoding("fp32").encode(q, k, SCALE))
+    qe, ke = exact("fp32").decode_qk(exact("fp32").encode(q, k, SCALE))
     assert torch.equal(qe, q) and torch.equal(ke, k)
 
 
@@ -243,6 +254,6 @@ def test_trained_attention_kl_orders_the_encodings_as_their_bits(trained_qk):
     sched = parse_encoding("lowrank:r=2,4,8,16:fp32")
     per_layer = attention_kl(ref, sched.decode_logits(sched.encode(q, k, scale), scale))
     for layer, rank in enumerate((2, 4, 8, 16)):
-        single = LowRankEncoding(rank, "fp32")
+        single = lowrank(rank, "fp32")
         alone = attention_kl(ref, single.decode_logits(single.encode(q, k, scale), scale))[layer]
         assert abs(float(per_layer[layer]) - float(alone)) <= 1e-5 + 1e-3 * float(alone)

@@ -5,7 +5,7 @@ The store is made with a layer subset and a reordered head set (`--layers 1:4 --
 the student transfers a subset of those layers (and, for distill_*, of the heads), so the decode
 must pick the right slots of both axes, not only the right arithmetic.
 
-Bounds per element, derived from the encoding (`pipeline/encodings/extra.py` header), where x is the
+Bounds per element, derived from the encoding (`pipeline/encodings/scaled.py` header), where x is the
 online teacher's value and m the max |x| of its (layer, head, token) row:
 - fp32: capture noise only (the same teacher at another batch size): 1e-6 m;
 - fp16 / bf16: round to nearest, unit roundoff u = 2^-11 / 2^-8: u |x| (plus the noise);
@@ -23,8 +23,8 @@ import torch
 from click.testing import CliRunner
 
 from attncache.cli.main import cli
-from attncache.pipeline.encodings.core import CannotDecode
-from attncache.pipeline.encodings.extra import QUANTS
+from attncache.pipeline.encodings.codecs import QUANTS
+from attncache.pipeline.encodings.protocol import CannotDecode
 from attncache.pipeline.encodings.spec import parse_encoding
 from attncache.pipeline.precompute.job import PrecomputeConfig
 from attncache.pipeline.precompute.local import run_precompute

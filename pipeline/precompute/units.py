@@ -19,7 +19,7 @@ from attncache.pipeline.augment.mix import draw_and_mix_unit
 from attncache.pipeline.augment.recipe import Recipe
 from attncache.pipeline.data.binding import members_sha256, shard_sha256
 from attncache.pipeline.data.shards import DEFAULT_MAX_SAMPLE_BYTES, BadSample, decode_sample, iter_shard, redact
-from attncache.pipeline.encodings.core import attention_kl, exact_logits
+from attncache.pipeline.encodings.kl import attention_kl, exact_logits
 from attncache.pipeline.encodings.finite import (NonFiniteFactors, NonFiniteValues, check_encoded, nonfinite_message,
     require_finite)
 from attncache.pipeline.precompute.job import OnBadSample, TooManySkipped, Job, PreparedBatch, Summary

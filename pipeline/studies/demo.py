@@ -141,7 +141,7 @@ def table(summary: dict) -> str:
 
 def _probs_of(model, pixels_CHW: torch.Tensor, layer: int) -> np.ndarray:
     """[H, N, N] attention of one layer of a loaded model directory (pipeline.teacher.model.Teacher)."""
-    from attncache.pipeline.encodings.core import exact_logits
+    from attncache.pipeline.encodings.kl import exact_logits
 
     q, k = model.capture(pixels_CHW[None], (layer,))
     return exact_logits(q, k, model.scale)[0, 0].softmax(-1).numpy()

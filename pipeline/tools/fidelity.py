@@ -27,7 +27,7 @@ from attncache.pipeline._util import atomic
 from attncache.pipeline._util.runtime import default_threads
 from attncache.pipeline.augment.recipe import Recipe, parse_recipe
 from attncache.pipeline.data.shards import BadSample, decode_sample, expand_shards, iter_shard
-from attncache.pipeline.encodings.core import attention_kl, exact_logits
+from attncache.pipeline.encodings.kl import attention_kl, exact_logits
 from attncache.pipeline.encodings.spec import parse_encoding
 from attncache.pipeline.store.cache import CacheStore, _compressors, factor_chunk_slots, parse_compression
 from attncache.pipeline.teacher.model import Teacher, TeacherConfig, resolve_heads, resolve_layers

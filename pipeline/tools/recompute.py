@@ -9,7 +9,7 @@ import torch
 
 from attncache.pipeline.augment.recipe import Recipe
 from attncache.pipeline.data.shards import DataError, decode_sample, iter_shard
-from attncache.pipeline.encodings.core import attention_kl, exact_logits
+from attncache.pipeline.encodings.kl import attention_kl, exact_logits
 from attncache.pipeline.encodings.finite import NonFiniteValues
 from attncache.pipeline.store.cache import CacheStore, Unit
 from attncache.pipeline.store.meta import StoreError

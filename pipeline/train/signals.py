@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from attncache.pipeline.encodings.core import QK_ENCODINGS, SIGNALS, check_signal, exact_logits
+from attncache.pipeline.encodings.exact import QK_ENCODINGS
+from attncache.pipeline.encodings.kl import exact_logits
+from attncache.pipeline.encodings.protocol import SIGNALS, check_signal
 from attncache.pipeline.encodings.spec import Encoding, encoding_from_json
 from attncache.pipeline.teacher.model import Teacher
 from attncache.pipeline.train.student import Geometry, Signal, Strategy, StudentMismatch

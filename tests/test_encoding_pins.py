@@ -1,0 +1,109 @@
+"""Encodings as one package of families and row codecs: what a store holds of an encoding is what it
+held before (pins made at 0b09c8e, tests/assets/encoding_pins.py), and a kind is known only by registering.
+
+The metadata text, the cache id and the array specs are pure functions of the spec, pinned on any
+machine. Encoded arrays of `exact` are casts and IEEE rounding, pinned on any machine too; low-rank
+factors and every decoded logit go through BLAS/LAPACK, whose float results hold on the platform that
+made the pins (the file names it), so there they are compared bit for bit and elsewhere skipped.
+"""
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from attncache.pipeline._util.spec_error import SpecError
+from attncache.pipeline.encodings import registry
+from attncache.pipeline.encodings.protocol import ArraySpec, Encoding, check_signal
+from attncache.pipeline.encodings.spec import parse_encoding
+from attncache.pipeline.store.cache import factor_arrays
+
+from tests.assets.encoding_pins import PLATFORM, SPECS, fingerprint
+
+PINNED = json.loads((Path(__file__).parent / "assets" / "encoding_pins.json").read_text())
+PINS = PINNED["pins"]
+
+
+def test_the_pins_cover_every_spec_form_and_were_made_before_the_refactor():
+    assert PINNED["made_at"] == "0b09c8e" and list(PINS) == list(SPECS)
+    assert {p["spec"].split(":")[1] if p["spec"].startswith("exact") else p["spec"].rsplit(":", 1)[1]
+            for p in PINS.values()} == {"fp32", "fp16", "bf16", "int8", "int4", "fp8"}
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_metadata_text_cache_id_and_array_specs_are_the_pinned_bytes(spec):
+    got, pin = fingerprint(spec), PINS[spec]
+    for field in ("spec", "serves_qk", "json", "cache_id", "arrays"):
+        assert got[field] == pin[field], field
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_encoded_and_decoded_arrays_are_the_pinned_bits(spec):
+    got, pin = fingerprint(spec), PINS[spec]
+    if spec.strip().startswith("exact"):
+        assert got["encoded"] == pin["encoded"]
+    if PLATFORM != PINNED["platform"]:
+        pytest.skip(f"BLAS/LAPACK results pinned on {PINNED['platform']}, this is {PLATFORM}")
+    assert got["encoded"] == pin["encoded"] and got["decoded"] == pin["decoded"]
+
+
+@dataclass(frozen=True)
+class DenseLogits(Encoding):
+    """A family made up for the test: the logits themselves, float32 (N^2 per head)."""
+
+    decodes = frozenset({"logits"})
+    refusal = "stores only logits"
+
+    @property
+    def spec(self) -> str:
+        return "dense"
+
+    def array_specs(self, num_layers, num_heads, num_tokens, head_dim):
+        return [ArraySpec("logits", (num_layers, num_heads, num_tokens, num_tokens), "float32", "scale Q K^T")]
+
+    def encode(self, q_BLHNd, k_BLHNd, scale):
+        return {"logits": ((q_BLHNd * scale) @ k_BLHNd.transpose(-1, -2)).numpy()}
+
+    def decode(self, arrays, what, scale, device="cpu"):
+        check_signal(self, what)
+        return torch.from_numpy(arrays["logits"]).to(device)
+
+    def to_json(self):
+        return {"kind": "dense", "spec": self.spec}
+
+
+def test_a_kind_is_known_only_by_registering(monkeypatch):
+    monkeypatch.setattr(registry, "_FAMILIES", dict(registry._FAMILIES))  # the registration ends with the test
+    shipped = registry.grammar()
+    with pytest.raises(SpecError) as refused:
+        parse_encoding("dense")
+    assert str(refused.value) == f"unknown encoding kind 'dense' in 'dense'; known: exact, lowrank ({shipped})"
+
+    @registry.register("dense", grammar="dense")
+    def parse_dense(spec, rest):
+        if rest:
+            raise SpecError(f"bad encoding {spec!r}: dense takes nothing after the kind")
+        return DenseLogits()
+
+    enc = parse_encoding(" dense ")
+    assert enc == DenseLogits() and registry.kinds() == ("dense", "exact", "lowrank")
+    assert factor_arrays(enc, 2, 3, 5, 4)["logits"]["trailing_shape"] == [2, 3, 5, 5]  # the store takes it as is
+    q, k = torch.randn(1, 2, 3, 5, 4), torch.randn(1, 2, 3, 5, 4)
+    assert np.array_equal(enc.decode_logits(enc.encode(q, k, 0.5), 0.5).numpy(), enc.encode(q, k, 0.5)["logits"])
+    assert not enc.serves_qk  # the protocol's shared members work for any family
+    with pytest.raises(SpecError) as refused:
+        parse_encoding("svd:r=4")
+    assert str(refused.value) == (f"unknown encoding kind 'svd' in 'svd:r=4'; known: dense, exact, lowrank "
+                                  f"(dense  or  {shipped})")
+    with pytest.raises(ValueError, match="registered twice"):
+        registry.register("exact", grammar="exact")(parse_dense)
+    assert parse_encoding("exact:int8").spec == "exact:int8"  # the shipped kinds stay
+
+
+def test_the_shipped_grammar_reads_as_before():
+    assert registry.kinds() == ("exact", "lowrank")
+    assert registry.grammar() == ("exact[:fp16|fp32|bf16|int8|int4|fp8]  or  lowrank:r=RANKS[:fp16|fp32|bf16|int8|"
+                                  "int4|fp8], RANKS = R (every layer) or R,R,... (one per cached layer; RxK repeats "
+                                  "R K times)")
