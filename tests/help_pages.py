@@ -63,17 +63,15 @@ def render(path: list[str]) -> tuple[str, list[str]]:
 
 
 def pinned_form(page: str) -> str:
-    """The page with the machine's `--threads` default (cpu count, capped) replaced by a placeholder."""
-    from attncache.pipeline._util.runtime import default_threads
-
+    """The page with the machine-dependent `--threads` default (a CPU count) replaced by a placeholder."""
     blocks: list[list[str]] = []  # one per option (its first line starts with a dash), wrapped lines with it
     for line in page.split("\n"):
         if line.strip().startswith("-") or not blocks:
             blocks.append([])
         blocks[-1].append(line)
     texts = ["\n".join(b) for b in blocks]
-    texts = [re.sub(rf"default:(\s*){default_threads()}\b", rf"default:\g<1>{THREADS}", t)
-             if t.strip().startswith("--threads ") else t for t in texts]
+    texts = [re.sub(r"default:(\s*)\d+\b", rf"default:\g<1>{THREADS}", t) if t.strip().startswith("--threads ")
+             else t for t in texts]
     return "\n".join(texts)
 
 
