@@ -61,14 +61,16 @@ def _recipe_with_mix(recipe: str, mixup: float, cutmix: float) -> str:
 @click.option("--teacher-seed", default=0, type=P.SEED, help="Seed of --random-init teacher weights.")
 @click.option("--mode", type=click.Choice(list(defaults.TRAIN_MODES)), default="distill",
               help="How the teacher's attention is transferred (scratch/finetune are the baselines).")
-@click.option("--student", required=True, help="timm model name of the student.")
-@click.option("--student-arg", "student_args", multiple=True, metavar="K=V", help="timm argument of the student.")
+@click.option("--student", "--model", "student", required=True, help="timm model name of the student.")
+@click.option("--student-arg", "--model-kwargs", "student_args", multiple=True, metavar="K=V",
+              help="timm argument of the student (--model-kwargs: one K=V each).")
 @click.option("--num-classes", type=P.CLASSES, default=None, help="Classes [default: classes.json beside the shards].")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory (resumed if present).")
+@click.option("--out", "--output", "out", required=True, type=click.Path(file_okay=False),
+              help="Run directory (resumed if present).")
 @click.option("--views", type=P.VIEWS, default=None, help="Use only the cache's first N views [default: all].")
 @click.option("--max-steps", type=P.STEPS, default=None, help="Optimiser steps (or give --epochs).")
 @click.option("--epochs", type=P.EPOCHS, default=None, help="Epochs; epoch e reads cached view e mod V.")
-@click.option("--batch-size", default=_T.batch_size, type=P.BATCH, help="Samples per step per rank.")
+@click.option("--batch-size", "-b", default=_T.batch_size, type=P.BATCH, help="Samples per step per rank.")
 @click.option("--layers", default=None, callback=P.layers_callback, help="Student layers to transfer (slice or list) [default: all but last 3].")
 @click.option("--heads", default=None, callback=P.heads_callback, help="Distill modes: comma list of heads to transfer [default: all]; "
                                          "the other heads of those layers learn freely.")
@@ -89,7 +91,7 @@ def _recipe_with_mix(recipe: str, mixup: float, cutmix: float) -> str:
 @click.option("--eval-cache", default=None, type=click.Path(), help="Eval store (precompute --recipe eval).")
 @click.option("--eval-data", multiple=True, help="Eval shards (with the eval recipe, or matching --eval-cache).")
 @click.option("--seed", default=_T.seed, type=P.SEED, help="Seed of the student init, unit order, shuffle and drop path.")
-@click.option("--workers", default=_T.workers, type=P.LOADER_WORKERS,
+@click.option("--workers", "-j", default=_T.workers, type=P.LOADER_WORKERS,
               help="Loader processes per rank (0: decode in the training process). They change speed and memory "
                    "(about 2 units decoded ahead per worker), never the batches: the same seed trains on the same "
                    "batches, to the same weights, with any worker count.")

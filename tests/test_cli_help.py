@@ -109,3 +109,32 @@ def test_user_errors_are_named_by_the_modules_that_define_them():
     assert len(classes) == len(USER_ERRORS) == 15
     for (module, name), cls in zip(USER_ERRORS, classes):
         assert cls.__module__ == module and cls.__name__ == name and issubclass(cls, Exception)
+
+
+def test_timm_spellings_reach_the_same_training_config(monkeypatch, tmp_path):
+    """Issue 16 item 1: timm's --model, --model-kwargs, --output, -b and -j are other names of --student,
+    --student-arg, --out, --batch-size and --workers: the run's config is identical either way."""
+    from click.testing import CliRunner
+
+    import attncache.pipeline.train.loop as loop
+    from attncache.cli.main import cli
+
+    seen = []
+
+    class NotMain:
+        main = False
+
+    monkeypatch.setattr(loop, "train", lambda config: seen.append(config) or NotMain())
+    common = ["train", "--data", "d/train-{0..1}.tar", "--num-classes", "4", "--max-steps", "3",
+              "--mode", "scratch", "--device", "cpu", "--threads", "1"]
+    ours = ["--student", "vit_tiny_patch16_224", "--student-arg", "img_size=32", "--student-arg", "depth=2",
+            "--out", str(tmp_path / "run"), "--batch-size", "8", "--workers", "0"]
+    timms = ["--model", "vit_tiny_patch16_224", "--model-kwargs", "img_size=32", "--model-kwargs", "depth=2",
+             "--output", str(tmp_path / "run"), "-b", "8", "-j", "0"]
+    for spelling in (ours, timms):
+        result = CliRunner().invoke(cli, [*common, *spelling])
+        assert result.exit_code == 0, result.output
+    assert len(seen) == 2 and seen[0] == seen[1]
+    assert seen[0].batch_size == 8 and seen[0].workers == 0 and seen[0].out == str(tmp_path / "run")
+    assert seen[0].spec.student.name == "vit_tiny_patch16_224"
+    assert dict(seen[0].spec.student.model_args) == {"img_size": 32, "depth": 2}
