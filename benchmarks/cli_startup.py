@@ -5,7 +5,7 @@
 Each page is rendered by a fresh `python -m attncache.cli.main PATH --help` (what a user's shell
 pays: interpreter start, imports, click), once as a warm-up and then --runs times; the median wall
 and CPU (user + sys, from the OS's accounting of the finished child) seconds are printed per page.
-The pages are found by walking the click group, so a new command is measured without listing it.
+The pages are found by reading each group's list of commands, so a new command is measured without listing it.
 Set PYTHONPATH to measure another checkout (the figures in BENCHMARKS.md compare against 0b09c8e).
 """
 from __future__ import annotations
@@ -22,22 +22,27 @@ from pathlib import Path
 from attncache.benchmarks import HelpFormatter
 
 
+def help_page(path: list[str]) -> str:
+    return subprocess.run([sys.executable, "-m", "attncache.cli.main", *path, "--help"], capture_output=True,
+                          text=True, check=True).stdout
+
+
 def command_paths() -> list[list[str]]:
-    """[] for the group itself, then every command and sub-command, depth first, in listed order."""
-    import click
-
-    from attncache.cli.main import cli
-
+    """[] for the group itself, then every command and sub-command, depth first, in listed order: read
+    from the pages' "Commands:" sections (benchmarks sit below cli and do not import it)."""
     paths: list[list[str]] = []
 
-    def walk(command: click.Command, path: list[str]) -> None:
+    def walk(path: list[str]) -> None:
         paths.append(path)
-        if isinstance(command, click.Group):
-            ctx = click.Context(command)
-            for name in command.list_commands(ctx):
-                walk(command.get_command(ctx, name), [*path, name])
+        lines = help_page(path).splitlines()
+        if "Commands:" not in lines:
+            return
+        for line in lines[lines.index("Commands:") + 1:]:
+            if not line.startswith("  ") or line.startswith("   "):
+                break
+            walk([*path, line.split()[0]])
 
-    walk(cli, [])
+    walk([])
     return paths
 
 
