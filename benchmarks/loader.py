@@ -28,26 +28,23 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
 from attncache.benchmarks import HelpFormatter
 
-from attncache.pipeline.encodings.spec import DEFAULT_ENCODING
-from attncache.pipeline.precompute.job import PrecomputeConfig
-from attncache.pipeline.precompute.local import run_precompute
-from attncache.pipeline.store.cache import CacheStore
-from attncache.pipeline.studies.synth import SynthConfig, synth_dataset
-from attncache.pipeline.teacher.model import TeacherConfig
-from attncache.pipeline.train.loader import StreamConfig, epoch_loader, match_shards
+# torch and the pipeline are imported in the functions that use them, so `--help` answers at once
 
 
 def teacher_cfg(size: int) -> TeacherConfig:
+    from attncache.pipeline.teacher.model import TeacherConfig
+
     args = {"img_size": size, "patch_size": 16 if size >= 128 else 4, "depth": 12, "num_heads": 12,
             "embed_dim": 192, "num_classes": 4}
     return TeacherConfig("vit_tiny_patch16_224", tuple(sorted(args.items())), random_init=True, seed=0)
 
 
 def stream_of(cache: Path, data: str) -> StreamConfig:
+    from attncache.pipeline.store.cache import CacheStore
+    from attncache.pipeline.train.loader import StreamConfig, match_shards
+
     store = CacheStore.open(cache)
     return StreamConfig(match_shards(store, (data,)), tuple(store.meta["recipe"]["ops"]), 4, store.path, 0,
                         store.meta["views"], 0.1, 256, with_factors=True)
@@ -56,6 +53,8 @@ def stream_of(cache: Path, data: str) -> StreamConfig:
 def timed_epoch(stream: StreamConfig, batch_size: int, workers: int) -> dict:
     """Images/s over a whole epoch, from creating the loader to its last batch (a worker's start
     included: a trainer pays it every epoch)."""
+    from attncache.pipeline.train.loader import epoch_loader
+
     images, factor_bytes = 0, 0
     started = time.perf_counter()
     for batch in epoch_loader(stream, 0, batch_size, workers):
@@ -67,6 +66,13 @@ def timed_epoch(stream: StreamConfig, batch_size: int, workers: int) -> dict:
 
 
 def measure(size: int, images: int, args, tmp: Path) -> dict:
+    import torch
+
+    from attncache.pipeline.encodings.spec import DEFAULT_ENCODING
+    from attncache.pipeline.precompute.job import PrecomputeConfig
+    from attncache.pipeline.precompute.local import run_precompute
+    from attncache.pipeline.studies.synth import SynthConfig, synth_dataset
+
     info = synth_dataset(tmp / f"data{size}", num_train=images, num_val=0, shard_size=64,
                          config=SynthConfig(image_size=size, num_classes=4), seed=0)
     cache = tmp / f"cache{size}.zarr"

@@ -13,11 +13,6 @@ from pathlib import Path
 
 from attncache.benchmarks import HelpFormatter
 
-from attncache.pipeline.precompute.job import PrecomputeConfig, build_job
-from attncache.pipeline.precompute.units import UnitAccumulator, prepare_unit
-from attncache.pipeline.studies.synth import SynthConfig, synth_dataset
-from attncache.pipeline.teacher.model import TeacherConfig
-
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog=f"attncache bench {Path(__file__).stem.replace('_', '-')}",
@@ -28,6 +23,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="teacher batch size")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     args = parser.parse_args(argv)
+    # the pipeline (torch, timm, Zarr) after the arguments, so `--help` answers at once
+    from attncache.pipeline.precompute.job import PrecomputeConfig, build_job
+    from attncache.pipeline.precompute.units import UnitAccumulator, prepare_unit
+    from attncache.pipeline.studies.synth import SynthConfig, synth_dataset
+    from attncache.pipeline.teacher.model import TeacherConfig
+
     work = Path(tempfile.mkdtemp(prefix="attncache-prof-"))
     try:
         info = synth_dataset(work / "d", 64, 1, config=SynthConfig(image_size=64, num_classes=4), shard_size=64, seed=0)

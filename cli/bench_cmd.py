@@ -6,12 +6,11 @@ import json
 
 import click
 
+from attncache.cli import defaults
 from attncache.cli import params as P
 from attncache.cli.cache_cmd import make_teacher_config, teacher_options
-from attncache.pipeline.tools.fidelity import (DEFAULT_GRID, FidelityConfig, format_table, is_store, plot_frontier,
-    run_fidelity, run_store_fidelity)
 
-_DEFAULTS = FidelityConfig(teacher=None)
+_DEFAULTS = defaults.Fidelity()
 
 
 @click.group()
@@ -35,7 +34,7 @@ def bench() -> None:
 @click.option("--view", default=0, type=P.VIEW_INDEX, help="STORE mode: which view's cached samples to read.")
 @click.option("--encodings", "encodings", multiple=True, metavar="SPEC", callback=P.encoding_callback,
               help="Encodings to compare, repeatable or space-separated [default: teacher mode "
-                   f"{' '.join(DEFAULT_GRID)} (ranks above the head dim skipped); STORE mode the store's encoding "
+                   f"{' '.join(defaults.FIDELITY_GRID)} (ranks above the head dim skipped); STORE mode the store's encoding "
                    "and exact:fp16].")
 @click.option("--compression", default=None, callback=P.compression_callback,
               help="zstd[:LEVEL][:shuffle|bitshuffle] or none for stored bytes [default: zstd:3; STORE mode: the "
@@ -55,6 +54,9 @@ def fidelity(store_or_teacher, teacher, model_args, checkpoint, random_init, see
     and --model-arg as for precompute, and --data. Random-weight teachers are flagged: their flat
     attention makes every encoding look better than it is.
     """
+    from attncache.pipeline.tools.fidelity import (FidelityConfig, format_table, is_store, plot_frontier, run_fidelity,
+                                                   run_store_fidelity)
+
     specs = tuple(s for text in encodings for s in text.split())
     try:
         if is_store(store_or_teacher):

@@ -5,16 +5,12 @@ import json
 import sys
 
 import click
-import numpy as np
 
+from attncache.cli import defaults
 from attncache.cli import params as P
 from attncache.cli.outdir import writing_to
-from attncache.pipeline.data.shards import MAX_SAMPLE_BYTES_RANGE
-from attncache.pipeline.precompute.job import OnBadSample, PrecomputeConfig
-from attncache.pipeline.precompute.local import run_precompute
-from attncache.pipeline.teacher.model import TeacherConfig, parse_model_args
 
-_DEFAULTS = PrecomputeConfig(data=(), out="", teacher=TeacherConfig("x"))
+_DEFAULTS = defaults.Precompute()
 
 
 def teacher_options(f):
@@ -30,13 +26,16 @@ def teacher_options(f):
 
 def max_sample_bytes_option(default: int):
     """--max-sample-bytes, shared by precompute and train: range-checked by click before any work."""
-    return click.option("--max-sample-bytes", type=click.IntRange(*MAX_SAMPLE_BYTES_RANGE), default=default,
+    return click.option("--max-sample-bytes", type=click.IntRange(*defaults.MAX_SAMPLE_BYTES_RANGE), default=default,
                         show_default=True,
                         help="A sample whose tar members add up to more bytes is recorded and skipped without "
                              "being read into memory.")
 
 
-def make_teacher_config(teacher: str, model_args, checkpoint, random_init, seed, device="cpu") -> TeacherConfig:
+def make_teacher_config(teacher: str, model_args, checkpoint, random_init, seed, device="cpu"):
+    """The TeacherConfig of the shared teacher options (imports the teacher room: call it when a command runs)."""
+    from attncache.pipeline.teacher.model import TeacherConfig, parse_model_args
+
     return TeacherConfig(teacher, parse_model_args(model_args), checkpoint, random_init, seed, device)
 
 
@@ -60,7 +59,7 @@ def make_teacher_config(teacher: str, model_args, checkpoint, random_init, seed,
               help="Torch intra-op threads of each teacher, the same in every --ray mode (recorded in the store: "
                    "it fixes the float numerics).")
 @click.option("--device", default="cpu", help="Device of the teacher: cpu, cuda, cuda:1 ...")
-@click.option("--on-bad-sample", type=click.Choice([p.value for p in OnBadSample]), default=_DEFAULTS.on_bad_sample.value,
+@click.option("--on-bad-sample", type=click.Choice(list(defaults.ON_BAD_SAMPLE)), default=_DEFAULTS.on_bad_sample,
               help="fail: stop at the first unusable sample; skip: record it with its reason and go on.")
 @click.option("--max-skipped", type=P.ints(0, P.BIG), default=None, help="With skip: fail once more samples than this are skipped.")
 @click.option("--ray", "ray_address", default="local",
@@ -90,6 +89,9 @@ def precompute(data, teacher, model_args, checkpoint, random_init, seed, out, vi
     skipped, so re-running the same command resumes an interrupted job; with --repair every byte
     is checked and damaged units are rewritten.
     """
+    from attncache.pipeline.precompute.job import OnBadSample, PrecomputeConfig
+    from attncache.pipeline.precompute.local import run_precompute
+
     config = PrecomputeConfig(
         data=tuple(data), out=out, teacher=make_teacher_config(teacher, model_args, checkpoint, random_init, seed, device),
         views=views, seed=seed, recipe=recipe, layers=layers, heads=heads, encoding=encoding, compression=compression,
@@ -181,6 +183,8 @@ def inspect(store, as_json):
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
 def show(store, key, view, layers, heads, query, out):
     """Draw the replayed augmented image and its cached attention maps to a PNG."""
+    import numpy as np
+
     from attncache.pipeline.tools.show import find_key, render
     from attncache.pipeline.store.cache import CacheStore
     from attncache.pipeline.teacher.model import resolve_heads, resolve_layers

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import click
 
+from attncache.cli import defaults
 from attncache.cli import params as P
-from attncache.pipeline.data.shards import brace_pattern, pack_image_folder
 
 
 @click.group()
@@ -12,9 +12,8 @@ def data():
     """Make webdataset tar shards: the embedded synthetic set, or your own image folder."""
 
 
-def _synth_defaults():
-    from attncache.pipeline.studies.synth import SynthConfig
-    return SynthConfig()
+def _synth_defaults() -> defaults.Synth:
+    return defaults.Synth()
 
 
 @data.command()
@@ -70,6 +69,8 @@ def pack(src_dir, out_dir, shard_size, prefix, seed, shuffle):
     OUT_DIR/classes.json: written from the sorted class names by the first split packed there, and
     used as is by every later split (a class it lacks is refused, nothing written)."""
     from pathlib import Path
+
+    from attncache.pipeline.data.shards import brace_pattern, pack_image_folder
 
     existed = (Path(out_dir) / "classes.json").exists()
     shards, ignored = pack_image_folder(src_dir, out_dir, shard_size, prefix, seed, shuffle)

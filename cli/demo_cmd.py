@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import click
 
-from attncache.pipeline.studies.demo import QUICK, DemoConfig
+from attncache.cli import defaults
 
-_D = DemoConfig()
+_D = defaults.Demo()
+QUICK = defaults.DemoQuick()
 
 
 @click.command()
@@ -27,9 +28,9 @@ def demo(out, quick, teacher_method, quiet):
     views, students 6 epochs of batch 128. Each step prints the equivalent attncache command.
     About 4 minutes on 2 CPU cores (README states the measured time).
     """
-    from attncache.pipeline.studies.demo import run_demo, table
+    from attncache.pipeline.studies.demo import QUICK, DemoConfig, run_demo, table
 
-    base = QUICK if quick else _D
+    base = QUICK if quick else DemoConfig()
     cfg = DemoConfig(**{**base.__dict__, "out": out, "teacher_method": teacher_method, "progress": not quiet})
     summary = run_demo(cfg, echo=click.echo)
     click.echo("\n" + table(summary))

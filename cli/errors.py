@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import errno
 
-from attncache.pipeline.data.shards import redact
+from attncache.pipeline.data.errors import redact  # stdlib only (data.shards would load torch)
 
 _ADVICE = {
     errno.ENOSPC: "no space left on device: free space (or choose another path) and re-run the same command; "

@@ -5,11 +5,10 @@ import json
 
 import click
 
+from attncache.cli import defaults
 from attncache.cli import params as P
-from attncache.pipeline.teacher.model import TeacherConfig, parse_model_args
-from attncache.pipeline.tools.plan import TRANSFER_MODES, PlanConfig, PlanError, make_plan, plan_lines
 
-_DEFAULTS = PlanConfig(teacher=TeacherConfig("x"), samples=1)
+_DEFAULTS = defaults.Plan()
 
 
 @click.command()
@@ -32,7 +31,7 @@ _DEFAULTS = PlanConfig(teacher=TeacherConfig("x"), samples=1)
                    "`bench fidelity`), or 'measured' (on random inputs and weights: rough).")
 @click.option("--recipe", default=_DEFAULTS.recipe, callback=P.recipe_callback, help="Augmentation recipe (sets the aug array's width).")
 @click.option("--key-bytes", default=_DEFAULTS.key_bytes, type=P.ints(0, 2**20), help="Typical length of a sample key in bytes.")
-@click.option("--mode", type=click.Choice(list(TRANSFER_MODES)), default=None,
+@click.option("--mode", type=click.Choice(list(defaults.PLAN_MODES)), default=None,
               help="Transfer mode the store must serve; an encoding that cannot serve it is refused (exit 2).")
 @click.option("--images-per-s", type=P.floats(0, 1e9, low_open=True), default=None,
               help="Precompute throughput to plan with [default: measured here on random inputs].")
@@ -49,6 +48,9 @@ def plan(teacher, model_args, samples, views, layers, heads, encoding, compressi
     Refuses an encoding that cannot serve --mode: copy_q, copy_k, distill_q and distill_k need
     Q and K themselves (exact encodings); copy and distill work with every encoding.
     """
+    from attncache.pipeline.teacher.model import TeacherConfig, parse_model_args
+    from attncache.pipeline.tools.plan import PlanConfig, make_plan, plan_lines
+
     config = PlanConfig(
         teacher=TeacherConfig(teacher, parse_model_args(model_args), device=device), samples=samples, views=views,
         layers=layers, heads=heads, encoding=encoding, compression=compression, compression_factor=compression_factor,

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import click
 
+from attncache.cli import defaults
 from attncache.cli import params as P
-from attncache.pipeline.studies.repro import ReproConfig
 
-_R = ReproConfig(out="")
+_R = defaults.Repro()
 GROUPS = ("main", "teachers", "views", "layers", "heads", "shift")
 
 
@@ -54,7 +54,7 @@ def repro(out, scale, seeds, views, student_epochs, teacher_epochs, supervised_e
     About 60-80 minutes on 2 CPU cores with the defaults (measured: see RESULTS.md); everything is
     resumable, so an interrupted study picks up where it stopped.
     """
-    from attncache.pipeline.studies.repro import run_study
+    from attncache.pipeline.studies.repro import ReproConfig, run_study
     from attncache.pipeline.studies.repro_report import write_results
 
     chosen = tuple(g for g in groups.split(",") if g.strip())

@@ -5,14 +5,12 @@ import json
 
 import click
 
+from attncache.cli import defaults
 from attncache.cli import params as P
 from attncache.pipeline._util.runtime import default_threads
-from attncache.pipeline.studies.pretrain import METHODS, TINY_VIT, Mae, PretrainConfig, Supervised
-from attncache.pipeline.teacher.model import parse_model_args
-from attncache.pipeline.train.optim import OptimConfig
 
-_P = PretrainConfig(data=(), out="")
-_TINY = " ".join(f"{k}={v}" for k, v in TINY_VIT)
+_P = defaults.Pretrain()
+_TINY = " ".join(f"{k}={v}" for k, v in defaults.TINY_VIT)
 
 
 @click.group()
@@ -21,7 +19,7 @@ def teacher():
 
 
 @teacher.command()
-@click.option("--method", type=click.Choice(sorted(METHODS)), default="mae",
+@click.option("--method", type=click.Choice(list(defaults.PRETRAIN_METHODS)), default="mae",
               help="mae: masked autoencoding on unlabelled images (the paper's main teacher); "
                    "supervised: cross-entropy on a labelled split.")
 @click.option("--data", multiple=True, required=True, help=f"Shards to pre-train on (webdataset tars): {P.DATA_FORMS}. "
@@ -32,13 +30,13 @@ def teacher():
               help=f"timm argument; when none is given the tiny preset is used: {_TINY}.")
 @click.option("--epochs", default=_P.epochs, type=P.EPOCHS, help="Passes over the data.")
 @click.option("--batch-size", default=_P.batch_size, type=P.BATCH, help="Images per step.")
-@click.option("--lr", default=_P.optim.lr, type=P.RATE, help="Peak learning rate (AdamW, betas 0.9/0.95, cosine).")
-@click.option("--warmup-epochs", default=_P.optim.warmup_epochs, type=P.floats(0, 10**6), help="Linear warmup, in epochs.")
-@click.option("--weight-decay", default=_P.optim.weight_decay, type=P.floats(0, 100), help="AdamW weight decay.")
-@click.option("--mask-ratio", default=Mae().mask_ratio, type=P.floats(0, 1, True, True), help="MAE: fraction of patches hidden from the encoder.")
-@click.option("--decoder-dim", default=Mae().decoder_dim, type=P.ints(1, 8192), help="MAE: width of the decoder.")
-@click.option("--decoder-depth", default=Mae().decoder_depth, type=P.ints(1, 64), help="MAE: blocks in the decoder.")
-@click.option("--smoothing", default=Supervised().smoothing, type=P.FRACTION, help="Supervised: label smoothing.")
+@click.option("--lr", default=_P.lr, type=P.RATE, help="Peak learning rate (AdamW, betas 0.9/0.95, cosine).")
+@click.option("--warmup-epochs", default=_P.warmup_epochs, type=P.floats(0, 10**6), help="Linear warmup, in epochs.")
+@click.option("--weight-decay", default=_P.weight_decay, type=P.floats(0, 100), help="AdamW weight decay.")
+@click.option("--mask-ratio", default=_P.mask_ratio, type=P.floats(0, 1, True, True), help="MAE: fraction of patches hidden from the encoder.")
+@click.option("--decoder-dim", default=_P.decoder_dim, type=P.ints(1, 8192), help="MAE: width of the decoder.")
+@click.option("--decoder-depth", default=_P.decoder_depth, type=P.ints(1, 64), help="MAE: blocks in the decoder.")
+@click.option("--smoothing", default=_P.smoothing, type=P.FRACTION, help="Supervised: label smoothing.")
 @click.option("--num-classes", type=P.CLASSES, default=None, help="Supervised: classes [default: max label + 1].")
 @click.option("--eval-data", multiple=True, help="Supervised: labelled shards to report top-1 on at the end, in the forms of --data.")
 @click.option("--seed", default=_P.seed, type=P.SEED, help="Seed of the init, the order, the crops and the masks.")
@@ -54,13 +52,17 @@ def pretrain(method, data, out, model, model_args, epochs, batch_size, lr, warmu
     `precompute --teacher OUT`, `train --teacher OUT --mode finetune` and `bench fidelity OUT` then
     load it like any other teacher. Same arguments, same weights.
     """
+    from attncache.pipeline.studies.pretrain import TINY_VIT, Mae, PretrainConfig, Supervised
     from attncache.pipeline.studies.pretrain import pretrain as run_pretrain
+    from attncache.pipeline.teacher.model import parse_model_args
+    from attncache.pipeline.train.optim import OptimConfig
 
+    base = PretrainConfig(data=(), out="")
     strategy = (Mae(mask_ratio=mask_ratio, decoder_dim=decoder_dim, decoder_depth=decoder_depth) if method == "mae"
                 else Supervised(smoothing=smoothing))
-    args = parse_model_args(model_args) if model_args else (TINY_VIT if model == _P.model else ())
-    optim = OptimConfig(lr=lr, min_lr=_P.optim.min_lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
-                        betas=_P.optim.betas)
+    args = parse_model_args(model_args) if model_args else (TINY_VIT if model == base.model else ())
+    optim = OptimConfig(lr=lr, min_lr=base.optim.min_lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
+                        betas=base.optim.betas)
     config = PretrainConfig(data=tuple(data), out=out, method=strategy, model=model, model_args=args, epochs=epochs,
                             batch_size=batch_size, optim=optim, num_classes=num_classes, eval_data=tuple(eval_data),
                             seed=seed, threads=threads, device=device, progress=not quiet)

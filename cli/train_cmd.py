@@ -7,23 +7,23 @@ from pathlib import Path
 
 import click
 
+from attncache.cli import defaults
 from attncache.cli import params as P
 from attncache.cli.cache_cmd import max_sample_bytes_option
 from attncache.cli.outdir import writing_to
 from attncache.pipeline._util import atomic
 from attncache.pipeline._util.runtime import default_threads
-from attncache.pipeline.teacher.model import TeacherConfig, parse_model_args
-from attncache.pipeline.train.loop import TrainConfig
-from attncache.pipeline.train.optim import OptimConfig
-from attncache.pipeline.train.student import MODES, StudentConfig
 
-_T = TrainConfig(data=(), out="", spec=None)
-_O = OptimConfig()
+_T = defaults.Train()
+_O = defaults.Optim()
 
 
-def _teacher(teacher, model_args, checkpoint, random_init, teacher_seed, device) -> TeacherConfig | None:
+def _teacher(teacher, model_args, checkpoint, random_init, teacher_seed, device):
+    """The online teacher's TeacherConfig, or None (with a cache)."""
     if teacher is None:
         return None
+    from attncache.pipeline.teacher.model import TeacherConfig, parse_model_args
+
     return TeacherConfig(teacher, parse_model_args(model_args), checkpoint, random_init, teacher_seed, device)
 
 
@@ -32,6 +32,8 @@ _OWN_STUDENT_ARGS = {"num_classes": "--num-classes", "drop_path_rate": "--drop-p
 
 
 def _student_args(pairs) -> tuple:
+    from attncache.pipeline.teacher.model import parse_model_args
+
     args = parse_model_args(pairs)
     for key, value in args:
         if key in _OWN_STUDENT_ARGS:
@@ -57,16 +59,18 @@ def _recipe_with_mix(recipe: str, mixup: float, cutmix: float) -> str:
 @click.option("--checkpoint", default=None, type=click.Path(dir_okay=False), help="Teacher weights file.")
 @click.option("--random-init", is_flag=True, help="Seeded random teacher (tests).")
 @click.option("--teacher-seed", default=0, type=P.SEED, help="Seed of --random-init teacher weights.")
-@click.option("--mode", type=click.Choice(list(MODES)), default="distill",
+@click.option("--mode", type=click.Choice(list(defaults.TRAIN_MODES)), default="distill",
               help="How the teacher's attention is transferred (scratch/finetune are the baselines).")
-@click.option("--student", required=True, help="timm model name of the student.")
-@click.option("--student-arg", "student_args", multiple=True, metavar="K=V", help="timm argument of the student.")
+@click.option("--student", "--model", "student", required=True, help="timm model name of the student.")
+@click.option("--student-arg", "--model-kwargs", "student_args", multiple=True, metavar="K=V",
+              help="timm argument of the student (--model-kwargs: one K=V each).")
 @click.option("--num-classes", type=P.CLASSES, default=None, help="Classes [default: classes.json beside the shards].")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory (resumed if present).")
+@click.option("--out", "--output", "out", required=True, type=click.Path(file_okay=False),
+              help="Run directory (resumed if present).")
 @click.option("--views", type=P.VIEWS, default=None, help="Use only the cache's first N views [default: all].")
 @click.option("--max-steps", type=P.STEPS, default=None, help="Optimiser steps (or give --epochs).")
 @click.option("--epochs", type=P.EPOCHS, default=None, help="Epochs; epoch e reads cached view e mod V.")
-@click.option("--batch-size", default=_T.batch_size, type=P.BATCH, help="Samples per step per rank.")
+@click.option("--batch-size", "-b", default=_T.batch_size, type=P.BATCH, help="Samples per step per rank.")
 @click.option("--layers", default=None, callback=P.layers_callback, help="Student layers to transfer (slice or list) [default: all but last 3].")
 @click.option("--heads", default=None, callback=P.heads_callback, help="Distill modes: comma list of heads to transfer [default: all]; "
                                          "the other heads of those layers learn freely.")
@@ -87,7 +91,7 @@ def _recipe_with_mix(recipe: str, mixup: float, cutmix: float) -> str:
 @click.option("--eval-cache", default=None, type=click.Path(), help="Eval store (precompute --recipe eval).")
 @click.option("--eval-data", multiple=True, help="Eval shards (with the eval recipe, or matching --eval-cache), in the forms of --data.")
 @click.option("--seed", default=_T.seed, type=P.SEED, help="Seed of the student init, unit order, shuffle and drop path.")
-@click.option("--workers", default=_T.workers, type=P.LOADER_WORKERS,
+@click.option("--workers", "-j", default=_T.workers, type=P.LOADER_WORKERS,
               help="Loader processes per rank (0: decode in the training process). They change speed and memory "
                    "(about 2 units decoded ahead per worker), never the batches: the same seed trains on the same "
                    "batches, to the same weights, with any worker count.")
@@ -119,8 +123,11 @@ def train(data, cache, teacher, model_args, checkpoint, random_init, teacher_see
     Re-running the same command in the same --out resumes from its last checkpoint. Under
     `torchrun --nproc_per_node N` the units are split across ranks; rank 0 writes and evaluates.
     """
-    from attncache.pipeline.train.session import TransferSpec, infer_num_classes
+    from attncache.pipeline.train.loop import TrainConfig
     from attncache.pipeline.train.loop import train as run_train
+    from attncache.pipeline.train.optim import OptimConfig
+    from attncache.pipeline.train.session import TransferSpec, infer_num_classes
+    from attncache.pipeline.train.student import StudentConfig
 
     if (max_steps is None) == (epochs is None):
         raise click.UsageError("give exactly one of --max-steps or --epochs")
