@@ -71,7 +71,7 @@ def make_teacher_config(teacher: str, model_args, checkpoint, random_init, seed,
 @click.option("--cpus-per-worker", type=P.floats(0, 1024, low_open=True), default=None,
               help="CPUs reserved per Ray teacher actor [default: --threads, so actors never oversubscribe].")
 @click.option("--gpus-per-worker", default=0.0, type=P.floats(0, 64), help="GPUs per Ray teacher actor (1 for one per GPU).")
-@click.option("--max-retries", default=2, type=P.ints(0, 100), help="Ray: re-runs of a unit that raised (or whose worker died) before it counts as failed.")
+@click.option("--max-retries", default=2, type=P.ints(0, 100), help="Ray: re-runs of a unit that raised before it counts as failed.")
 @click.option("--lease-timeout", default=_DEFAULTS.lease_timeout, type=P.floats(0, 7 * 86400, low_open=True),
               help="Seconds without a heartbeat after which another job may take over this store's lease "
                    "(one precompute writes a store at a time; a holder dead on this host frees it at once).")

@@ -153,7 +153,9 @@ def test_a_unit_that_keeps_failing_is_retried_then_named_and_the_job_fails(tmp_p
     result = _run(args, dict(os.environ), tmp_path / "f.zarr", timeout=300)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "UnitsFailed: 1 unit(s) failed after 1 retries" in result.stderr
-    assert "shard 000001 (train-000001.tar)" in result.stderr and "broken" in result.stderr
+    named = [line for line in result.stderr.splitlines() if "shard 000001 (train-000001.tar)" in line]
+    assert len(named) == 1 and "): BadSample: " in named[0] and "broken" in named[0], result.stderr
+    assert "RayTaskError" not in result.stderr and "Traceback" not in result.stderr, result.stderr
     from attncache.pipeline.store.cache import CacheStore
 
     store = CacheStore.open(tmp_path / "f.zarr")

@@ -5,10 +5,15 @@ work), then actors, each holding one teacher, run `process_unit` on units the dr
 Actors set the same intra-op thread count as `--ray none`, so the bytes are identical.
 
 Retries are Ray's own actor-task retries (`max_task_retries` with a `retry_exceptions` allowlist):
-a unit whose attempt raised, or whose actor died under it, is re-run by Ray up to `max_retries`
-times and then reported as failed; a refusal that no retry can change (`REFUSALS`) is outside the
-allowlist, so it is never retried and stops the job at once. An actor that dies is restarted by Ray
-(at-least-once: `write_unit` rewrites a unit whole and its marker last, so a retry is harmless).
+an actor that dies is restarted and its in-flight units re-run, as often as it takes; a unit whose
+attempt raised is re-run by Ray up to `max_retries` times and then reported as failed; a refusal
+that no retry can change (`REFUSALS`) is outside the allowlist, so it is never retried and stops the
+job at once. At-least-once is harmless: `write_unit` rewrites a unit whole and its marker last.
+Ray keeps one retry counter for deaths and raised errors alike, and a task sent to an actor that is
+still restarting fails at once and spends a retry (a bounded counter ran out within one restart in
+tests/test_ray.py's killed-worker test), so deaths get Ray's unbounded count and the actor itself
+bounds raised errors: it counts each unit's failures and, once `max_retries` are spent, raises a
+class outside the allowlist (`RetriesSpent`).
 Dispatch stays a short `ray.wait` loop rather than `ray.util.ActorPool`: the pool's unordered
 results do not say which unit a failed task carried (the failure line must name it), and the pool
 drops an actor whose task ended in `ActorDiedError` although `max_restarts` brings it back.
@@ -18,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 from tqdm.auto import tqdm
@@ -44,6 +50,10 @@ class UnitAttemptFailed(RuntimeError):
     cause as one line, so it pickles back to the driver whatever the cause held."""
 
 
+class RetriesSpent(RuntimeError):
+    """A unit raised once more after `max_retries` re-runs: outside the allowlist, so Ray hands it back."""
+
+
 class UnitsFailed(RuntimeError):
     """Some units still failed after their retries; the message names each unit and its error."""
 
@@ -65,10 +75,12 @@ class RayOptions:
 class UnitWorker:
     """One teacher, loaded once; runs whole units."""
 
-    def __init__(self, config: PrecomputeConfig, manifest_json: dict):
+    def __init__(self, config: PrecomputeConfig, manifest_json: dict, max_retries: int):
         from attncache.pipeline.data.shards import DatasetManifest
 
         self.job = build_job(config, DatasetManifest.from_json(manifest_json))
+        self.max_retries = max_retries
+        self.failures: Counter[Unit] = Counter()  # raised attempts per unit (Ray re-runs a task on its actor)
 
     def process(self, unit: Unit) -> Summary:
         return process_unit(self.job, unit)
@@ -80,7 +92,9 @@ class UnitWorker:
         except REFUSALS:
             raise  # outside the retry allowlist: the driver refuses the job in this error's words
         except Exception as exc:  # noqa: BLE001 - any other failure may pass on a retry
-            raise UnitAttemptFailed(f"{type(exc).__name__}: {_first_line(exc)}") from None
+            self.failures[unit] += 1
+            retry = self.failures[unit] <= self.max_retries
+            raise (UnitAttemptFailed if retry else RetriesSpent)(f"{type(exc).__name__}: {_first_line(exc)}") from None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -153,12 +167,12 @@ def _run(config: PrecomputeConfig, options: RayOptions, lease: Lease, teacher: T
     started = time.perf_counter()
     try:
         actor = ray.remote(num_cpus=options.cpus_per_worker, num_gpus=options.gpus_per_worker,
-                           max_restarts=-1)(worker)  # each `run` task carries its retries (`_dispatch`)
+                           max_restarts=-1)(worker)
         worker_config = dataclasses.replace(config, progress=False)
         manifest_json = job.manifest.to_json()
-        workers = [actor.remote(worker_config, manifest_json) for _ in range(min(_worker_count(ray, options), len(todo)))]
-        failures = _dispatch(ray, workers, todo, options.max_retries, summary, config.progress, config.max_skipped,
-                             lease.check)
+        count = min(_worker_count(ray, options), len(todo))
+        workers = [actor.remote(worker_config, manifest_json, options.max_retries) for _ in range(count)]
+        failures = _dispatch(ray, workers, todo, summary, config.progress, config.max_skipped, lease.check)
     finally:
         ray.shutdown()
     summary.seconds = time.perf_counter() - started
@@ -168,8 +182,8 @@ def _run(config: PrecomputeConfig, options: RayOptions, lease: Lease, teacher: T
     return summary
 
 
-def _dispatch(ray, workers, todo: list[Unit], max_retries: int, summary: Summary, progress: bool,
-              max_skipped: int | None, check_lease=lambda: None):
+def _dispatch(ray, workers, todo: list[Unit], summary: Summary, progress: bool, max_skipped: int | None,
+              check_lease=lambda: None):
     """Two units in flight per worker: the next one is queued while the current one runs. Each task
     carries its own retries (Ray re-runs it on the same actor, restarted if it died), so a result
     here is final. The lease is checked before each dispatch: a driver whose store was taken over
@@ -183,7 +197,7 @@ def _dispatch(ray, workers, todo: list[Unit], max_retries: int, summary: Summary
             while pending and idle:
                 check_lease()
                 worker, unit = idle.pop(), pending.pop()
-                run = worker.run.options(max_task_retries=max_retries, retry_exceptions=[UnitAttemptFailed])
+                run = worker.run.options(max_task_retries=-1, retry_exceptions=[UnitAttemptFailed])
                 in_flight[run.remote(unit)] = (worker, unit)
             done, _ = ray.wait(list(in_flight), num_returns=1)
             worker, unit = in_flight.pop(done[0])
@@ -194,7 +208,7 @@ def _dispatch(ray, workers, todo: list[Unit], max_retries: int, summary: Summary
                 cause = getattr(exc, "cause", None)  # ray.exceptions.RayTaskError carries the worker's exception
                 if isinstance(cause, REFUSALS):
                     raise cause from None  # never retried: refuse the job now, in its own words
-                line = str(cause) if isinstance(cause, UnitAttemptFailed) else f"{type(exc).__name__}: {_first_line(exc)}"
+                line = str(cause) if isinstance(cause, RetriesSpent) else f"{type(exc).__name__}: {_first_line(exc)}"
                 failures.append((unit, line))
                 continue
             summary.units_processed += 1
