@@ -153,7 +153,9 @@ def test_a_unit_that_keeps_failing_is_retried_then_named_and_the_job_fails(tmp_p
     result = _run(args, dict(os.environ), tmp_path / "f.zarr", timeout=300)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "UnitsFailed: 1 unit(s) failed after 1 retries" in result.stderr
-    assert "shard 000001 (train-000001.tar)" in result.stderr and "broken" in result.stderr
+    named = [line for line in result.stderr.splitlines() if "shard 000001 (train-000001.tar)" in line]
+    assert len(named) == 1 and "): BadSample: " in named[0] and "broken" in named[0], result.stderr
+    assert "RayTaskError" not in result.stderr and "Traceback" not in result.stderr, result.stderr
     from attncache.pipeline.store.cache import CacheStore
 
     store = CacheStore.open(tmp_path / "f.zarr")
@@ -166,3 +168,75 @@ def test_a_worker_shape_no_node_can_host_is_refused_instead_of_hanging(job, clus
     result = _run([*args, "--ray", address, "--cpus-per-worker", "2"], env, root / "too-big.zarr", timeout=120)
     assert result.returncode == 1
     assert "needs 2 CPUs" in result.stderr and "largest Ray node has 1" in result.stderr
+
+
+def _flaky_worker(attempts: Path, fails, error: Exception):
+    """A teacher actor class whose `process` logs each attempt at a unit to a file (one line per try, so
+    attempts are counted across actor restarts) and raises `error` while `fails(unit, attempt)`.
+    Defined in a function, so Ray ships it to the actors by value."""
+    from attncache.pipeline.precompute.ray_runner import UnitWorker
+
+    class Flaky(UnitWorker):
+        def process(self, unit):
+            log = attempts / f"v{unit.view}-s{unit.shard_index}"
+            with open(log, "a") as f:
+                f.write("try\n")
+            if fails(unit, len(log.read_text().splitlines())):
+                raise error
+            return UnitWorker.process(self, unit)
+
+    return Flaky
+
+
+def _config(root: Path, out: Path):
+    """The `job` fixture's CLI arguments as a PrecomputeConfig (a resume through the CLI checks they agree)."""
+    from attncache.cli.cache_cmd import make_teacher_config
+    from attncache.pipeline.precompute.job import PrecomputeConfig
+
+    model_args = [TEACHER[i + 1] for i, a in enumerate(TEACHER) if a == "--model-arg"]
+    return PrecomputeConfig(data=(str(root / "d" / "train-{000000..000011}.tar"),), out=str(out),
+                            teacher=make_teacher_config(TEACHER[1], model_args, None, True, 0), views=2, batch_size=16,
+                            threads=1, encoding="lowrank:r=8:int8", progress=False)
+
+
+def _tries(attempts: Path) -> dict[str, int]:
+    return {p.name: len(p.read_text().splitlines()) for p in attempts.iterdir()}
+
+
+def test_ray_retries_a_transient_failure_and_names_a_unit_whose_retries_run_out(job, tmp_path):
+    """Every unit fails its first try (Ray re-runs it); one unit fails every try: after 1 + 2 tries it
+    is named in UnitsFailed, every other unit is written, and a resume makes the store of a clean run."""
+    from attncache.pipeline.precompute.ray_runner import RayOptions, UnitsFailed, run_precompute_ray
+
+    root, args = job
+    assert args[args.index("--data") + 1] == str(root / "d" / "train-{000000..000011}.tar")
+    out = root / "flaky.zarr"
+    attempts = tmp_path / "attempts"
+    attempts.mkdir()
+    worker = _flaky_worker(attempts, lambda unit, n: n == 1 or (unit.view, unit.shard_index) == (1, 5),
+                           OSError("flaky disk"))
+    with pytest.raises(UnitsFailed) as failed:
+        run_precompute_ray(_config(root, out), RayOptions(num_workers=2, max_retries=2), worker=worker)
+    assert str(failed.value) == ("1 unit(s) failed after 2 retries:\n"
+                                 "  view 1 shard 000005 (train-000005.tar): OSError: flaky disk")
+    tries = _tries(attempts)
+    assert tries.pop("v1-s5") == 3 and len(tries) == 23 and set(tries.values()) == {2}, tries
+    assert len(list(out.glob("units/*/*.json"))) == 23
+    result = _run([*args, "--ray", "none"], dict(os.environ), out)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "units: 1 processed, 23 already done" in result.stdout
+    assert _arrays(out) == _arrays(root / "ref.zarr")
+
+
+def test_a_refusal_is_never_retried_and_stops_the_job_in_its_own_words(job, tmp_path):
+    from attncache.pipeline.encodings.finite import NonFiniteFactors
+    from attncache.pipeline.precompute.ray_runner import RayOptions, run_precompute_ray
+
+    root, _ = job
+    attempts = tmp_path / "attempts"
+    attempts.mkdir()
+    worker = _flaky_worker(attempts, lambda unit, n: (unit.view, unit.shard_index) == (0, 0),
+                           NonFiniteFactors("teacher layer 1: inf"))
+    with pytest.raises(NonFiniteFactors, match="^teacher layer 1: inf$"):
+        run_precompute_ray(_config(root, root / "refused.zarr"), RayOptions(num_workers=1, max_retries=2), worker=worker)
+    assert _tries(attempts)["v0-s0"] == 1

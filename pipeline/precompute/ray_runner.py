@@ -2,17 +2,28 @@
 
 The driver builds the job once (manifest scan, store creation, every check that fails before
 work), then actors, each holding one teacher, run `process_unit` on units the driver hands out.
-Actors set the same intra-op thread count as `--ray none`, so the bytes are identical. A unit
-that raises is re-submitted up to `max_retries` times and then reported as failed (a refusal
-that no retry can change, `REFUSALS`, stops the job at once); an actor
-that dies is restarted by Ray and its in-flight task retried (at-least-once: `write_unit`
-rewrites a unit whole and its marker last, so a retry is harmless).
+Actors set the same intra-op thread count as `--ray none`, so the bytes are identical.
+
+Retries are Ray's own actor-task retries (`max_task_retries` with a `retry_exceptions` allowlist):
+an actor that dies is restarted and its in-flight units re-run, as often as it takes; a unit whose
+attempt raised is re-run by Ray up to `max_retries` times and then reported as failed; a refusal
+that no retry can change (`REFUSALS`) is outside the allowlist, so it is never retried and stops the
+job at once. At-least-once is harmless: `write_unit` rewrites a unit whole and its marker last.
+Ray keeps one retry counter for deaths and raised errors alike, and a task sent to an actor that is
+still restarting fails at once and spends a retry (a bounded counter ran out within one restart in
+tests/test_ray.py's killed-worker test), so deaths get Ray's unbounded count and the actor itself
+bounds raised errors: it counts each unit's failures and, once `max_retries` are spent, raises a
+class outside the allowlist (`RetriesSpent`).
+Dispatch stays a short `ray.wait` loop rather than `ray.util.ActorPool`: the pool's unordered
+results do not say which unit a failed task carried (the failure line must name it), and the pool
+drops an actor whose task ended in `ActorDiedError` although `max_restarts` brings it back.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 from tqdm.auto import tqdm
@@ -31,6 +42,16 @@ from attncache.pipeline.teacher.model import Teacher
 # is refused at once in the worker's one line (as under --ray none) instead of retried and wrapped in
 # UnitsFailed. Units in flight are cut off whole (a marker is written last).
 REFUSALS = (NonFiniteFactors,)
+
+
+class UnitAttemptFailed(RuntimeError):
+    """One attempt at a unit raised something a retry may cure: the one class in Ray's
+    `retry_exceptions` allowlist, since an allowlist cannot say "all but REFUSALS". It carries the
+    cause as one line, so it pickles back to the driver whatever the cause held."""
+
+
+class RetriesSpent(RuntimeError):
+    """A unit raised once more after `max_retries` re-runs: outside the allowlist, so Ray hands it back."""
 
 
 class UnitsFailed(RuntimeError):
@@ -54,13 +75,30 @@ class RayOptions:
 class UnitWorker:
     """One teacher, loaded once; runs whole units."""
 
-    def __init__(self, config: PrecomputeConfig, manifest_json: dict):
+    def __init__(self, config: PrecomputeConfig, manifest_json: dict, max_retries: int):
         from attncache.pipeline.data.shards import DatasetManifest
 
         self.job = build_job(config, DatasetManifest.from_json(manifest_json))
+        self.max_retries = max_retries
+        self.failures: Counter[Unit] = Counter()  # raised attempts per unit (Ray re-runs a task on its actor)
+
+    def process(self, unit: Unit) -> Summary:
+        return process_unit(self.job, unit)
 
     def run(self, unit: Unit) -> Summary:
-        return process_unit(self.job, unit)
+        """The task the driver submits: `process` with its failures sorted for Ray's retry allowlist."""
+        try:
+            return self.process(unit)
+        except REFUSALS:
+            raise  # outside the retry allowlist: the driver refuses the job in this error's words
+        except Exception as exc:  # noqa: BLE001 - any other failure may pass on a retry
+            self.failures[unit] += 1
+            retry = self.failures[unit] <= self.max_retries
+            raise (UnitAttemptFailed if retry else RetriesSpent)(f"{type(exc).__name__}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else ""
 
 
 def _connect(options: RayOptions):
@@ -107,15 +145,17 @@ def _worker_count(ray, options: RayOptions) -> int:
     return max(1, int(resources.get("CPU", 1) // options.cpus_per_worker))
 
 
-def run_precompute_ray(config: PrecomputeConfig, options: RayOptions) -> Summary:
-    """The driver holds the store's lease (pipeline/store/lease.py) for the whole job; actors never take it."""
+def run_precompute_ray(config: PrecomputeConfig, options: RayOptions, worker: type = UnitWorker) -> Summary:
+    """The driver holds the store's lease (pipeline/store/lease.py) for the whole job; actors never take it.
+    `worker` is the actor class: `UnitWorker`, or a subclass that wraps its `process` (tests inject faults so)."""
     expand_shards(list(config.data))  # a --data pattern that matches nothing is refused before any work
     teacher = Teacher(config.teacher)  # a teacher that cannot load is refused before --out exists
     with Lease(config.out, LeaseConfig(config.lease_timeout)) as lease:
-        return _run(config, options, lease, teacher)
+        return _run(config, options, lease, teacher, worker)
 
 
-def _run(config: PrecomputeConfig, options: RayOptions, lease: Lease, teacher: Teacher | None = None) -> Summary:
+def _run(config: PrecomputeConfig, options: RayOptions, lease: Lease, teacher: Teacher | None = None,
+         worker: type = UnitWorker) -> Summary:
     job = build_job(config, teacher=teacher)
     units = job_units(job)
     todo = units_to_do(job, units)
@@ -128,12 +168,12 @@ def _run(config: PrecomputeConfig, options: RayOptions, lease: Lease, teacher: T
     started = time.perf_counter()
     try:
         actor = ray.remote(num_cpus=options.cpus_per_worker, num_gpus=options.gpus_per_worker,
-                           max_restarts=-1, max_task_retries=-1)(UnitWorker)
+                           max_restarts=-1)(worker)
         worker_config = dataclasses.replace(config, progress=False)
         manifest_json = job.manifest.to_json()
-        workers = [actor.remote(worker_config, manifest_json) for _ in range(min(_worker_count(ray, options), len(todo)))]
-        failures = _dispatch(ray, workers, todo, options.max_retries, summary, config.progress, config.max_skipped,
-                             lease.check)
+        count = min(_worker_count(ray, options), len(todo))
+        workers = [actor.remote(worker_config, manifest_json, options.max_retries) for _ in range(count)]
+        failures = _dispatch(ray, workers, todo, summary, config.progress, config.max_skipped, lease.check)
     finally:
         ray.shutdown()
     summary.seconds = time.perf_counter() - started
@@ -143,12 +183,13 @@ def _run(config: PrecomputeConfig, options: RayOptions, lease: Lease, teacher: T
     return summary
 
 
-def _dispatch(ray, workers, todo: list[Unit], max_retries: int, summary: Summary, progress: bool,
-              max_skipped: int | None, check_lease=lambda: None):
-    """Two units in flight per worker: the next one is queued while the current one runs. The
-    lease is checked before each dispatch: a driver whose store was taken over stops handing out units."""
+def _dispatch(ray, workers, todo: list[Unit], summary: Summary, progress: bool, max_skipped: int | None,
+              check_lease=lambda: None):
+    """Two units in flight per worker: the next one is queued while the current one runs. Each task
+    carries its own retries (Ray re-runs it on the same actor, restarted if it died), so a result
+    here is final. The lease is checked before each dispatch: a driver whose store was taken over
+    stops handing out units."""
     pending = list(reversed(todo))
-    attempts: dict[Unit, int] = {}
     in_flight: dict = {}
     failures = []
     idle = [w for w in workers for _ in range(2)]
@@ -157,21 +198,19 @@ def _dispatch(ray, workers, todo: list[Unit], max_retries: int, summary: Summary
             while pending and idle:
                 check_lease()
                 worker, unit = idle.pop(), pending.pop()
-                in_flight[worker.run.remote(unit)] = (worker, unit)
+                run = worker.run.options(max_task_retries=-1, retry_exceptions=[UnitAttemptFailed])
+                in_flight[run.remote(unit)] = (worker, unit)
             done, _ = ray.wait(list(in_flight), num_returns=1)
             worker, unit = in_flight.pop(done[0])
             idle.append(worker)
             try:
                 result: Summary = ray.get(done[0])
-            except Exception as exc:  # noqa: BLE001 - any task failure is retried, then reported
+            except Exception as exc:  # noqa: BLE001 - Ray's retries are spent: the unit is reported
                 cause = getattr(exc, "cause", None)  # ray.exceptions.RayTaskError carries the worker's exception
                 if isinstance(cause, REFUSALS):
-                    raise cause from None  # a retry meets the same bytes: refuse the job now, in its own words
-                attempts[unit] = attempts.get(unit, 0) + 1
-                if attempts[unit] <= max_retries:
-                    pending.append(unit)
-                else:
-                    failures.append((unit, f"{type(exc).__name__}: {str(exc).splitlines()[-1] if str(exc) else ''}"))
+                    raise cause from None  # never retried: refuse the job now, in its own words
+                line = str(cause) if isinstance(cause, RetriesSpent) else f"{type(exc).__name__}: {_first_line(exc)}"
+                failures.append((unit, line))
                 continue
             summary.units_processed += 1
             summary.samples_written += result.samples_written
