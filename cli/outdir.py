@@ -8,11 +8,13 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 
+from attncache.pipeline._util.files import is_local
+
 
 @contextmanager
 def writing_to(path):
     text = str(path)
-    new = "://" not in text and not os.path.lexists(text)
+    new = is_local(text) and not os.path.lexists(text)
     try:
         yield
     except BaseException as exc:

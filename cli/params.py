@@ -135,7 +135,7 @@ def _encoding(text: str) -> None:
 
 
 def _compression(text: str) -> None:
-    from attncache.pipeline.store.cache import parse_compression
+    from attncache.pipeline.store.layout import parse_compression
 
     parse_compression(text)
 

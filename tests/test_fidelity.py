@@ -9,7 +9,8 @@ from attncache.cli.main import cli
 from attncache.pipeline.encodings.spec import parse_encoding
 from attncache.pipeline.precompute.job import PrecomputeConfig
 from attncache.pipeline.precompute.local import run_precompute
-from attncache.pipeline.store.cache import CacheStore, parse_compression
+from attncache.pipeline.store.cache import CacheStore
+from attncache.pipeline.store.layout import parse_compression
 from attncache.pipeline.teacher.model import TeacherConfig
 from attncache.pipeline.tools.fidelity import stored_bytes
 

@@ -10,8 +10,6 @@ import json
 import os
 from pathlib import Path
 
-from attncache.pipeline._util.fault import fault_point
-
 TEMP_MARK = ".tmp-"
 
 
@@ -33,32 +31,32 @@ def temp_path(path: Path) -> Path:
     return path.with_name(f"{path.name}{TEMP_MARK}{os.getpid()}")
 
 
-def commit_temp(tmp: Path, path: Path, fault: str | None = None) -> None:
-    """fsync `tmp`, rename it onto `path`, fsync the folder. `fault`: test hook names
-    `<fault>-tmp` (temp complete, not renamed; `:torn` cuts it) and `<fault>-renamed`."""
+def commit_temp(tmp: Path, path: Path) -> None:
+    """fsync `tmp`, then rename it onto `path` (two stages: the crash tests kill between them)."""
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
-    if fault:
-        fault_point(f"{fault}-tmp", torn_file=str(tmp))
+    rename_into_place(tmp, path)
+
+
+def rename_into_place(tmp: Path, path: Path) -> None:
+    """The commit of a whole-or-nothing write: rename the complete temp onto `path`, fsync the folder."""
     os.replace(tmp, path)
     fsync_dir(path.parent)
-    if fault:
-        fault_point(f"{fault}-renamed")
 
 
-def write_bytes(path: Path, data: bytes, fault: str | None = None) -> None:
+def write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     tmp = temp_path(path)
     tmp.write_bytes(data)
-    commit_temp(tmp, path, fault)
+    commit_temp(tmp, path)
 
 
-def write_text(path: Path, text: str, fault: str | None = None) -> None:
-    write_bytes(path, text.encode(), fault)
+def write_text(path: Path, text: str) -> None:
+    write_bytes(path, text.encode())
 
 
-def write_json(path: Path, obj, fault: str | None = None) -> None:
-    write_text(path, json.dumps(obj, indent=1), fault)
+def write_json(path: Path, obj) -> None:
+    write_text(path, json.dumps(obj, indent=1))
 
 
 def save_figure(fig, path: Path, **savefig_kwargs) -> None:
@@ -69,13 +67,13 @@ def save_figure(fig, path: Path, **savefig_kwargs) -> None:
     commit_temp(tmp, path)
 
 
-def save_safetensors(tensors: dict, path: Path, fault: str | None = None) -> None:
+def save_safetensors(tensors: dict, path: Path) -> None:
     from safetensors.torch import save_file
 
     path = Path(path)
     tmp = temp_path(path)
     save_file(tensors, str(tmp))
-    commit_temp(tmp, path, fault)
+    commit_temp(tmp, path)
 
 
 def remove_temps(folder: Path, names: tuple[str, ...]) -> list[Path]:

@@ -22,7 +22,8 @@ from attncache.pipeline.data.binding import check_digests, check_members, check_
 from attncache.pipeline.data.shards import (DEFAULT_MAX_SAMPLE_BYTES, DatasetManifest, build_manifest,
     check_max_sample_bytes, expand_shards, redact)
 from attncache.pipeline.encodings.spec import DEFAULT_ENCODING, Encoding, parse_encoding
-from attncache.pipeline.store.cache import CacheStore, Unit, base_arrays, factor_arrays, parse_compression
+from attncache.pipeline.store.cache import CacheStore
+from attncache.pipeline.store.layout import Unit, base_arrays, factor_arrays, parse_compression
 from attncache.pipeline.store.lease import DEFAULT_LEASE_TIMEOUT_S, Lease
 from attncache.pipeline.teacher.model import Teacher, TeacherConfig, resolve_heads, resolve_layers
 

@@ -33,7 +33,7 @@ from attncache.pipeline.encodings.finite import NonFiniteFactors
 from attncache.pipeline.precompute.job import (PrecomputeConfig, Summary, TooManySkipped, build_job, job_notes,
     job_units, units_to_do)
 from attncache.pipeline.precompute.units import process_unit
-from attncache.pipeline.store.cache import Unit
+from attncache.pipeline.store.layout import Unit
 from attncache.pipeline.store.lease import Lease, LeaseConfig
 from attncache.pipeline.teacher.model import Teacher
 

@@ -23,7 +23,7 @@ from attncache.pipeline.encodings.kl import attention_kl, exact_logits
 from attncache.pipeline.encodings.finite import (NonFiniteFactors, NonFiniteValues, check_encoded, nonfinite_message,
     require_finite)
 from attncache.pipeline.precompute.job import OnBadSample, TooManySkipped, Job, PreparedBatch, Summary
-from attncache.pipeline.store.cache import Unit
+from attncache.pipeline.store.layout import Unit
 
 
 # ---------------------------------------------------------------------------------------------- CPU side

@@ -14,25 +14,24 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
+import re
+from pathlib import PurePosixPath
 
 import zarr
 
+from attncache.pipeline._util.files import Files, is_local
 from attncache.pipeline.data.shards import redact
-from attncache.pipeline.store.integrity import REPAIR_ADVICE, array_doc_paths, canonical, metadata_sha256
+from attncache.pipeline.store.integrity import REPAIR_ADVICE, array_doc_paths, metadata_sha256
 from attncache.pipeline.store.meta import META_ATTR, StoreError, cache_id, require_same_job
 from attncache.storage_schema import SchemaError, validate_store_metadata
 
 LEASE_PREFIX = "precompute.lease"
+MARKER_FILE = re.compile(r"units/[^/]+/[^/]+\.json")  # what a glob of units/*/*.json finds
 
 
 def _files(path: str) -> list[str]:
     """Every file under a local store, relative, the lease left out."""
-    root = Path(path)
-    if "://" in path or not root.is_dir():
-        return []
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*")
-                  if p.is_file() and not p.name.startswith(LEASE_PREFIX))
+    return [r for r in Files(path).local_files() if not PurePosixPath(r).name.startswith(LEASE_PREFIX)]
 
 
 def _half_created(rels: list[str]) -> bool:
@@ -43,11 +42,11 @@ def _half_created(rels: list[str]) -> bool:
 def _root_metadata(path: str) -> tuple[dict | None, str]:
     """The root metadata if it can be trusted, else None and why not."""
 
-    raw = Path(path, "zarr.json")
-    if not raw.is_file():
+    files = Files(path)
+    if not files.is_file("zarr.json"):
         return None, "is missing"
     try:
-        doc = json.loads(raw.read_bytes())
+        doc = json.loads(files.read("zarr.json"))
     except (ValueError, UnicodeDecodeError) as exc:
         return None, f"is not JSON ({exc})"
     meta = doc.get("attributes", {}).get(META_ATTR) if isinstance(doc, dict) and \
@@ -64,10 +63,12 @@ def _root_metadata(path: str) -> tuple[dict | None, str]:
 
 
 def _markers(path: str) -> list[dict]:
-    out = []
-    for p in sorted(Path(path, "units").glob("*/*.json")):
+    files, out = Files(path), []
+    for rel in _files(path):
+        if not MARKER_FILE.fullmatch(rel):
+            continue
         try:
-            marker = json.loads(p.read_bytes())
+            marker = json.loads(files.read(rel))
         except (ValueError, UnicodeDecodeError):
             continue
         if isinstance(marker, dict):
@@ -78,12 +79,9 @@ def _markers(path: str) -> list[dict]:
 def markers_vouch_for(path: str, meta: dict) -> tuple[int, int]:
     """(markers written under `meta`, markers written under other metadata): the array metadata on
     disk and `meta` together must hash to what each marker recorded."""
-    digests = {}
+    files, digests = Files(path), {}
     for view in range(meta["views"]):
-        docs = {}
-        for rel in array_doc_paths(meta, view):
-            doc = Path(path, rel)
-            docs[rel] = doc.read_bytes() if doc.is_file() else None
+        docs = {rel: files.read(rel) if files.is_file(rel) else None for rel in array_doc_paths(meta, view)}
         digests[view] = metadata_sha256(meta, docs)
     agree = other = 0
     for marker in _markers(path):
@@ -106,7 +104,7 @@ def comparable(meta: dict) -> dict:
 def _restore(path: str, meta: dict) -> None:
     """Write the root group's metadata again (only the root zarr.json; no array, marker or data file)."""
 
-    Path(path, "zarr.json").unlink(missing_ok=True)
+    Files(path).delete("zarr.json")
     group = zarr.open_group(path, mode="a", zarr_format=3)
     group.attrs[META_ATTR] = meta
 
@@ -133,7 +131,7 @@ def _untrusted(path: str, why: str, meta: dict, repair: bool, rels: list[str]) -
 def open_existing_or_none(cls, path: str, meta: dict, repair: bool):
     """The store at `path` to resume, or None when a new store may be created there; else StoreError."""
 
-    if "://" in path:  # object stores: no listing of half-made states; the old rule
+    if not is_local(path):  # object stores: no listing of half-made states; the old rule
         return _open_remote(cls, path, meta)
     if os.path.exists(path) and not os.path.isdir(path):
         raise StoreError(f"--out {redact(path)} is a file, not a store directory: give a new or empty --out")

@@ -30,6 +30,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from attncache.pipeline._util.files import Files
 from attncache.pipeline.data.shards import redact
 from attncache.pipeline.store.meta import StoreError
 
@@ -71,70 +72,6 @@ def describe(record: dict, now: float) -> str:
             f"stale after {record.get('timeout_s')} s")
 
 
-class _LeaseFiles:
-    """Create-exclusive, read, replace and delete of small files, locally or through fsspec."""
-
-    def __init__(self, root: str):
-        self.local = "://" not in root
-        if self.local:
-            self.base = root
-            os.makedirs(root, exist_ok=True)
-        else:
-            import fsspec
-            self.fs, self.base = fsspec.core.url_to_fs(root)
-            self.base = self.base.rstrip("/")
-
-    def path(self, name: str) -> str:
-        return os.path.join(self.base, name) if self.local else f"{self.base}/{name}"
-
-    def create(self, name: str, data: bytes) -> bool:
-        """False when the file exists already (exclusive create)."""
-        if not self.local:
-            if self.fs.exists(self.path(name)):
-                return False
-            self.fs.pipe_file(self.path(name), data)
-            return self.read(name) == data
-        try:
-            fd = os.open(self.path(name), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        return True
-
-    def read(self, name: str) -> bytes | None:
-        try:
-            return Path(self.path(name)).read_bytes() if self.local else self.fs.cat_file(self.path(name))
-        except FileNotFoundError:
-            return None
-
-    def replace(self, name: str, data: bytes) -> None:
-        if not self.local:
-            self.fs.pipe_file(self.path(name), data)
-            return
-        tmp = f"{self.path(name)}.tmp-{os.getpid()}-{threading.get_ident()}"
-        Path(tmp).write_bytes(data)
-        os.replace(tmp, self.path(name))
-
-    def remove_temps(self, name: str) -> None:
-        if self.local:
-            for stale in Path(self.base).glob(f"{name}.tmp-*"):
-                stale.unlink(missing_ok=True)
-
-    def delete(self, name: str) -> None:
-        try:
-            os.remove(self.path(name)) if self.local else self.fs.rm_file(self.path(name))
-        except FileNotFoundError:
-            pass
-
-    def age(self, name: str) -> float | None:
-        try:
-            mtime = os.path.getmtime(self.path(name)) if self.local else self.fs.modified(self.path(name)).timestamp()
-        except (FileNotFoundError, NotImplementedError, AttributeError):
-            return None
-        return time.time() - mtime
-
-
 @dataclass(frozen=True)
 class LeaseConfig:
     """How long a silent holder keeps the store: long enough to ride out a slow object store or a
@@ -148,7 +85,8 @@ class Lease:
 
     def __init__(self, root: str, config: LeaseConfig = LeaseConfig()):
         self.root, self.config = str(root), config
-        self.files = _LeaseFiles(self.root)
+        self.files = Files(self.root)
+        self.files.ensure_root()
         self.token = uuid.uuid4().hex
         self.took_over: str | None = None  # the stale holder this lease replaced, for the log
         self.lost: str | None = None
@@ -178,7 +116,7 @@ class Lease:
         self._acquired = time.time()
         if not self.files.create(LEASE_FILE, self._record(self._acquired)):
             self._take_over()
-        self.files.remove_temps(LEASE_FILE)  # heartbeat temp files of a holder killed mid-write
+        self.files.remove_temps(LEASE_FILE, ".tmp-*")  # heartbeat temp files of a holder killed mid-write
         self._thread = threading.Thread(target=self._beat, name="attncache-lease", daemon=True)
         self._thread.start()
         return self
@@ -200,7 +138,7 @@ class Lease:
                                 "Wait for it to finish; if it is dead on another machine its lease expires after "
                                 f"{record.get('timeout_s')} s without a heartbeat (--lease-timeout)")
             self.took_over = None if record is None else describe(record, now)
-            self.files.replace(LEASE_FILE, self._record(self._acquired))
+            self.files.write_atomic(LEASE_FILE, self._record(self._acquired))
         finally:
             self.files.delete(mutex)
 
@@ -209,7 +147,7 @@ class Lease:
         while not self._stop.wait(interval):
             if not self._still_mine():
                 return
-            self.files.replace(LEASE_FILE, self._record(self._acquired))
+            self.files.write_atomic(LEASE_FILE, self._record(self._acquired))
 
     def _still_mine(self) -> bool:
         record = self._current()

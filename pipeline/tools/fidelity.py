@@ -13,7 +13,6 @@ so every encoding looks better than it would on a trained teacher.
 """
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -24,12 +23,15 @@ import torch
 import zarr
 
 from attncache.pipeline._util import atomic
+from attncache.pipeline._util.files import Files
 from attncache.pipeline._util.runtime import default_threads
 from attncache.pipeline.augment.recipe import Recipe, parse_recipe
 from attncache.pipeline.data.shards import BadSample, decode_sample, expand_shards, iter_shard
 from attncache.pipeline.encodings.kl import attention_kl, exact_logits
 from attncache.pipeline.encodings.spec import parse_encoding
-from attncache.pipeline.store.cache import CacheStore, _compressors, factor_chunk_slots, parse_compression
+from attncache.pipeline.store import layout
+from attncache.pipeline.store.cache import CacheStore
+from attncache.pipeline.store.layout import factor_chunk_slots, parse_compression
 from attncache.pipeline.teacher.model import Teacher, TeacherConfig, resolve_heads, resolve_layers
 
 DEFAULT_GRID = ("exact:fp16", "exact:fp8", "exact:int8", "exact:int4",
@@ -111,7 +113,7 @@ def stored_bytes(arrays: dict[str, np.ndarray], compression: dict) -> dict[str, 
         out = {}
         for name, block in arrays.items():
             arr = group.create_array(name, shape=block.shape, dtype=block.dtype, chunks=(factor_chunk_slots(len(block)), *block.shape[1:]),
-                                     shards=block.shape, compressors=_compressors(compression), fill_value=0)
+                                     shards=block.shape, compressors=layout.compressors(compression), fill_value=0)
             arr[:] = block
             out[name] = sum(p.stat().st_size for p in Path(tmp, name, "c").rglob("*") if p.is_file())
     return out
@@ -307,11 +309,7 @@ def _compression_spec(c: dict) -> str:
 
 
 def is_store(path: str) -> bool:
-    if "://" in path:
-        import fsspec
-        fs, base = fsspec.core.url_to_fs(path)
-        return fs.exists(f"{base.rstrip('/')}/zarr.json")
-    return os.path.isfile(os.path.join(path, "zarr.json"))
+    return Files(path).is_file("zarr.json")
 
 
 # ---------------------------------------------------------------------------------------------- output

@@ -24,7 +24,7 @@ from attncache.pipeline._util.runtime import default_threads
 from attncache.pipeline.augment.recipe import parse_recipe
 from attncache.pipeline.encodings.exact import QK_ENCODINGS
 from attncache.pipeline.encodings.spec import DEFAULT_ENCODING, parse_encoding
-from attncache.pipeline.store.cache import FACTOR_CHUNK_SLOTS, base_arrays, parse_compression
+from attncache.pipeline.store.layout import FACTOR_CHUNK_SLOTS, base_arrays, parse_compression
 from attncache.pipeline.teacher.model import (Teacher, TeacherConfig, resolve_heads, resolve_layers,
     resolve_teacher_config)
 

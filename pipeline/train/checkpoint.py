@@ -26,7 +26,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from attncache.pipeline._util.atomic import commit_temp, remove_temps, temp_path, write_json
-from attncache.pipeline._util.fault import fault_point
 from attncache.pipeline.train.optim import WeightEma, load_optimizer_tensors, optimizer_tensors
 
 STATE_FILE, METRICS_FILE = "state.json", "metrics.jsonl"
@@ -83,22 +82,26 @@ def save_checkpoint(out: Path, model: torch.nn.Module, optimizer, ema: WeightEma
     out = Path(out)
     tensors, groups = checkpoint_tensors(model, optimizer, ema)
     check_finite_tensors(tensors, position["step"])
-    tmp = temp_path(out / f"checkpoint-{position['step']:08d}.safetensors")
-    save_file(tensors, str(tmp))
-    fault_point("ckpt-written", torn_file=str(tmp))  # a kill mid-write: half a temp file
+    tmp = write_checkpoint_temp(out, tensors, position["step"])
     digest = _sha256(tmp)
     name = f"checkpoint-{position['step']:08d}-{digest[:16]}.safetensors"
-    commit_temp(tmp, out / name, fault="ckpt")  # ckpt-tmp, then ckpt-renamed (not yet committed)
+    commit_temp(tmp, out / name)  # renamed into place, not yet committed
     if metrics is not None:
         metrics.flush()
         os.fsync(metrics.fileno())
     metrics_bytes = os.fstat(metrics.fileno()).st_size if metrics is not None else None
     state = {**{k: int(position[k]) for k in POSITION}, "format": FORMAT, "run": run_id, "checkpoint": name,
              "checkpoint_sha256": digest, "param_groups": groups, "metrics_bytes": metrics_bytes}
-    write_json(out / STATE_FILE, state, fault="state")  # the commit point: state-tmp, then state-renamed
+    write_json(out / STATE_FILE, state)  # the commit point: the rename of state.json
     remove_superseded(out, keep=name)
-    fault_point("ckpt-cleaned")
     return name
+
+
+def write_checkpoint_temp(out: Path, tensors: dict, step: int) -> Path:
+    """The new checkpoint under its temp name (its final name holds its digest, known only after)."""
+    tmp = temp_path(Path(out) / f"checkpoint-{step:08d}.safetensors")
+    save_file(tensors, str(tmp))
+    return tmp
 
 
 def remove_superseded(out: Path, keep: str) -> None:

@@ -31,7 +31,8 @@ from attncache.pipeline.augment.mix import draw_and_mix_unit, mix_targets, repla
 from attncache.pipeline.augment.recipe import Recipe
 from attncache.pipeline.data.shards import (DEFAULT_MAX_SAMPLE_BYTES, BadSample, DataError, decode_sample,
     expand_shards, iter_shard, redact)
-from attncache.pipeline.store.cache import BASE_ARRAYS, CacheStore
+from attncache.pipeline.store.cache import CacheStore
+from attncache.pipeline.store.layout import BASE_ARRAYS
 from attncache.pipeline.store.meta import StoreError
 from attncache.pipeline.train.loader_order import (DEFAULT_INTERLEAVE, epoch_order, rank_units, steps_in_epoch,
     view_of, window_full, window_permutation)

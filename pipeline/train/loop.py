@@ -325,8 +325,7 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
     if world.is_main:
         save_checkpoint(out, session.model, optimizer, ema, {"step": step, "epoch": epoch, "step_in_epoch": in_epoch,
                         "samples": samples, "epoch_samples": epoch_samples}, rid, metrics)
-        atomic.save_safetensors({k: v.contiguous() for k, v in session.model.state_dict().items()}, out / MODEL_FILE,
-                                fault="model")
+        atomic.save_safetensors({k: v.contiguous() for k, v in session.model.state_dict().items()}, out / MODEL_FILE)
         if ema is not None:
             atomic.save_safetensors({k: v.contiguous() for k, v in ema.state.items()}, out / "model_ema.safetensors")
         write_teacher_config(out, cfg.spec, session)

@@ -90,7 +90,7 @@ def check_or_write_run(out: Path, record: dict) -> None:
     """First run: write `student.json` (atomically). Re-run: refuse unless the options match."""
     path = Path(out) / SPEC_FILE
     if not path.exists():
-        write_json(path, record, fault="spec")
+        write_json(path, record)
         return
     try:
         saved = json.loads(path.read_bytes())

@@ -27,10 +27,13 @@ def cli_args(*args) -> list[str]:
     return [sys.executable, "-m", "attncache.cli.main", *map(str, args)]
 
 
-def run_cli(*args, extra_env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`attncache ARGS` in a fresh process, as a user starts it."""
-    return subprocess.run(cli_args(*args), env=env(**(extra_env or {})), capture_output=True, text=True,
-                          timeout=timeout)
+def run_cli(*args, extra_env: dict | None = None, timeout: float = 300,
+            fault: str | None = None) -> subprocess.CompletedProcess:
+    """`attncache ARGS` in a fresh process, as a user starts it; `fault` ("POINT:N[:torn]") runs it
+    through faults.py's launcher, which SIGKILLs it at that named point of a write."""
+    command = cli_args(*args) if fault is None else [sys.executable, str(Path(__file__).with_name("faults.py")),
+                                                     fault, *map(str, args)]
+    return subprocess.run(command, env=env(**(extra_env or {})), capture_output=True, text=True, timeout=timeout)
 
 
 def invoke(*args):

@@ -173,13 +173,12 @@ def test_evaluate_advice_names_its_own_option(fixture):
 
 
 def _fail_at(monkeypatch, point: str, nth: int, code: int, path: str, in_unit: int = 0):
-    """Raise OSError(code) the nth time precompute passes a store write point (pipeline._util.fault.fault_point)
-    once it has started its in_unit-th unit."""
-    import attncache.pipeline.store.cache
+    """Raise OSError(code) the nth time precompute passes a store write point (faults.py) once it
+    has started its in_unit-th unit."""
+    from faults import install
 
     hits = []
     units = []
-    real = attncache.pipeline.store.cache.fault_point
 
     def fault(name, torn_file=None):
         units.extend([name] if name == "unit-start" else [])
@@ -187,9 +186,8 @@ def _fail_at(monkeypatch, point: str, nth: int, code: int, path: str, in_unit: i
             hits.append(name)
             if len(hits) == nth:
                 raise OSError(code, os.strerror(code), path)
-        real(name, torn_file)
 
-    monkeypatch.setattr(attncache.pipeline.store.cache, "fault_point", fault)
+    install(fault, monkeypatch.setattr)
     return hits
 
 

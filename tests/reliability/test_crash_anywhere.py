@@ -1,7 +1,7 @@
 """Crash anywhere: precompute SIGKILLed at 10 seeded points, resumed each time, ends byte-identical.
 
-The kill points come from the env-var test hook `ATTNCACHE_FAULT=POINT:N[:torn]`
-(`pipeline._util.fault.fault_point`): the precompute process SIGKILLs itself the N-th time it passes
+The kill points are armed from the test side (faults.py's launcher, `POINT:N[:torn]`, wrapping the
+store's named write stages): the precompute process SIGKILLs itself the N-th time it passes
 POINT, so every kill lands exactly where it is meant to, on any machine speed. The points cover
 store creation, the start of a unit, the middle of a unit's shard writes (some Zarr shard files
 written, the rest not; `torn`: a file cut in half with zarr's `.partial` temp beside it), between
@@ -39,7 +39,7 @@ def test_sigkill_at_ten_seeded_points_then_resume_is_byte_identical_and_verifies
     assert len(points) == 10 and set(REQUIRED) <= set(points)
     took_over = 0
     for point in points:
-        result = run_cli(*common, "--out", out, extra_env={"ATTNCACHE_FAULT": point})
+        result = run_cli(*common, "--out", out, fault=point)
         assert result.returncode == -signal.SIGKILL, (point, result.returncode, result.stdout, result.stderr)
         took_over += "took over the lease of a dead or stalled precompute" in result.stdout
     assert (out / "precompute.lease").exists()  # the last victim's lease, left behind

@@ -2,9 +2,9 @@
 every rename it makes, and at random instants, then re-run as is: the end is bit-identical to an
 uninterrupted run (weights, EMA, state, metrics lines), and no temp or stray checkpoint remains.
 
-Kills land where they are meant to on any machine speed: named fault points
-(`ATTNCACHE_FAULT=POINT:N[:torn]`, pipeline._util.fault.fault_point) inside pipeline/train/checkpoint.py and
-pipeline/_util/atomic.py, and a hook that SIGKILLs just before / after the N-th `os.replace` (so the
+Kills land where they are meant to on any machine speed: named kill points (`POINT:N[:torn]`,
+armed from the test side by faults.py, wrapping the stages of pipeline/train/checkpoint.py and
+pipeline/_util/atomic.py), and a hook that SIGKILLs just before / after the N-th `os.replace` (so the
 same test runs against any version of the code). The random kills are SIGKILLs at seeded delays
 spread over the run's duration; whatever instant they hit, the outcome asserted is the same.
 """
@@ -88,7 +88,7 @@ def test_sigkill_at_each_point_of_the_checkpoint_write_then_resume_is_bit_identi
         with open(out / "metrics.jsonl", "a") as f:
             f.write('{"step": 99, "epoch": 0, "lo')
 
-    runs = [{"args": train_args(cache, out), "env": {"ATTNCACHE_FAULT": point}} for point in NAMED]
+    runs = [{"args": train_args(cache, out), "fault": point} for point in NAMED]
     runs[8]["between"] = torn_metrics_line
     runs.append({"args": train_args(cache, out)})
     results = run_many(runs, tmp_path / "logs")

@@ -1,0 +1,127 @@
+"""The one file layer: small files under a root that is a local folder or an fsspec URL.
+
+Whether a path is local is decided here and nowhere else (`is_local`). A local root gets what a
+POSIX file system offers (exclusive create, temp file + fsync + rename, listing, leftover temps of
+killed writers); an fsspec root gets what an object store offers (a put is published whole or not
+at all, so it needs no temp name; there is nothing to list half-made). Callers say what they want
+done with a file, never which kind of root they hold.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+from attncache.pipeline._util.atomic import TEMP_MARK, commit_temp
+
+
+def is_local(path) -> bool:
+    """A plain path (or `Path`), not a URL such as `s3://`, `gs://`, `memory://` or `file://`."""
+    return "://" not in str(path)
+
+
+class Files:
+    """Files relative to `root`; every method takes a root-relative path `rel` ('/'-separated)."""
+
+    def __init__(self, root):
+        self.root = str(root)
+        self.local = is_local(self.root)
+        if not self.local:
+            import fsspec
+
+            self.fs, base = fsspec.core.url_to_fs(self.root)
+            self.base = base.rstrip("/")
+
+    def full(self, rel: str) -> str:
+        return os.path.join(self.root, rel) if self.local else f"{self.base}/{rel}"
+
+    def local_path(self, rel: str) -> Path | None:
+        """The file's path on this machine, None under a URL."""
+        return Path(self.full(rel)) if self.local else None
+
+    def ensure_root(self) -> None:
+        """Make the root folder (object stores have no folders: nothing to do)."""
+        if self.local:
+            os.makedirs(self.root, exist_ok=True)
+
+    def is_file(self, rel: str) -> bool:
+        return os.path.isfile(self.full(rel)) if self.local else bool(self.fs.exists(self.full(rel)))
+
+    def read(self, rel: str) -> bytes | None:
+        """The file's bytes, None when it does not exist."""
+        try:
+            if self.local:
+                return Path(self.full(rel)).read_bytes()
+            return self.fs.cat_file(self.full(rel))
+        except FileNotFoundError:
+            return None
+
+    def write_atomic(self, rel: str, data: bytes) -> None:
+        """The whole file or the old one, never half: locally a temp file (named per process and
+        thread, so a heartbeat thread and its job never share one), fsync, rename; remotely a put."""
+        path = self.full(rel)
+        if not self.local:  # object stores publish a put whole or not at all
+            self.fs.pipe_file(path, data)
+            return
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = Path(f"{path}{TEMP_MARK}{os.getpid()}-{threading.get_ident()}")
+        tmp.write_bytes(data)
+        commit_temp(tmp, Path(path))
+
+    def create(self, rel: str, data: bytes) -> bool:
+        """Create the file unless it exists (False then). Locally O_EXCL; object stores have no
+        exclusive create, so there the put is read back: a rival's put in between shows."""
+        path = self.full(rel)
+        if not self.local:
+            if self.fs.exists(path):
+                return False
+            self.fs.pipe_file(path, data)
+            return self.read(rel) == data
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return True
+
+    def delete(self, rel: str) -> None:
+        try:
+            os.remove(self.full(rel)) if self.local else self.fs.rm_file(self.full(rel))
+        except FileNotFoundError:
+            pass
+
+    def remove_temps(self, rel: str, pattern: str) -> None:
+        """Delete `<rel's name><pattern>` beside `rel` (glob): temps a killed local writer left
+        between writing and renaming. Object stores never hold such temps."""
+        if self.local:
+            for stale in Path(self.full(rel)).parent.glob(Path(rel).name + pattern):
+                stale.unlink(missing_ok=True)
+
+    def size(self, rel: str) -> int | None:
+        try:
+            return os.path.getsize(self.full(rel)) if self.local else int(self.fs.size(self.full(rel)))
+        except FileNotFoundError:
+            return None
+
+    def age(self, rel: str) -> float | None:
+        """Seconds since the file last changed; None when it is missing or the backend keeps no time."""
+        try:
+            mtime = os.path.getmtime(self.full(rel)) if self.local else self.fs.modified(self.full(rel)).timestamp()
+        except (FileNotFoundError, NotImplementedError, AttributeError):
+            return None
+        return time.time() - mtime
+
+    def total_bytes(self) -> int:
+        if self.local:
+            return sum(p.stat().st_size for p in Path(self.root).rglob("*") if p.is_file())
+        return int(self.fs.du(self.base))
+
+    def local_files(self) -> list[str]:
+        """Every file under a local root, relative and sorted; [] for a URL or a missing folder
+        (object stores are never listed for half-made states)."""
+        root = Path(self.root)
+        if not self.local or not root.is_dir():
+            return []
+        return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())

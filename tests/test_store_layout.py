@@ -1,0 +1,73 @@
+"""The store's layout arithmetic and marker bytes, without a store on disk; the one file layer on a
+local folder and on an fsspec URL through the same calls."""
+import json
+
+import numpy as np
+import pytest
+
+from attncache.pipeline._util.files import Files, is_local
+from attncache.pipeline.store import layout
+from attncache.pipeline.store.layout import Unit
+from attncache.pipeline.store.markers import encode_marker, parse_marker, sha256_hex
+from attncache.storage_schema import SchemaError
+
+META = {"views": 2, "dataset": {"shards": [{"url": "/d/a-000.tar"}, {"url": "s3://b/a-001.tar?token=x"}]},
+        "arrays": {"key": {"path": "key", "trailing_shape": []}, "aug": {"path": "aug", "trailing_shape": [5]},
+                   "a": {"path": "factors/a", "trailing_shape": [3, 2, 17, 8]}}}
+
+
+def test_slots_units_and_paths_follow_the_schema():
+    assert layout.slot_range(0, 256) == (0, 256) and layout.slot_range(3, 8) == (24, 32)
+    assert layout.units(META) == [Unit(0, 0, "/d/a-000.tar"), Unit(0, 1, "s3://b/a-001.tar?token=x"),
+                                  Unit(1, 0, "/d/a-000.tar"), Unit(1, 1, "s3://b/a-001.tar?token=x")]
+    assert layout.unit_files(META, 1, 7) == ["views/1/key/c/7", "views/1/aug/c/7/0", "views/1/factors/a/c/7/0/0/0/0"]
+    assert layout.marker_path(1, 7) == "units/1/000007.json"
+    assert layout.array_path(0, META["arrays"]["a"]) == "views/0/factors/a"
+    assert Unit(0, 1, "s3://b/a-001.tar?token=x").name.startswith("view 0 shard 000001 (a-001.tar")
+
+
+def test_chunking_keeps_base_arrays_whole_and_factor_chunks_small():
+    assert [layout.factor_chunk_slots(n) for n in (1, 8, 16, 24, 256, 17)] == [1, 8, 16, 12, 16, 1]
+    assert layout.inner_chunk_slots("key", 256) == 256 and layout.inner_chunk_slots("a", 256) == 16
+
+
+def test_compression_specs_parse_and_bad_ones_name_the_fix():
+    assert layout.parse_compression("zstd:5:shuffle") == {"codec": "zstd", "level": 5, "shuffle": "byte"}
+    assert layout.parse_compression("none") == {"codec": "none", "level": 0, "shuffle": "none"}
+    assert layout.compressors(layout.parse_compression("none")) is None
+    with pytest.raises(ValueError, match="blosc"):
+        layout.parse_compression("zstd:12:bitshuffle")
+
+
+def test_all_fill_sees_strings_and_numbers():
+    assert layout.all_fill(np.array(["", ""], dtype=object), "") and not layout.all_fill(np.array(["", "k"], dtype=object), "")
+    assert layout.all_fill(np.full(4, -1), -1) and not layout.all_fill(np.zeros(4), -1)
+
+
+def test_a_marker_that_is_not_json_or_of_another_cache_is_refused():
+    with pytest.raises(SchemaError, match="units/0/000000.json: marker is not JSON"):
+        parse_marker(b"{", "units/0/000000.json", "c" * 64)
+    assert sha256_hex(None) is None and sha256_hex(b"") == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+    marker = {"b": 1, "a": [2]}
+    assert encode_marker(marker) == json.dumps(marker, indent=1, sort_keys=True).encode()
+
+
+@pytest.mark.parametrize("root", ["local", "memory://layer-test/store"])
+def test_one_file_layer_serves_a_folder_and_a_url_alike(tmp_path, root):
+    root = str(tmp_path / "store") if root == "local" else root
+    files = Files(root)
+    assert files.local == is_local(root) == (root != "memory://layer-test/store")
+    files.ensure_root()
+    assert files.read("units/0/000000.json") is None and files.size("units/0/000000.json") is None
+    files.write_atomic("units/0/000000.json", b"one")
+    files.write_atomic("units/0/000000.json", b"two!")
+    assert files.read("units/0/000000.json") == b"two!" and files.size("units/0/000000.json") == 4
+    assert files.is_file("units/0/000000.json") and not files.is_file("units/0/000001.json")
+    assert files.create("lease", b"x") and not files.create("lease", b"y") and files.read("lease") == b"x"
+    assert files.age("lease") is None or files.age("lease") >= 0
+    files.delete("lease")
+    files.delete("lease")  # deleting what is gone is no error
+    assert files.read("lease") is None
+    assert files.local_files() == (["units/0/000000.json"] if files.local else [])
+    assert files.total_bytes() == 4
+    assert (files.local_path("x") is None) != files.local
