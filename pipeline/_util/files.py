@@ -21,6 +21,15 @@ def is_local(path) -> bool:
     return "://" not in str(path)
 
 
+def file_path(url) -> str | None:
+    """The path on this machine that a plain path or a `file://` URL names; None for a remote URL
+    (whose size or bytes cost a download, so callers that only want a cheap check skip it)."""
+    url = str(url)
+    if is_local(url):
+        return url
+    return url.removeprefix("file://") if url.startswith("file://") else None
+
+
 class Files:
     """Files relative to `root`; every method takes a root-relative path `rel` ('/'-separated)."""
 

@@ -14,6 +14,7 @@ import os
 import tarfile
 from pathlib import PurePosixPath
 
+from attncache.pipeline._util.files import file_path
 from attncache.pipeline.data.shards import DataError, redact
 
 
@@ -66,10 +67,11 @@ def match_urls(stored: list[str], given: list[str], where: str) -> list[str]:
 
 
 def local_size(url: str) -> int | None:
-    if "://" in url and not url.startswith("file://"):
+    path = file_path(url)
+    if path is None:
         return None
     try:
-        return os.path.getsize(url.removeprefix("file://"))
+        return os.path.getsize(path)
     except OSError:
         return None
 
@@ -77,11 +79,12 @@ def local_size(url: str) -> int | None:
 def shard_sha256(url: str) -> str:
     """sha256 of the tar's bytes, read in 1 MiB blocks (what the teacher read)."""
     digest = hashlib.sha256()
-    if "://" in url and not url.startswith("file://"):
+    path = file_path(url)
+    if path is None:
         import fsspec
         opener = fsspec.open(url, "rb")
     else:
-        opener = open(url.removeprefix("file://"), "rb")
+        opener = open(path, "rb")
     with opener as f:
         while block := f.read(1 << 20):
             digest.update(block)
@@ -93,8 +96,8 @@ def members_sha256(url: str) -> str | None:
     shard's contents. Reading it costs one 512-byte header per member (the data is seeked over), and
     it changes when any image is re-encoded, which the tar's size, padded to 10 KiB records, hides.
     None for remote or compressed shards, where reading the headers means reading everything."""
-    path = url.removeprefix("file://")
-    if ("://" in url and not url.startswith("file://")) or not path.endswith(".tar"):
+    path = file_path(url)
+    if path is None or not path.endswith(".tar"):
         return None
     digest = hashlib.sha256()
     try:

@@ -22,6 +22,7 @@ from typing import Sequence
 
 import braceexpand
 
+from attncache.pipeline._util.files import is_local
 from attncache.pipeline.data.errors import DataError, redact
 
 _GLOB = re.compile(r"[*?\[]")
@@ -38,7 +39,7 @@ def expand_shards(spec: str | Sequence[str]) -> list[str]:
                     urls.append(url)
     if not urls:
         raise DataError(f"data pattern {redact(repr(spec))} matches no shards")
-    missing = [u for u in urls if "://" not in u and not os.path.isfile(u)]
+    missing = [u for u in urls if is_local(u) and not os.path.isfile(u)]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise DataError(f"data pattern {redact(repr(spec))}: no such shard file(s): {redact(shown)}")
@@ -48,9 +49,9 @@ def expand_shards(spec: str | Sequence[str]) -> list[str]:
 def _matches(pattern: str, item: str) -> list[str]:
     """`item` itself when it holds no glob character (or names a file as written), else its
     matches in sorted order; a glob that matches nothing is a DataError naming it."""
-    if not _GLOB.search(item) or ("://" not in item and os.path.isfile(item)):
+    if not _GLOB.search(item) or (is_local(item) and os.path.isfile(item)):
         return [item]
-    found = _url_glob(item) if "://" in item else sorted(p for p in glob.glob(item, recursive=True)
+    found = _url_glob(item) if not is_local(item) else sorted(p for p in glob.glob(item, recursive=True)
                                                           if os.path.isfile(p))
     if not found:
         where = "" if item == pattern else f" (from {redact(repr(pattern))})"

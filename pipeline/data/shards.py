@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from attncache.pipeline._util.files import is_local
 from attncache.pipeline.data.errors import BadSample, DataError, redact  # noqa: F401  (public here)
 from attncache.pipeline.data.pack import IMAGE_EXTENSIONS, brace_pattern, pack_image_folder, sanitise_key, shard_writer
 from attncache.pipeline.data.patterns import expand_shards  # noqa: F401  (public here)
@@ -168,7 +169,7 @@ class DatasetManifest:
 
 
 def _size(url: str) -> int | None:
-    if "://" in url:
+    if not is_local(url):
         return None
     return os.path.getsize(url)
 

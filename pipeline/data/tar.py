@@ -43,6 +43,7 @@ from typing import Iterator, Mapping
 
 from webdataset.tariterators import base_plus_ext, group_by_keys
 
+from attncache.pipeline._util.files import is_local
 from attncache.pipeline.data.errors import DataError, redact
 
 DEFAULT_MAX_SAMPLE_BYTES = 64 * 2**20
@@ -56,7 +57,7 @@ _TYPE_NAMES = {tarfile.DIRTYPE: "directory member (holds no sample data)",
 
 
 def open_url(url: str):
-    if "://" in url:
+    if not is_local(url):
         import fsspec
         return fsspec.open(url, "rb").open()
     return open(url, "rb")
