@@ -22,13 +22,13 @@ from attncache.pipeline.teacher.loading import (TEACHER_CONFIG_FILE, TEACHER_WEI
     TeacherError, _seeded_init, _sha256_file, build_model, load_state_dict, parse_model_args, resolve_teacher_config,
     weights_fingerprint)
 from attncache.pipeline.teacher.selection import (DEFAULT_LAYERS_TEXT, check_heads_text, check_layers_text,  # noqa: F401
-    default_layers, resolve_heads, resolve_layers)
+    default_layers, resolve_heads, resolve_layers, resolve_layers_or_default)
 from attncache.pipeline.teacher.self_check import check_layers, first_failure, probe_images
 
 __all__ = ["DEFAULT_LAYERS_TEXT", "TEACHER_CONFIG_FILE", "TEACHER_WEIGHTS_FILE", "Teacher", "TeacherConfig",
            "TeacherError", "build_model", "check_heads_text", "check_layers_text", "check_supported", "default_layers",
            "load_state_dict", "model_recipe_defaults", "parse_model_args", "resolve_heads", "resolve_layers",
-           "resolve_teacher_config", "weights_fingerprint"]
+           "resolve_layers_or_default", "resolve_teacher_config", "weights_fingerprint"]
 
 
 class _StopForward(Exception):

@@ -96,3 +96,8 @@ def resolve_heads(spec: str | None, num_heads: int) -> tuple[int, ...]:
         raise TeacherError(f"head selection {spec!r}: heads {bad} do not exist in a teacher with {num_heads} heads "
                            f"(0..{num_heads - 1})")
     return heads
+
+
+def resolve_layers_or_default(spec: str | None, num_layers: int) -> tuple[int, ...]:
+    """`spec` resolved, or with None the default layers (those a default student transfers)."""
+    return resolve_layers(default_layers(num_layers) if spec is None else spec, num_layers)
