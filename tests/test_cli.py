@@ -86,3 +86,31 @@ def test_bench_scripts_are_commands_whose_help_names_their_defaults(name, defaul
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert f"usage: attncache bench {name}" in result.stdout and default in result.stdout
+
+
+DEEP = ["--teacher", "vit_tiny_patch16_224", "--random-init", *[a for kv in ("img_size=32", "patch_size=8", "depth=4",
+        "embed_dim=32", "num_heads=2") for a in ("--model-arg", kv)]]
+
+
+def test_default_layers_store_trains_a_default_student_and_refuses_other_layers_in_one_line(tmp_path):
+    """precompute's default (0:-3) is what a default `train` student transfers; a student asking for
+    layers the store does not hold is refused before any step, in one line."""
+    from attncache.pipeline.studies.synth import SynthConfig, synth_dataset
+
+    info = synth_dataset(tmp_path / "d", num_train=32, num_val=0, config=SynthConfig(image_size=32, num_classes=4),
+                         shard_size=32, seed=0)
+    assert "0:-3" in CliRunner().invoke(cli, ["precompute", "--help"]).output
+    store = tmp_path / "c.zarr"
+    made = CliRunner().invoke(cli, ["precompute", "--data", info["train"], *DEEP, "--out", str(store), "--workers", "0",
+                                    "--threads", "1", "--batch-size", "16", "--ray", "none", "--quiet"])
+    assert made.exit_code == 0, made.output
+    assert json.loads(CliRunner().invoke(cli, ["inspect", str(store), "--json"]).output)["layers"] == [0]
+    student = ["--student", "vit_tiny_patch16_224", *[x for kv in DEEP[4::2] for x in ("--student-arg", kv)]]
+    train = ["train", "--data", info["train"], "--cache", str(store), "--mode", "distill", *student, "--max-steps", "1",
+             "--batch-size", "16", "--workers", "0", "--num-classes", "4"]
+    ok = CliRunner().invoke(cli, [*train, "--out", str(tmp_path / "run")])
+    assert ok.exit_code == 0, ok.output
+    refused = CliRunner().invoke(cli, [*train, "--out", str(tmp_path / "run2"), "--layers", "0:2"])
+    assert refused.exit_code != 0 and "Traceback" not in refused.output
+    assert "layers [1] are not in the cache" in refused.output and "it has [0]" in refused.output
+    assert len([l for l in refused.output.splitlines() if l.strip()]) == 1, refused.output
