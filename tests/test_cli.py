@@ -114,3 +114,24 @@ def test_default_layers_store_trains_a_default_student_and_refuses_other_layers_
     assert refused.exit_code != 0 and "Traceback" not in refused.output
     assert "layers [1] are not in the cache" in refused.output and "it has [0]" in refused.output
     assert len([l for l in refused.output.splitlines() if l.strip()]) == 1, refused.output
+
+
+def test_bench_precompute_json_is_one_object_with_the_four_ratios_and_their_rates():
+    """Issue 18: default and every-layer precompute, default encoding and exact:fp16, each against the
+    bare full forward, in one run (keys and finite positive values only: no timing is asserted)."""
+    import math
+
+    result = subprocess.run([sys.executable, "-m", "attncache.cli.main", "bench", "precompute", "--json", *DEEP[:1],
+                             "vit_tiny_patch16_224", *DEEP[3:], "--images", "32", "--batch-size", "16",
+                             "--workers", "0", "--threads", "1", "--no-sizes"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)  # one JSON object, nothing else on stdout
+    keys = ["bare_forward_images_per_s"] + [f"{kind}_{run}" for kind in ("ratio", "images_per_s")
+                                            for run in ("default", "all_layers", "default_exact_fp16",
+                                                        "all_layers_exact_fp16")]
+    for key in keys:
+        assert isinstance(report[key], float) and math.isfinite(report[key]) and report[key] > 0, key
+    layers = {r["run"]: r["layers"] for r in report["throughput"]}
+    assert layers["default"] == layers["default_exact_fp16"] == [0]
+    assert layers["all_layers"] == layers["all_layers_exact_fp16"] == [0, 1, 2, 3]
+    assert report["ratio_default"] == report["images_per_s_default"] / report["bare_forward_images_per_s"]
