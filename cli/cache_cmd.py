@@ -47,7 +47,7 @@ def make_teacher_config(teacher: str, model_args, checkpoint, random_init, seed,
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Store path (created, or resumed if it is this job's).")
 @click.option("--views", default=_DEFAULTS.views, type=P.VIEWS, help="Augmentation views per sample (epoch e uses view e mod V).")
 @click.option("--recipe", default=_DEFAULTS.recipe, callback=P.recipe_callback, help="'train', 'eval', or an op spec like 'rrc|flip|normalize'.")
-@click.option("--layers", default=_DEFAULTS.layers, callback=P.layers_callback, help="Layers to cache, Python slice syntax ('0:-3') or list.")
+@click.option("--layers", default=_DEFAULTS.layers, callback=P.layers_callback, help="Layers to cache, Python slice syntax ('0:-3') or list [default: 0:-3, all but the last 3: the layers a default `train` student transfers, and the teacher's forward stops after them; every layer for teachers of 3 or fewer; ':' caches every layer].")
 @click.option("--heads", default=None, callback=P.heads_callback, help="Comma list of heads to cache (default: all).")
 @click.option("--encoding", default=_DEFAULTS.encoding, callback=P.encoding_callback,
               help="exact[:fp16|fp32|bf16|int8|int4|fp8] or lowrank:r=RANKS[:fp16|fp32|bf16|int8|int4|fp8] "

@@ -19,7 +19,7 @@ _DEFAULTS = defaults.Plan()
               help="timm keyword argument for the teacher, e.g. img_size=32 (repeatable).")
 @click.option("--samples", type=P.ints(1, P.BIG), required=True, help="Samples in the data set.")
 @click.option("--views", default=_DEFAULTS.views, type=P.VIEWS, help="Augmentation views per sample.")
-@click.option("--layers", default=_DEFAULTS.layers, callback=P.layers_callback, help="Layers to cache, Python slice syntax ('0:-3') or list.")
+@click.option("--layers", default=_DEFAULTS.layers, callback=P.layers_callback, help="Layers to cache, Python slice syntax ('0:-3') or list [default: precompute's, 0:-3: all but the last 3, the layers a default `train` student transfers; ':' plans every layer].")
 @click.option("--heads", default=None, callback=P.heads_callback, help="Comma list of heads to cache (default: all).")
 @click.option("--encoding", default=_DEFAULTS.encoding, callback=P.encoding_callback,
               help="exact[:fp16|fp32|bf16|int8|int4|fp8] or lowrank:r=RANKS[:fp16|fp32|bf16|int8|int4|fp8], "

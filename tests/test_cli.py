@@ -86,3 +86,52 @@ def test_bench_scripts_are_commands_whose_help_names_their_defaults(name, defaul
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert f"usage: attncache bench {name}" in result.stdout and default in result.stdout
+
+
+DEEP = ["--teacher", "vit_tiny_patch16_224", "--random-init", *[a for kv in ("img_size=32", "patch_size=8", "depth=4",
+        "embed_dim=32", "num_heads=2") for a in ("--model-arg", kv)]]
+
+
+def test_default_layers_store_trains_a_default_student_and_refuses_other_layers_in_one_line(tmp_path):
+    """precompute's default (0:-3) is what a default `train` student transfers; a student asking for
+    layers the store does not hold is refused before any step, in one line."""
+    from attncache.pipeline.studies.synth import SynthConfig, synth_dataset
+
+    info = synth_dataset(tmp_path / "d", num_train=32, num_val=0, config=SynthConfig(image_size=32, num_classes=4),
+                         shard_size=32, seed=0)
+    assert "0:-3" in CliRunner().invoke(cli, ["precompute", "--help"]).output
+    store = tmp_path / "c.zarr"
+    made = CliRunner().invoke(cli, ["precompute", "--data", info["train"], *DEEP, "--out", str(store), "--workers", "0",
+                                    "--threads", "1", "--batch-size", "16", "--ray", "none", "--quiet"])
+    assert made.exit_code == 0, made.output
+    assert json.loads(CliRunner().invoke(cli, ["inspect", str(store), "--json"]).output)["layers"] == [0]
+    student = ["--student", "vit_tiny_patch16_224", *[x for kv in DEEP[4::2] for x in ("--student-arg", kv)]]
+    train = ["train", "--data", info["train"], "--cache", str(store), "--mode", "distill", *student, "--max-steps", "1",
+             "--batch-size", "16", "--workers", "0", "--num-classes", "4"]
+    ok = CliRunner().invoke(cli, [*train, "--out", str(tmp_path / "run")])
+    assert ok.exit_code == 0, ok.output
+    refused = CliRunner().invoke(cli, [*train, "--out", str(tmp_path / "run2"), "--layers", "0:2"])
+    assert refused.exit_code != 0 and "Traceback" not in refused.output
+    assert "layers [1] are not in the cache" in refused.output and "it has [0]" in refused.output
+    assert len([l for l in refused.output.splitlines() if l.strip()]) == 1, refused.output
+
+
+def test_bench_precompute_json_is_one_object_with_the_four_ratios_and_their_rates():
+    """Issue 18: default and every-layer precompute, default encoding and exact:fp16, each against the
+    bare full forward, in one run (keys and finite positive values only: no timing is asserted)."""
+    import math
+
+    result = subprocess.run([sys.executable, "-m", "attncache.cli.main", "bench", "precompute", "--json", *DEEP[:1],
+                             "vit_tiny_patch16_224", *DEEP[3:], "--images", "32", "--batch-size", "16",
+                             "--workers", "0", "--threads", "1", "--no-sizes"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)  # one JSON object, nothing else on stdout
+    keys = ["bare_forward_images_per_s"] + [f"{kind}_{run}" for kind in ("ratio", "images_per_s")
+                                            for run in ("default", "all_layers", "default_exact_fp16",
+                                                        "all_layers_exact_fp16")]
+    for key in keys:
+        assert isinstance(report[key], float) and math.isfinite(report[key]) and report[key] > 0, key
+    layers = {r["run"]: r["layers"] for r in report["throughput"]}
+    assert layers["default"] == layers["default_exact_fp16"] == [0]
+    assert layers["all_layers"] == layers["all_layers_exact_fp16"] == [0, 1, 2, 3]
+    assert report["ratio_default"] == report["images_per_s_default"] / report["bare_forward_images_per_s"]

@@ -51,7 +51,7 @@ def data(tmp_path_factory):
 def cache(data, trained_teacher_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp_cache") / "mix.zarr"
     run_precompute(PrecomputeConfig(data=(data["train"],), out=str(out), teacher=TeacherConfig(str(trained_teacher_dir)),
-                                    views=1, recipe="train_mix", encoding="lowrank:r=8:int8", batch_size=64, workers=0,
+                                    views=1, recipe="train_mix", encoding="lowrank:r=8:int8", layers=":", batch_size=64, workers=0,
                                     threads=2, progress=False))
     return out
 

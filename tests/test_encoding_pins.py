@@ -18,7 +18,7 @@ from attncache.pipeline._util.spec_error import SpecError
 from attncache.pipeline.encodings import registry
 from attncache.pipeline.encodings.protocol import ArraySpec, Encoding, check_signal
 from attncache.pipeline.encodings.spec import parse_encoding
-from attncache.pipeline.store.cache import factor_arrays
+from attncache.pipeline.store.layout import factor_arrays
 
 from tests.assets.encoding_pins import PLATFORM, SPECS, fingerprint
 

@@ -145,7 +145,7 @@ def test_trained_teacher_has_no_warning_and_kl_grows_as_rank_drops(trained_teach
 def trained_store(tmp_path_factory, trained_teacher_dir, synth_data):
     out = tmp_path_factory.mktemp("fid") / "trained.zarr"
     cfg = PrecomputeConfig(data=(synth_data["val"],), out=str(out), teacher=TeacherConfig(str(trained_teacher_dir)),
-                           views=2, encoding="lowrank:r=2,4,4,8:int4", batch_size=32, workers=0, threads=1,
+                           views=2, encoding="lowrank:r=2,4,4,8:int4", layers=":", batch_size=32, workers=0, threads=1,
                            progress=False)
     run_precompute(cfg)
     return out

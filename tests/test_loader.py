@@ -25,7 +25,7 @@ TEACHER = TeacherConfig(TINY_TEACHER["model"], tuple(sorted(TINY_TEACHER["model_
 
 def _precompute(data, out, views=2, recipe="train"):
     run_precompute(PrecomputeConfig(data=data, out=str(out), teacher=TEACHER, views=views, recipe=recipe,
-                                    encoding="lowrank:r=4:int8", batch_size=64, workers=0, threads=2, progress=False))
+                                    encoding="lowrank:r=4:int8", layers=":", batch_size=64, workers=0, threads=2, progress=False))
     return CacheStore.open(out)
 
 

@@ -10,7 +10,7 @@ from attncache.pipeline.encodings.spec import parse_encoding
 
 TINY = ["--teacher", "vit_tiny_patch16_224", "--model-arg", "img_size=32", "--model-arg", "patch_size=8",
         "--model-arg", "depth=4", "--model-arg", "embed_dim=64", "--model-arg", "num_heads=4"]
-BASE = [*TINY, "--samples", 1000, "--images-per-s", 50, "--encoding", "lowrank:r=16:int8"]  # L 4, H 4, N 17, d 16
+BASE = [*TINY, "--samples", 1000, "--images-per-s", 50, "--encoding", "lowrank:r=16:int8", "--layers", ":"]  # L 4, H 4, N 17, d 16
 
 
 def _plan(*args, ok=True):
@@ -141,5 +141,18 @@ def test_197_token_teacher_sizes_match_the_measured_store_figures():
     sample-view on disk with one-slot inner chunks: the arrays plus 16 bytes of shard index per
     array and sample. With 16-slot chunks the index costs 1 byte per array and sample."""
     p = _json("--teacher", "vit_small_patch16_224", "--samples", 1, "--images-per-s", 1, "--encoding",
-              "lowrank:r=16:int8")
+              "lowrank:r=16:int8", "--layers", ":")
     assert p["tokens"] == 197 and p["factor_bytes_per_sample"] + p["index_bytes_per_sample"] == 510_688 - 4 * 16 + 4
+
+
+@pytest.mark.parametrize("depth, layers", [(12, list(range(9))), (4, [0]), (3, [0, 1, 2])])
+def test_default_layers_are_precomputes_all_but_the_last_three_and_plan_says_so(depth, layers):
+    """No --layers: the layers a default student transfers (every layer for 3 or fewer), named as the
+    default in the JSON and in the text."""
+    args = [*[a if a != "depth=4" else f"depth={depth}" for a in TINY], "--samples", 10, "--images-per-s", 5]
+    p = _json(*args)
+    assert p["layers"] == layers and "default 0:-3" in p["layers_source"] and "--layers :" in p["layers_source"]
+    assert p["factor_bytes_per_sample"] == 2 * len(layers) * 4 * 17 * (8 + 2)  # the default lowrank:r=8:int8
+    assert f"layers {layers} (default 0:-3" in _plan(*args).stdout
+    given = _json(*args, "--layers", ":")
+    assert given["layers"] == list(range(depth)) and given["layers_source"] == "given: --layers :"

@@ -346,3 +346,48 @@ def test_a_glob_that_matches_nothing_is_one_line_naming_it_and_creates_nothing(t
         assert result.exit_code == 1, result.output
         assert result.output.strip().splitlines() == [f"Error: DataError: data glob '{pattern}' matches no files"]
         assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+# A store made at main 0b09c8e (before issue 18: default layers were every layer, the forward ran to the end)
+# with the job of `test_every_layer_store_is_byte_identical_to_the_old_default_and_the_default_is_0_to_minus_3`:
+# its cache id and the sha256 over (path, bytes) of every file under views/. Recorded with torch 2.14.1+cu130.
+OLD_DEFAULT_PIN = {"torch": "2.14.1+cu130", "layers": [0, 1, 2, 3],
+                   "cache_id": "7ca158e0d9fcecd57c74ce957b51e48811a4b521df6cb3714f47858de5768070",
+                   "views_sha256": "b8fe53f89fe63bd29bdc8c071d6cadb23d213a92be5a1af81299680e8cf2b526"}
+DEEP_TEACHER = TeacherConfig("vit_tiny_patch16_224", (("depth", 4), ("embed_dim", 64), ("img_size", 32),
+                                                      ("num_heads", 4), ("patch_size", 8)), random_init=True, seed=0)
+
+
+def _views_sha256(store) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for p in sorted((Path(store) / "views").rglob("*")):
+        if p.is_file():
+            digest.update(str(p.relative_to(store)).encode())
+            digest.update(p.read_bytes())
+    return digest.hexdigest()
+
+
+def test_every_layer_store_is_byte_identical_to_the_old_default_and_the_default_is_0_to_minus_3(tmp_path):
+    """Default layers: all but the last 3 (those a default student transfers), and their factors are
+    the every-layer store's first slots exactly; `layers=":"` writes the old default store's bytes."""
+    from attncache.pipeline.studies.synth import SynthConfig, synth_dataset
+
+    info = synth_dataset(tmp_path / "d", num_train=0, num_val=64, config=SynthConfig(image_size=32, num_classes=4),
+                         shard_size=64, seed=0)
+    job = dict(data=(info["val"],), teacher=DEEP_TEACHER, views=1, batch_size=32, workers=0, threads=1, progress=False)
+    run_precompute(PrecomputeConfig(out=str(tmp_path / "all.zarr"), layers=":", **job))
+    run_precompute(PrecomputeConfig(out=str(tmp_path / "default.zarr"), **job))
+    every, default = CacheStore.open(tmp_path / "all.zarr"), CacheStore.open(tmp_path / "default.zarr")
+    assert every.meta["layers"] == [0, 1, 2, 3] and default.meta["layers"] == [0]
+    names = [n for n in every.meta["arrays"] if n not in ("key", "label", "valid", "aug")]
+    assert names and set(names) == {n for n in default.meta["arrays"] if n not in ("key", "label", "valid", "aug")}
+    for name in names + ["key", "label", "valid", "aug"]:
+        where = f"views/0/factors/{name}" if name in names else f"views/0/{name}"
+        full, part = every.group[where][:], default.group[where][:]
+        assert np.array_equal(part, full[:, :1] if name in names else full), name
+    if torch.__version__ != OLD_DEFAULT_PIN["torch"]:
+        pytest.skip(f"the byte pin was recorded with torch {OLD_DEFAULT_PIN['torch']} (cache id includes it)")
+    assert every.meta["cache_id"] == OLD_DEFAULT_PIN["cache_id"]
+    assert _views_sha256(tmp_path / "all.zarr") == OLD_DEFAULT_PIN["views_sha256"]

@@ -34,7 +34,7 @@ def _teacher_cfg(teacher_dir):
 def exact_cache(synth_data, trained_teacher_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("exact") / "c.zarr"
     run_precompute(PrecomputeConfig(data=(synth_data["val"],), out=str(out), teacher=_teacher_cfg(trained_teacher_dir),
-                                    views=1, encoding="exact:fp32", batch_size=32, workers=0, threads=2,
+                                    views=1, encoding="exact:fp32", layers=":", batch_size=32, workers=0, threads=2,
                                     progress=False))
     return out
 

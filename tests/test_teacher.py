@@ -139,3 +139,49 @@ def test_layer_and_head_selection_syntax():
         resolve_layers("5:2", 12)
     with pytest.raises(ValueError):
         resolve_heads("3", 3)
+
+
+def _full_forward_capture(teacher, x, layers):
+    """Q/K of `layers` from an uninterrupted forward_features (hooks that only copy), the reference."""
+    got = {}
+    handles = [getattr(teacher.model.blocks[l].attn, name).register_forward_hook(
+        lambda m, i, o, key=(l, name): got.__setitem__(key, o.clone()))
+        for l in layers for name in ("q_norm", "k_norm")]
+    with torch.inference_mode():
+        teacher.model.forward_features(x)
+    for h in handles:
+        h.remove()
+    return (torch.stack([got[(l, "q_norm")] for l in layers], 1), torch.stack([got[(l, "k_norm")] for l in layers], 1))
+
+
+@pytest.mark.parametrize("arch, layers", [("vit_cls", (0, 1)), ("vit_regs", (1,)), ("deit_distilled", (0,)),
+                                          ("vit_qk_norm", (2, 0)), ("eva_no_rope", (0,))])
+def test_capture_stops_after_the_last_cached_layer_with_bit_identical_factors(arch, layers):
+    """Blocks after the last selected layer, the last block's MLP, the final norm and the head never
+    run, and Q/K of the selected layers are bit-identical to those of a full forward."""
+    teacher = _teacher(*ARCHS[arch])
+    x = _images(teacher)
+    ran = {}
+    last = max(layers)
+    watched = [(f"block{i}", b) for i, b in enumerate(teacher.model.blocks)] + [
+        ("mlp_last", teacher.model.blocks[last].mlp), ("norm", teacher.model.norm)]
+    handles = [m.register_forward_hook(lambda mod, i, o, n=n: ran.__setitem__(n, ran.get(n, 0) + 1)) for n, m in watched]
+    q, k = teacher.capture(x, layers)
+    for h in handles:
+        h.remove()
+    assert {n: c for n, c in ran.items()} == {f"block{i}": 1 for i in range(last)}
+    ref_q, ref_k = _full_forward_capture(teacher, x, layers)
+    assert torch.equal(q, ref_q) and torch.equal(k, ref_k)
+    q_all, k_all = teacher.capture(x, tuple(range(teacher.num_layers)))
+    slots = [list(range(teacher.num_layers)).index(l) for l in layers]
+    assert torch.equal(q, q_all[:, slots]) and torch.equal(k, k_all[:, slots])
+
+
+def test_default_layers_are_all_but_the_last_three():
+    from attncache.pipeline.teacher.model import DEFAULT_LAYERS_TEXT, default_layers
+    from attncache.pipeline.train.student import default_layers as student_default
+
+    assert student_default is default_layers  # one definition: precompute and train cannot drift
+    assert resolve_layers(default_layers(12), 12) == resolve_layers(DEFAULT_LAYERS_TEXT, 12) == tuple(range(9))
+    assert resolve_layers(default_layers(24), 24) == tuple(range(21))
+    assert resolve_layers(default_layers(3), 3) == (0, 1, 2) and resolve_layers(default_layers(4), 4) == (0,)

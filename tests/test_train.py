@@ -31,7 +31,7 @@ STUDENT = ["--student", TINY_TEACHER["model"]] + [
 
 def _cache(data, teacher_dir, out, recipe, views):
     run_precompute(PrecomputeConfig(data=(data,), out=str(out), teacher=TeacherConfig(str(teacher_dir)), views=views,
-                                    recipe=recipe, encoding="lowrank:r=8:int8", batch_size=64, workers=0, threads=2,
+                                    recipe=recipe, encoding="lowrank:r=8:int8", layers=":", batch_size=64, workers=0, threads=2,
                                     progress=False))
     return out
 

@@ -25,7 +25,7 @@ from attncache.pipeline.encodings.spec import DEFAULT_ENCODING, Encoding, parse_
 from attncache.pipeline.store.cache import CacheStore
 from attncache.pipeline.store.layout import Unit, base_arrays, factor_arrays, parse_compression
 from attncache.pipeline.store.lease import DEFAULT_LEASE_TIMEOUT_S, Lease
-from attncache.pipeline.teacher.model import Teacher, TeacherConfig, resolve_heads, resolve_layers
+from attncache.pipeline.teacher.model import Teacher, TeacherConfig, resolve_heads, resolve_layers_or_default
 
 
 class OnBadSample(enum.Enum):
@@ -45,7 +45,7 @@ class PrecomputeConfig:
     views: int = 1
     seed: int = 0
     recipe: str = "train"
-    layers: str = ":"
+    layers: str | None = None  # None: the layers a default student transfers, all but the last 3 (`0:-3`)
     heads: str | None = None
     encoding: str = DEFAULT_ENCODING
     compression: str = "zstd:3"
@@ -158,7 +158,7 @@ def build_job(config: PrecomputeConfig, manifest: DatasetManifest | None = None,
     recipe = parse_recipe(config.recipe, defaults)
     if recipe.output_size != defaults.image_size:
         raise ValueError(f"recipe output size {recipe.output_size} != teacher input size {defaults.image_size}")
-    layers = resolve_layers(config.layers, teacher.num_layers)
+    layers = resolve_layers_or_default(config.layers, teacher.num_layers)
     heads = resolve_heads(config.heads, teacher.num_heads)
     encoding = parse_encoding(config.encoding)
     meta = build_metadata(config, manifest, teacher, recipe, layers, heads, encoding)

@@ -164,7 +164,8 @@ def attention_figure(eval_cache: Path, teacher_dir: Path, runs: dict[str, Path],
 
     store = CacheStore.open(str(eval_cache))
     recipe = Recipe.from_json(store.meta["recipe"]["ops"])
-    layers = resolve_layers(default_layers(len(store.meta["layers"])), len(store.meta["layers"]))
+    depth = store.meta["teacher"]["num_layers"]  # student layer l transfers teacher layer l
+    layers = resolve_layers(default_layers(depth), depth)
     layer = layers[-1]
     prefix = store.meta["tokens"]["num_prefix_tokens"]
     gh, gw = store.meta["tokens"]["grid"]

@@ -25,8 +25,8 @@ from attncache.pipeline.augment.recipe import parse_recipe
 from attncache.pipeline.encodings.exact import QK_ENCODINGS
 from attncache.pipeline.encodings.spec import DEFAULT_ENCODING, parse_encoding
 from attncache.pipeline.store.layout import FACTOR_CHUNK_SLOTS, base_arrays, parse_compression
-from attncache.pipeline.teacher.model import (Teacher, TeacherConfig, resolve_heads, resolve_layers,
-    resolve_teacher_config)
+from attncache.pipeline.teacher.model import (DEFAULT_LAYERS_TEXT, Teacher, TeacherConfig, resolve_heads,
+    resolve_layers_or_default, resolve_teacher_config)
 
 # transfer mode -> the teacher tensor it consumes (as `student.MODES[mode].strategy.signal`)
 TRANSFER_MODES = {"copy": "logits", "distill": "logits", "copy_q": "q", "copy_k": "k", "distill_q": "q",
@@ -44,7 +44,7 @@ class PlanConfig:
     teacher: TeacherConfig
     samples: int
     views: int = 1
-    layers: str = ":"
+    layers: str | None = None  # None: precompute's default, the layers a default student transfers (`0:-3`)
     heads: str | None = None
     encoding: str = DEFAULT_ENCODING
     compression: str = "zstd:3"
@@ -149,6 +149,14 @@ def array_breakdown(encoding, recipe, teacher: Teacher, layers, heads, key_bytes
     return out
 
 
+def _layers_source(spec: str | None, num_layers: int) -> str:
+    if spec is not None:
+        return f"given: --layers {spec}"
+    every = " (every layer: the teacher has 3 or fewer)" if num_layers <= 3 else ""
+    return (f"default {DEFAULT_LAYERS_TEXT}{every}: all but the last 3 of {num_layers}, the layers a default "
+            "student transfers; --layers : caches every layer")
+
+
 def make_plan(config: PlanConfig) -> dict:
     if config.samples < 1 or config.views < 1:
         raise PlanError("--samples and --views must be at least 1")
@@ -159,7 +167,7 @@ def make_plan(config: PlanConfig) -> dict:
     compression = parse_compression(config.compression)
     factor = parse_factor(config.compression_factor)
     teacher = shape_teacher(config.teacher)
-    layers = resolve_layers(config.layers, teacher.num_layers)
+    layers = resolve_layers_or_default(config.layers, teacher.num_layers)
     heads = resolve_heads(config.heads, teacher.num_heads)
     recipe = parse_recipe(config.recipe, teacher.recipe_defaults())
     arrays = array_breakdown(encoding, recipe, teacher, layers, heads, config.key_bytes)
@@ -184,7 +192,8 @@ def make_plan(config: PlanConfig) -> dict:
     exact_fp16 = 2 * len(layers) * len(heads) * teacher.num_tokens * teacher.head_dim * 2
     return {
         "teacher": teacher.config.name, "model_args": dict(teacher.config.model_args),
-        "tokens": teacher.num_tokens, "head_dim": teacher.head_dim, "layers": list(layers), "heads": list(heads),
+        "tokens": teacher.num_tokens, "head_dim": teacher.head_dim, "layers": list(layers),
+        "layers_source": _layers_source(config.layers, teacher.num_layers), "heads": list(heads),
         "encoding": encoding.spec, "serves_qk": encoding.serves_qk, "mode": config.mode,
         "recipe": recipe.describe(), "compression": config.compression, "compression_factor": factor,
         "compression_factor_source": factor_source, "samples": config.samples, "views": config.views,
@@ -216,7 +225,7 @@ def _human_seconds(s: float) -> str:
 
 def plan_lines(plan: dict) -> list[str]:
     lines = [f"teacher: {plan['teacher']} {plan['model_args'] or ''}  tokens {plan['tokens']}, d {plan['head_dim']}",
-             f"layers {plan['layers']}  heads {plan['heads']}",
+             f"layers {plan['layers']} ({plan['layers_source']})  heads {plan['heads']}",
              f"encoding: {plan['encoding']} (serves Q/K: {'yes' if plan['serves_qk'] else 'no'})"
              + (f", mode {plan['mode']}: ok" if plan["mode"] else ""),
              f"recipe: {plan['recipe']}", "",

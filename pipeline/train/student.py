@@ -25,6 +25,7 @@ from torch import nn
 
 from attncache.pipeline.teacher.model import (TeacherConfig, _seeded_init, check_supported, load_state_dict,
     resolve_teacher_config)
+from attncache.pipeline.teacher.selection import default_layers  # noqa: F401 - one default for train and precompute
 
 
 class Signal(enum.Enum):
@@ -324,8 +325,3 @@ def transfer_loss(strategy: Strategy, context: TransferContext) -> torch.Tensor 
         loss = strategy.layer_loss(teacher, student)
         total = loss if total is None else total + loss
     return total
-
-
-def default_layers(num_layers: int) -> str:
-    """All but the last 3 layers, as the paper's default (`end_layer=-3`)."""
-    return f"0:{num_layers - 3}" if num_layers > 3 else ":"

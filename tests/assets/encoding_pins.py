@@ -44,7 +44,10 @@ def digest(arrays: dict) -> str:
 def fingerprint(spec: str) -> dict:
     """What a store written with `spec` holds of it: metadata JSON text, cache id, array bytes, decodes."""
     from attncache.pipeline.encodings.spec import parse_encoding
-    from attncache.pipeline.store.cache import factor_arrays
+    try:  # store/layout.py since the store split; store/cache.py at 0b09c8e, where the pins were made
+        from attncache.pipeline.store.layout import factor_arrays
+    except ImportError:
+        from attncache.pipeline.store.cache import factor_arrays
     from attncache.pipeline.store.meta import cache_id
 
     enc = parse_encoding(spec)
