@@ -20,7 +20,7 @@ class Precompute:
     """pipeline.precompute.job.PrecomputeConfig."""
     views: int = 1
     recipe: str = "train"
-    layers: str = ":"
+    layers: str | None = None
     encoding: str = "lowrank:r=8:int8"
     compression: str = "zstd:3"
     batch_size: int = 64
@@ -80,7 +80,7 @@ class DemoQuick:
 class Plan:
     """pipeline.tools.plan.PlanConfig."""
     views: int = 1
-    layers: str = ":"
+    layers: str | None = None
     encoding: str = "lowrank:r=8:int8"
     compression: str = "zstd:3"
     compression_factor: str = "none"
