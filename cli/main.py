@@ -18,7 +18,7 @@ from attncache.cli.train_cmd import evaluate, train
 # and Ray before `--help` could answer (issue 16 item 6).
 USER_ERRORS = (("attncache.pipeline.data.errors", "BadSample"), ("attncache.pipeline.data.errors", "DataError"),
                ("attncache.pipeline.precompute.job", "TooManySkipped"), ("attncache.pipeline.store.meta", "StoreError"),
-               ("attncache.storage_schema", "SchemaError"), ("attncache.pipeline.teacher.model", "TeacherError"),
+               ("attncache.storage_schema", "SchemaError"), ("attncache.pipeline.teacher.loading", "TeacherError"),
                ("attncache.pipeline.precompute.ray_runner", "UnitsFailed"),
                ("attncache.pipeline.precompute.ray_runner", "ClusterTooSmall"),
                ("attncache.pipeline.train.student", "StudentMismatch"),
