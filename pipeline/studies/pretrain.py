@@ -33,7 +33,8 @@ from attncache.pipeline.data.shards import BadSample, decode_image, decode_sampl
 from attncache.pipeline.teacher.model import (TEACHER_CONFIG_FILE, TEACHER_WEIGHTS_FILE, _seeded_init,
     model_recipe_defaults)
 from attncache.pipeline.train.loop import set_determinism
-from attncache.pipeline.train.optim import OptimConfig, build_optimizer, lr_at, set_lr
+from attncache.pipeline.train.optim import OptimConfig
+from attncache.pipeline.train.update import Updater
 
 TINY_VIT = (("depth", 6), ("embed_dim", 64), ("img_size", 32), ("num_heads", 4), ("patch_size", 4))
 REPORT_FILE = "pretrain.json"
@@ -264,9 +265,9 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
         model = timm.create_model(config.model, pretrained=False, **args)
         decoder = method.extra_modules(model)
     trainable = nn.ModuleDict({"model": model, "decoder": decoder}).to(config.device)
-    optimizer = build_optimizer(trainable, config.optim)
     steps_per_epoch = max(1, len(data.images_NCHW) // config.batch_size)
     total, warmup = steps_per_epoch * config.epochs, int(round(steps_per_epoch * config.optim.warmup_epochs))
+    updater = Updater.build(trainable, config.optim, total, warmup, ema_of=model)  # the EMA of the encoder
     gen = torch.Generator().manual_seed(config.seed)
     history, step = [], 0
     bar = tqdm(total=total, desc=f"pretrain {method.name}", unit="step", disable=not config.progress)
@@ -277,13 +278,14 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
             index = order[b * config.batch_size:(b + 1) * config.batch_size]
             raw = random_resized_crop(data.images_NCHW[index].to(config.device).float() / 255, gen, method.crop_scale)
             labels = data.labels_N[index].to(config.device) if data.labels_N is not None else None
-            set_lr(optimizer, lr_at(step, total, warmup, config.optim))
-            loss = method.loss(model, decoder, raw, _normalise(raw, defaults.mean, defaults.std), labels, gen)
-            if not torch.isfinite(loss):
-                raise PretrainError(f"loss became {loss.item()} at epoch {epoch} step {step}: lower --lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+
+            def check(loss: torch.Tensor) -> None:
+                if not torch.isfinite(loss):
+                    raise PretrainError(f"loss became {loss.item()} at epoch {epoch} step {step}: lower --lr")
+
+            _, loss = updater.step(step, lambda: method.loss(model, decoder, raw, _normalise(raw, defaults.mean,
+                                                                                           defaults.std), labels, gen),
+                                   check)
             losses.append(loss.item())
             step += 1
             bar.update(1)
