@@ -9,7 +9,8 @@ pipeline/train/checkpoint.py) and `metrics.jsonl`.
 Resume is exact: the loader's batches are a pure function of (seed, epoch, rank, world size,
 batch size, interleave, shuffle buffer), never of the loader workers, so
 skipping the batches an epoch already gave rebuilds the loader position; the drop-path random state
-is reseeded from (seed, step, rank) before every step, so no generator state has to be saved.
+is reseeded from (seed, step, rank) before every step, so no generator state has to be saved; the
+learning rate is a function of the step alone (pipeline/train/optim.py), so no scheduler state either.
 """
 from __future__ import annotations
 
@@ -280,7 +281,8 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
             epoch_samples += n_global
             reseed_step(cfg.seed, step, world.rank)
             # every rank has a batch: DDP sums the gradients during backward; else the ranks with a
-            # batch run the bare module and one flat all-reduce sums them (pipeline/train/distributed.py)
+            # batch run the bare module and one flat all-reduce sums them (pipeline/train/distributed.py).
+            # The update itself (lr, clip, optimiser, EMA) is pipeline/train/update.py's, as pretraining's.
             through = forward if empty_ranks == 0 else session.model
 
             def losses():
@@ -293,8 +295,10 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
                     sum_gradients(world, session.model)
                 dump_step(step, world.rank, session.model, batch, "flat" if empty_ranks else "ddp")
 
-            lr, (loss, ce, transfer) = updater.step(step, losses, lambda terms: stop_if_non_finite(world, step + 1, *terms),
-                                                    backward)
+            def check(terms):
+                stop_if_non_finite(world, step + 1, *terms)
+
+            lr, (loss, ce, transfer) = updater.step(step, losses, check, backward)
             step, in_epoch, samples = step + 1, in_epoch + 1, samples + n_global
             bar.update(1)
             if metrics is not None and loss is not None and (step % cfg.log_every == 0 or done()):
