@@ -33,6 +33,9 @@ def teacher():
 @click.option("--lr", default=_P.lr, type=P.RATE, help="Peak learning rate (AdamW, betas 0.9/0.95, cosine).")
 @click.option("--warmup-epochs", default=_P.warmup_epochs, type=P.floats(0, 10**6), help="Linear warmup, in epochs.")
 @click.option("--weight-decay", default=_P.weight_decay, type=P.floats(0, 100), help="AdamW weight decay.")
+@click.option("--clip-grad", type=P.floats(0, 1e6, low_open=True), default=None, help="Clip the gradient norm [default: off].")
+@click.option("--model-ema-decay", type=P.floats(0, 1, low_open=True, high_open=True), default=None,
+              help="Keep an EMA of the encoder, written as model_ema.safetensors [default: off].")
 @click.option("--mask-ratio", default=_P.mask_ratio, type=P.floats(0, 1, True, True), help="MAE: fraction of patches hidden from the encoder.")
 @click.option("--decoder-dim", default=_P.decoder_dim, type=P.ints(1, 8192), help="MAE: width of the decoder.")
 @click.option("--decoder-depth", default=_P.decoder_depth, type=P.ints(1, 64), help="MAE: blocks in the decoder.")
@@ -45,8 +48,8 @@ def teacher():
                                                    "the CPU generator either way).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
-def pretrain(method, data, out, model, model_args, epochs, batch_size, lr, warmup_epochs, weight_decay, mask_ratio,
-             decoder_dim, decoder_depth, smoothing, num_classes, eval_data, seed, threads, device, quiet, as_json):
+def pretrain(method, data, out, model, model_args, epochs, batch_size, lr, warmup_epochs, weight_decay, clip_grad,
+             model_ema_decay, mask_ratio, decoder_dim, decoder_depth, smoothing, num_classes, eval_data, seed, threads, device, quiet, as_json):
     """Pre-train a teacher ViT and write a teacher directory (config.json + model.safetensors).
 
     `precompute --teacher OUT`, `train --teacher OUT --mode finetune` and `bench fidelity OUT` then
@@ -62,7 +65,7 @@ def pretrain(method, data, out, model, model_args, epochs, batch_size, lr, warmu
                 else Supervised(smoothing=smoothing))
     args = parse_model_args(model_args) if model_args else (TINY_VIT if model == base.model else ())
     optim = OptimConfig(lr=lr, min_lr=base.optim.min_lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
-                        betas=base.optim.betas)
+                        betas=base.optim.betas, clip_grad=clip_grad, model_ema_decay=model_ema_decay)
     config = PretrainConfig(data=tuple(data), out=out, method=strategy, model=model, model_args=args, epochs=epochs,
                             batch_size=batch_size, optim=optim, num_classes=num_classes, eval_data=tuple(eval_data),
                             seed=seed, threads=threads, device=device, progress=not quiet)
@@ -70,6 +73,8 @@ def pretrain(method, data, out, model, model_args, epochs, batch_size, lr, warmu
     summary = {"out": result.out, "method": method, "epochs": result.epochs, "steps": result.steps,
                "seconds": round(result.seconds, 1), "final_loss": result.final_loss, "images": result.images,
                "skipped": result.skipped, "eval_top1": result.eval_top1}
+    if model_ema_decay is not None:
+        summary["eval_top1_ema"] = result.eval_top1_ema
     if as_json:
         click.echo(json.dumps(summary))
         return
@@ -78,4 +83,5 @@ def pretrain(method, data, out, model, model_args, epochs, batch_size, lr, warmu
     if result.skipped:
         click.echo(f"  skipped {result.skipped} bad samples (listed with reasons in {out}/pretrain.json)")
     if result.eval_top1 is not None:
-        click.echo(f"  eval top-1 {result.eval_top1:.2f}")
+        click.echo(f"  eval top-1 {result.eval_top1:.2f}" + (f", EMA {result.eval_top1_ema:.2f}"
+                                                             if result.eval_top1_ema is not None else ""))

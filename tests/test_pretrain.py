@@ -108,3 +108,67 @@ def test_cli_pretrain_prints_and_writes(pool, tmp_path):
     summary = json.loads(result.output.splitlines()[-1])
     assert summary["images"] == 128 and summary["method"] == "mae"
     assert (tmp_path / "t" / "model.safetensors").is_file()
+
+
+def _supervised(pool, out, optim):
+    return pretrain(PretrainConfig(data=(pool["train"],), out=str(out), method=Supervised(), model_args=TINY, epochs=2,
+                                   batch_size=32, optim=optim, eval_data=(pool["train"],), progress=False))
+
+
+def test_pretrain_clips_the_gradient_norm_it_is_given(pool, tmp_path, monkeypatch):
+    """The shared update step (pipeline/train/update.py): every optimiser step sees a gradient norm
+    of at most --clip-grad, where the same run without it steps on larger ones."""
+    from attncache.pipeline.train.optim import OptimConfig
+
+    norms = []
+    step = torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    base = PretrainConfig(data=(), out="").optim
+    _supervised(pool, tmp_path / "free", base)
+    free, norms[:] = list(norms), []
+    _supervised(pool, tmp_path / "clip", OptimConfig(**{**base.__dict__, "clip_grad": 0.05}))
+    assert len(norms) == len(free) == 8
+    assert min(free) > 0.05 and max(norms) <= 0.05 * (1 + 1e-5)
+    a, b = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("free", "clip"))
+    assert not torch.equal(a["blocks.0.attn.qkv.weight"], b["blocks.0.attn.qkv.weight"])
+
+
+def test_pretrain_keeps_an_ema_of_the_encoder_and_evaluates_it(pool, tmp_path, monkeypatch):
+    """--model-ema-decay: model_ema.safetensors is the EMA (decay d) of the weights after each step,
+    bit for bit; the live weights are those of the same run without an EMA."""
+    from attncache.pipeline.train import update
+    from attncache.pipeline.train.optim import OptimConfig
+
+    seen = []
+    step = update.Updater.step
+
+    def spy(self, *args, **kwargs):
+        if not seen:
+            seen.append({k: v.clone() for k, v in self.ema_of.state_dict().items()})
+        result = step(self, *args, **kwargs)
+        seen.append({k: v.clone() for k, v in self.ema_of.state_dict().items()})
+        return result
+
+    base = PretrainConfig(data=(), out="").optim
+    plain = _supervised(pool, tmp_path / "plain", base)
+    monkeypatch.setattr(update.Updater, "step", spy)
+    result = _supervised(pool, tmp_path / "ema", OptimConfig(**{**base.__dict__, "model_ema_decay": 0.8}))
+    assert not (tmp_path / "plain" / "model_ema.safetensors").exists() and plain.eval_top1_ema is None
+    live, ema = (load_file(str(tmp_path / "ema" / n)) for n in ("model.safetensors", "model_ema.safetensors"))
+    assert all(torch.equal(live[k], v) for k, v in load_file(str(tmp_path / "plain" / "model.safetensors")).items())
+    expected = {k: v.clone() for k, v in seen[0].items()}
+    for weights in seen[1:]:
+        for k, v in expected.items():
+            v.lerp_(weights[k], 1.0 - 0.8)
+    assert len(seen) == 9 and set(ema) == set(live) and "head.weight" in ema
+    assert all(torch.equal(ema[k], expected[k]) for k in ema)
+    assert not torch.equal(ema["blocks.0.attn.qkv.weight"], live["blocks.0.attn.qkv.weight"])
+    report = json.loads((tmp_path / "ema" / "pretrain.json").read_text())
+    assert result.eval_top1_ema is not None and report["eval_top1_ema"] == result.eval_top1_ema
+    assert report["ema_weights"] == "model_ema.safetensors"

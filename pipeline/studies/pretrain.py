@@ -10,6 +10,10 @@ The output directory is a teacher directory: `config.json` names the timm model 
 arguments, `model.safetensors` holds the encoder's weights, so `precompute --teacher DIR`,
 `train --teacher DIR --mode finetune` and `bench fidelity DIR` load it like any other teacher.
 `pretrain.json` records the method, arguments, per-epoch loss, skipped samples and timings.
+
+Each step is the student loop's (pipeline/train/update.py): the warmup + cosine schedule, the
+gradient-norm clip (`optim.clip_grad`) and the EMA of the encoder (`optim.model_ema_decay`,
+written beside the weights as `model_ema.safetensors` and evaluated with them).
 """
 from __future__ import annotations
 
@@ -33,10 +37,12 @@ from attncache.pipeline.data.shards import BadSample, decode_image, decode_sampl
 from attncache.pipeline.teacher.model import (TEACHER_CONFIG_FILE, TEACHER_WEIGHTS_FILE, _seeded_init,
     model_recipe_defaults)
 from attncache.pipeline.train.loop import set_determinism
-from attncache.pipeline.train.optim import OptimConfig, build_optimizer, lr_at, set_lr
+from attncache.pipeline.train.optim import OptimConfig
+from attncache.pipeline.train.update import Updater
 
 TINY_VIT = (("depth", 6), ("embed_dim", 64), ("img_size", 32), ("num_heads", 4), ("patch_size", 4))
 REPORT_FILE = "pretrain.json"
+EMA_WEIGHTS_FILE = "model_ema.safetensors"  # with optim.model_ema_decay: the EMA of the encoder
 
 
 class PretrainError(ValueError):
@@ -232,6 +238,7 @@ class PretrainResult:
     images: int
     skipped: int
     eval_top1: float | None
+    eval_top1_ema: float | None = None  # with optim.model_ema_decay and eval data
 
 
 def _normalise(images_BCHW: torch.Tensor, mean: tuple, std: tuple) -> torch.Tensor:
@@ -264,9 +271,9 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
         model = timm.create_model(config.model, pretrained=False, **args)
         decoder = method.extra_modules(model)
     trainable = nn.ModuleDict({"model": model, "decoder": decoder}).to(config.device)
-    optimizer = build_optimizer(trainable, config.optim)
     steps_per_epoch = max(1, len(data.images_NCHW) // config.batch_size)
     total, warmup = steps_per_epoch * config.epochs, int(round(steps_per_epoch * config.optim.warmup_epochs))
+    updater = Updater.build(trainable, config.optim, total, warmup, ema_of=model)  # the EMA of the encoder
     gen = torch.Generator().manual_seed(config.seed)
     history, step = [], 0
     bar = tqdm(total=total, desc=f"pretrain {method.name}", unit="step", disable=not config.progress)
@@ -277,29 +284,32 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
             index = order[b * config.batch_size:(b + 1) * config.batch_size]
             raw = random_resized_crop(data.images_NCHW[index].to(config.device).float() / 255, gen, method.crop_scale)
             labels = data.labels_N[index].to(config.device) if data.labels_N is not None else None
-            set_lr(optimizer, lr_at(step, total, warmup, config.optim))
-            loss = method.loss(model, decoder, raw, _normalise(raw, defaults.mean, defaults.std), labels, gen)
-            if not torch.isfinite(loss):
-                raise PretrainError(f"loss became {loss.item()} at epoch {epoch} step {step}: lower --lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+
+            def check(loss: torch.Tensor) -> None:
+                if not torch.isfinite(loss):
+                    raise PretrainError(f"loss became {loss.item()} at epoch {epoch} step {step}: lower --lr")
+
+            _, loss = updater.step(step, lambda: method.loss(model, decoder, raw, _normalise(raw, defaults.mean,
+                                                                                           defaults.std), labels, gen),
+                                   check)
             losses.append(loss.item())
             step += 1
             bar.update(1)
         history.append({"epoch": epoch, "loss": float(np.mean(losses)), "seconds": round(time.perf_counter() - started, 1)})
         bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
     bar.close()
-    eval_top1 = None
+    ema = updater.ema
+    eval_top1 = eval_top1_ema = None
     if config.eval_data and method.labelled:
         eval_set = load_images(config.eval_data, defaults.image_size, True, progress=False)
         eval_top1 = top1(model, eval_set, defaults.mean, defaults.std, device=config.device)
+        if ema is not None:
+            eval_top1_ema = top1(ema.module, eval_set, defaults.mean, defaults.std, device=config.device)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = atomic.temp_path(out / TEACHER_WEIGHTS_FILE)
-    save_file(state, str(tmp), metadata={"method": method.name})
-    atomic.commit_temp(tmp, out / TEACHER_WEIGHTS_FILE)
+    _save_weights(model.state_dict(), out / TEACHER_WEIGHTS_FILE, method.name)
+    if ema is not None:  # beside the live weights, as `train` keeps it; point config.json's "weights" at it to use it
+        _save_weights(ema.state, out / EMA_WEIGHTS_FILE, method.name)
     atomic.write_json(out / TEACHER_CONFIG_FILE, {"model": config.model, "model_args": args,
                                                   "weights": TEACHER_WEIGHTS_FILE, "method": method.name})
     seconds = time.perf_counter() - started
@@ -307,6 +317,14 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
               "epochs": config.epochs, "batch_size": config.batch_size, "steps": step, "seed": config.seed,
               "optim": asdict(config.optim), "images": len(data.images_NCHW), "skipped": list(data.skipped),
               "history": history, "eval_top1": eval_top1, "seconds": round(seconds, 1)}
+    if ema is not None:
+        report.update(eval_top1_ema=eval_top1_ema, ema_weights=EMA_WEIGHTS_FILE)
     atomic.write_json(out / REPORT_FILE, report)
     return PretrainResult(str(out), config.epochs, step, seconds, history[-1]["loss"] if history else float("nan"),
-                          len(data.images_NCHW), len(data.skipped), eval_top1)
+                          len(data.images_NCHW), len(data.skipped), eval_top1, eval_top1_ema)
+
+
+def _save_weights(state: dict[str, torch.Tensor], path: Path, method: str) -> None:
+    tmp = atomic.temp_path(path)
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp), metadata={"method": method})
+    atomic.commit_temp(tmp, path)

@@ -9,7 +9,8 @@ pipeline/train/checkpoint.py) and `metrics.jsonl`.
 Resume is exact: the loader's batches are a pure function of (seed, epoch, rank, world size,
 batch size, interleave, shuffle buffer), never of the loader workers, so
 skipping the batches an epoch already gave rebuilds the loader position; the drop-path random state
-is reseeded from (seed, step, rank) before every step, so no generator state has to be saved.
+is reseeded from (seed, step, rank) before every step, so no generator state has to be saved; the
+learning rate is a function of the step alone (pipeline/train/optim.py), so no scheduler state either.
 """
 from __future__ import annotations
 
@@ -34,11 +35,12 @@ from attncache.pipeline.train.distributed import (World, barrier, dump_step, glo
     shutdown, stall_at, step_counts, sum_gradients, sum_over_ranks, wrap_model)
 from attncache.pipeline.train.evaluate import EvalCounts, evaluate_counts
 from attncache.pipeline.train.loader import DEFAULT_INTERLEAVE, StreamConfig, epoch_loader, steps_in_epoch, view_of
-from attncache.pipeline.train.optim import OptimConfig, WeightEma, build_optimizer, lr_at, set_lr
+from attncache.pipeline.train.optim import OptimConfig, WeightEma
 from attncache.pipeline.train.run_identity import check_or_write_run, run_id, run_record
 from attncache.pipeline.train.session import (Session, TransferSpec, build_session, eval_stream, infer_num_classes,
     train_stream)
 from attncache.pipeline.train.student import transfer_loss
+from attncache.pipeline.train.update import Updater
 
 MODEL_FILE = "model.safetensors"
 
@@ -227,8 +229,6 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
     stream = replace(stream, max_sample_bytes=cfg.max_sample_bytes)
     if evaluation is not None:
         evaluation = (replace(evaluation[0], max_sample_bytes=cfg.max_sample_bytes), evaluation[1])
-    optimizer = build_optimizer(session.model, cfg.optim)
-    ema = WeightEma(session.model, cfg.optim.model_ema_decay) if cfg.optim.model_ema_decay else None
     epochs = cfg.epochs
     counts = EpochCounts(stream)
     first_epoch_steps = steps_in_epoch(counts(0), 0, cfg.seed, world.size, cfg.batch_size)
@@ -239,6 +239,8 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
         print(f"attncache train: warning: the warmup ({cfg.optim.warmup_epochs} epochs = {warmup} steps) is as long "
               f"as the whole run ({total_steps} steps): the peak --lr is never reached; lower --warmup-epochs",
               file=sys.stderr)
+    updater = Updater.build(session.model, cfg.optim, total_steps, warmup)
+    optimizer, ema = updater.optimizer, updater.ema
     record = run_record(cfg.spec.to_json(), cfg, session.recipe.to_json())
     rid = run_id(record)
     if world.is_main:
@@ -277,27 +279,26 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
                 exhausted = True
                 break
             epoch_samples += n_global
-            lr = lr_at(step, total_steps, warmup, cfg.optim)
-            set_lr(optimizer, lr)
             reseed_step(cfg.seed, step, world.rank)
-            optimizer.zero_grad(set_to_none=True)
-            loss = ce = transfer = None
             # every rank has a batch: DDP sums the gradients during backward; else the ranks with a
-            # batch run the bare module and one flat all-reduce sums them (pipeline/train/distributed.py)
+            # batch run the bare module and one flat all-reduce sums them (pipeline/train/distributed.py).
+            # The update itself (lr, clip, optimiser, EMA) is pipeline/train/update.py's, as pretraining's.
             through = forward if empty_ranks == 0 else session.model
-            if n:
-                loss, ce, transfer = step_losses(session, batch, cfg.device, cfg.distill_weight, amp, through)
-            stop_if_non_finite(world, step + 1, loss, ce, transfer)
-            if n:
-                (loss * loss_weight(world, n, n_global)).backward()
-            if empty_ranks:
-                sum_gradients(world, session.model)
-            dump_step(step, world.rank, session.model, batch, "flat" if empty_ranks else "ddp")
-            if cfg.optim.clip_grad:
-                torch.nn.utils.clip_grad_norm_(session.model.parameters(), cfg.optim.clip_grad)
-            optimizer.step()
-            if ema is not None:
-                ema.update(session.model)
+
+            def losses():
+                return step_losses(session, batch, cfg.device, cfg.distill_weight, amp, through) if n else (None,) * 3
+
+            def backward(terms):
+                if n:
+                    (terms[0] * loss_weight(world, n, n_global)).backward()
+                if empty_ranks:
+                    sum_gradients(world, session.model)
+                dump_step(step, world.rank, session.model, batch, "flat" if empty_ranks else "ddp")
+
+            def check(terms):
+                stop_if_non_finite(world, step + 1, *terms)
+
+            lr, (loss, ce, transfer) = updater.step(step, losses, check, backward)
             step, in_epoch, samples = step + 1, in_epoch + 1, samples + n_global
             bar.update(1)
             if metrics is not None and loss is not None and (step % cfg.log_every == 0 or done()):
