@@ -1,6 +1,7 @@
 """Low-rank fitter, old against candidate, in one run (BENCHMARKS.md, "Low-rank fitter (issue 18 item 2)").
 
-    .venv/bin/python -m attncache.benchmarks.fitter
+    .venv/bin/python -m attncache.benchmarks.fitter            # old against candidate
+    .venv/bin/python -m attncache.benchmarks.fitter --stages   # where the eigh fitter's time goes
 
 For each input set: encode MB/s of raw Q/K (float32 bytes in) for `fit_factors` with the float64
 eigh (every store's fitter) and with `fit_subspace.top_singular_subspace`, the mean
@@ -10,11 +11,12 @@ are bit-identical across two runs and across torch thread counts 1 and 2.
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 import torch
 
-from attncache.pipeline.encodings.fit import fit_factors
+from attncache.pipeline.encodings.fit import _cholesky_upper, _top_singular, fit_factors
 from attncache.pipeline.encodings.fit_subspace import top_singular_subspace
 from attncache.pipeline.encodings.kl import attention_kl, exact_logits
 
@@ -41,14 +43,8 @@ def vit_qk(depth, embed, heads, b=16):
     return q, k, teacher.scale
 
 
-def speed(q, k, scale, rank, top, repeats=3):
-    fit_factors(q, k, scale, rank, top)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fit_factors(q, k, scale, rank, top)
-        best = min(best, time.perf_counter() - start)
-    return (q.numel() + k.numel()) * 4 / best / 1e6
+def speed(q, k, scale, rank, top):
+    return (q.numel() + k.numel()) * 4 / best_ms(lambda: fit_factors(q, k, scale, rank, top)) / 1e3
 
 
 def bits_hold(q, k, scale, rank, top):
@@ -79,8 +75,50 @@ def measure(name, q, k, scale):
     return rows
 
 
+def best_ms(fn, repeats=3):
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3
+
+
+def stages(shape, rank=8):
+    """Milliseconds per stage of `fit_factors` on random Gaussian Q/K of `shape`, each stage alone."""
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(*shape, generator=g), torch.randn(*shape, generator=g)
+    kc = k - k.mean(-2, keepdim=True)
+    gq, gk = q.transpose(-1, -2) @ q, kc.transpose(-1, -2) @ kc
+    rq, rk = _cholesky_upper(gq), _cholesky_upper(gk)
+    core = rq @ rk.transpose(-1, -2)
+    top, _ = _top_singular(core, rank)
+    w = torch.linalg.solve_triangular(rq, top, upper=True).float()
+    chol = torch.linalg.cholesky_ex
+    timed = {"fit_factors": lambda: fit_factors(q, k, 0.125, rank),
+             "gram x2 fp32": lambda: (q.transpose(-1, -2) @ q, kc.transpose(-1, -2) @ kc),
+             "cast fp64 x2": lambda: (gq.double(), gk.double()),
+             "cholesky_ex fp64 x2": lambda: (chol(gq.double(), upper=True), chol(gk.double(), upper=True)),
+             "cholesky_ex fp32 x2": lambda: (chol(gq, upper=True), chol(gk, upper=True)),
+             "core matmul fp64": lambda: rq @ rk.transpose(-1, -2),
+             "eigh fp64": lambda: torch.linalg.eigh(core @ core.transpose(-1, -2)),
+             "eigh fp32": lambda: torch.linalg.eigh((core @ core.transpose(-1, -2)).float()),
+             "svd fp64 core": lambda: torch.linalg.svd(core),
+             "solve_triangular x2": lambda: (torch.linalg.solve_triangular(rq, top, upper=True),
+                                             torch.linalg.solve_triangular(rk, top, upper=True)),
+             "final matmuls x2": lambda: (q @ w, kc @ w),
+             "qr fp32 of Q": lambda: torch.linalg.qr(q)}
+    ms = {name: round(best_ms(fn), 1) for name, fn in timed.items()}
+    print(json.dumps({"shape": list(shape), "rank": rank, **ms}), flush=True)
+
+
 def main():
     torch.set_num_threads(2)
+    if "--stages" in sys.argv[1:]:
+        for shape in ((32, 12, 6, 65, 64), (32, 12, 3, 197, 64), (32, 6, 4, 65, 24)):
+            stages(shape)
+        return
     q, k, scale = vit_qk(6, 96, 4)
     measure("random-init ViT d=24 (the project's teacher shape), 16 images", q, k, scale)
     q, k, scale = vit_qk(12, 192, 3)
