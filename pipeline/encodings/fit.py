@@ -7,6 +7,8 @@ is split to both sides so A and B have similar ranges.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from attncache.pipeline.encodings.finite import NonFiniteValues, first_bad, require_finite
@@ -49,8 +51,16 @@ def _top_singular(core: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Te
     return top, sing
 
 
-def fit_factors(q_BLHNd: torch.Tensor, k_BLHNd: torch.Tensor, scale: float, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+TopSingular = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def fit_factors(q_BLHNd: torch.Tensor, k_BLHNd: torch.Tensor, scale: float, rank: int,
+                top_singular: TopSingular | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Float32 factors A, B [B, L, H, N, rank].
+
+    `top_singular` (core, rank) -> (left vectors, values) solves the d x d core; every store so far
+    was written with the default, `_top_singular` (a full float64 eigh), and `fit_subspace` holds a
+    measured alternative (BENCHMARKS.md, "Low-rank fitter").
 
     Q = U_q R_q with R_q the Cholesky factor of the d x d Gram matrix (a QR without a per-matrix
     LAPACK QR, which costs ~10x more on CPU), likewise centred K; the core scale * R_q R_k^T is
@@ -67,7 +77,7 @@ def fit_factors(q_BLHNd: torch.Tensor, k_BLHNd: torch.Tensor, scale: float, rank
     r_q = _cholesky_upper(q.transpose(-1, -2) @ q)
     r_k = _cholesky_upper(k.transpose(-1, -2) @ k)
     core = scale * r_q @ r_k.transpose(-1, -2)  # (d, d)
-    top, sing = _top_singular(core, rank)  # (d, r), (r,)
+    top, sing = (top_singular or _top_singular)(core, rank)  # (d, r), (r,)
     alive = sing > 1e-12 * sing[..., :1].clamp_min(1e-300)  # zero directions when N < r
     right = core.transpose(-1, -2) @ top / torch.where(alive, sing, 1.0).unsqueeze(-2)  # (d, r)
     right = right * alive.unsqueeze(-2)

@@ -1,0 +1,131 @@
+"""Low-rank fitter, old against candidate, in one run (BENCHMARKS.md, "Low-rank fitter (issue 18 item 2)").
+
+    .venv/bin/python -m attncache.benchmarks.fitter            # old against candidate
+    .venv/bin/python -m attncache.benchmarks.fitter --stages   # where the eigh fitter's time goes
+
+For each input set: encode MB/s of raw Q/K (float32 bytes in) for `fit_factors` with the float64
+eigh (every store's fitter) and with `fit_subspace.top_singular_subspace`, the mean
+KL(teacher softmax || decoded softmax) at ranks 4, 8, 16 and full, and whether each fitter's factors
+are bit-identical across two runs and across torch thread counts 1 and 2.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import torch
+
+from attncache.pipeline.encodings.fit import _cholesky_upper, _top_singular, fit_factors
+from attncache.pipeline.encodings.fit_subspace import top_singular_subspace
+from attncache.pipeline.encodings.kl import attention_kl, exact_logits
+
+FITTERS = {"eigh": None, "subspace": top_singular_subspace}
+
+
+def low_rank_plus_noise(b, layers, heads, tokens, dim, rank=8, noise=0.05, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shape = (b, layers, heads, tokens, rank)
+    mix = torch.randn(b, layers, heads, rank, dim, generator=g)
+    q = torch.randn(*shape, generator=g) @ mix + noise * torch.randn(b, layers, heads, tokens, dim, generator=g)
+    k = torch.randn(*shape, generator=g) @ mix + noise * torch.randn(b, layers, heads, tokens, dim, generator=g)
+    return q * 2, k * 2
+
+
+def vit_qk(depth, embed, heads, b=16):
+    from attncache.pipeline.teacher.model import Teacher, TeacherConfig
+
+    args = {"img_size": 32, "patch_size": 4, "depth": depth, "embed_dim": embed, "num_heads": heads,
+            "num_classes": 10}
+    teacher = Teacher(TeacherConfig("vit_tiny_patch16_224", tuple(sorted(args.items())), random_init=True))
+    x = torch.randn(b, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    q, k = teacher.capture(x, tuple(range(teacher.num_layers)))
+    return q, k, teacher.scale
+
+
+def speed(q, k, scale, rank, top):
+    return (q.numel() + k.numel()) * 4 / best_ms(lambda: fit_factors(q, k, scale, rank, top)) / 1e3
+
+
+def bits_hold(q, k, scale, rank, top):
+    def run(threads):
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return fit_factors(q, k, scale, rank, top)
+        finally:
+            torch.set_num_threads(before)
+    ref = run(2)
+    return all(torch.equal(x, y) for other in (run(2), run(1)) for x, y in zip(ref, other))
+
+
+def measure(name, q, k, scale):
+    ref = exact_logits(q, k, scale)
+    d = q.shape[-1]
+    rows = {}
+    for rank in sorted({4, 8, 16, d} & set(range(1, d + 1))):
+        row = {}
+        for fitter, top in FITTERS.items():
+            a, b = fit_factors(q, k, scale, rank, top)
+            row[fitter] = {"kl": float(attention_kl(ref, a @ b.transpose(-1, -2)).mean()),
+                           "mb_s": round(speed(q, k, scale, rank, top), 1),
+                           "bit_identical_runs_and_threads": bits_hold(q, k, scale, rank, top)}
+        rows[rank] = row
+        print(json.dumps({"inputs": name, "shape": list(q.shape), "rank": rank, **row}), flush=True)
+    return rows
+
+
+def best_ms(fn, repeats=3):
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3
+
+
+def stages(shape, rank=8):
+    """Milliseconds per stage of `fit_factors` on random Gaussian Q/K of `shape`, each stage alone."""
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(*shape, generator=g), torch.randn(*shape, generator=g)
+    kc = k - k.mean(-2, keepdim=True)
+    gq, gk = q.transpose(-1, -2) @ q, kc.transpose(-1, -2) @ kc
+    rq, rk = _cholesky_upper(gq), _cholesky_upper(gk)
+    core = rq @ rk.transpose(-1, -2)
+    top, _ = _top_singular(core, rank)
+    w = torch.linalg.solve_triangular(rq, top, upper=True).float()
+    chol = torch.linalg.cholesky_ex
+    timed = {"fit_factors": lambda: fit_factors(q, k, 0.125, rank),
+             "gram x2 fp32": lambda: (q.transpose(-1, -2) @ q, kc.transpose(-1, -2) @ kc),
+             "cast fp64 x2": lambda: (gq.double(), gk.double()),
+             "cholesky_ex fp64 x2": lambda: (chol(gq.double(), upper=True), chol(gk.double(), upper=True)),
+             "cholesky_ex fp32 x2": lambda: (chol(gq, upper=True), chol(gk, upper=True)),
+             "core matmul fp64": lambda: rq @ rk.transpose(-1, -2),
+             "eigh fp64": lambda: torch.linalg.eigh(core @ core.transpose(-1, -2)),
+             "eigh fp32": lambda: torch.linalg.eigh((core @ core.transpose(-1, -2)).float()),
+             "svd fp64 core": lambda: torch.linalg.svd(core),
+             "solve_triangular x2": lambda: (torch.linalg.solve_triangular(rq, top, upper=True),
+                                             torch.linalg.solve_triangular(rk, top, upper=True)),
+             "final matmuls x2": lambda: (q @ w, kc @ w),
+             "qr fp32 of Q": lambda: torch.linalg.qr(q)}
+    ms = {name: round(best_ms(fn), 1) for name, fn in timed.items()}
+    print(json.dumps({"shape": list(shape), "rank": rank, **ms}), flush=True)
+
+
+def main():
+    torch.set_num_threads(2)
+    if "--stages" in sys.argv[1:]:
+        for shape in ((32, 12, 6, 65, 64), (32, 12, 3, 197, 64), (32, 6, 4, 65, 24)):
+            stages(shape)
+        return
+    q, k, scale = vit_qk(6, 96, 4)
+    measure("random-init ViT d=24 (the project's teacher shape), 16 images", q, k, scale)
+    q, k, scale = vit_qk(12, 192, 3)
+    measure("random-init ViT-Ti d=64, 16 images", q, k, scale)
+    q, k = low_rank_plus_noise(16, 6, 4, 65, 64)
+    measure("rank-8-plus-noise d=64", q, k, 64 ** -0.5)
+
+
+if __name__ == "__main__":
+    main()
