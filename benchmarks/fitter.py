@@ -17,7 +17,7 @@ import time
 import torch
 
 from attncache.pipeline.encodings.fit import _cholesky_upper, _top_singular, fit_factors
-from attncache.pipeline.encodings.fit_subspace import top_singular_subspace
+from attncache.benchmarks.fit_subspace import top_singular_subspace
 from attncache.pipeline.encodings.kl import attention_kl, exact_logits
 
 FITTERS = {"eigh": None, "subspace": top_singular_subspace}

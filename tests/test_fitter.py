@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from attncache.pipeline.encodings.fit import _top_singular, fit_factors
-from attncache.pipeline.encodings.fit_subspace import top_singular_subspace
+from attncache.benchmarks.fit_subspace import top_singular_subspace
 from attncache.pipeline.encodings.kl import attention_kl, exact_logits
 from attncache.pipeline.encodings.spec import parse_encoding
 

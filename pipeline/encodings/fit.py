@@ -59,8 +59,8 @@ def fit_factors(q_BLHNd: torch.Tensor, k_BLHNd: torch.Tensor, scale: float, rank
     """Float32 factors A, B [B, L, H, N, rank].
 
     `top_singular` (core, rank) -> (left vectors, values) solves the d x d core; every store so far
-    was written with the default, `_top_singular` (a full float64 eigh), and `fit_subspace` holds a
-    measured alternative (BENCHMARKS.md, "Low-rank fitter").
+    was written with the default, `_top_singular` (a full float64 eigh), and `benchmarks/fit_subspace.py` holds a
+    measured alternative that no store uses (BENCHMARKS.md, "Low-rank fitter").
 
     Q = U_q R_q with R_q the Cholesky factor of the d x d Gram matrix (a QR without a per-matrix
     LAPACK QR, which costs ~10x more on CPU), likewise centred K; the core scale * R_q R_k^T is
