@@ -11,6 +11,7 @@ from attncache.cli import defaults
 from attncache.cli import params as P
 from attncache.cli.cache_cmd import max_sample_bytes_option
 from attncache.cli.outdir import writing_to
+from attncache.cli.train_config import config_option
 from attncache.pipeline._util import atomic
 from attncache.pipeline._util.runtime import default_threads
 
@@ -51,6 +52,7 @@ def _recipe_with_mix(recipe: str, mixup: float, cutmix: float) -> str:
 
 
 @click.command()
+@config_option
 @click.option("--data", multiple=True, required=True, help=f"Training shards (webdataset tars): {P.DATA_FORMS}.")
 @click.option("--cache", default=None, type=click.Path(), help="Store written by `precompute` for these shards.")
 @click.option("--teacher", default=None, help="Online teacher (timm name or teacher dir) instead of a cache; "

@@ -29,6 +29,9 @@ def test_the_wheel_holds_only_the_attncache_namespace_and_its_dist_info(tmp_path
         for init in (ROOT / folder).rglob("__init__.py"):
             assert f"attncache/{init.relative_to(ROOT).as_posix()}" in names
     assert {"attncache/storage_schema/store_v2.json", "attncache/storage_schema/README.md"} <= set(names)
+    # the recipes `train -c NAME` resolves (issue 16 item 2)
+    shipped = {f"attncache/cli/configs/{p.name}" for p in (ROOT / "cli" / "configs").glob("*.yaml")}
+    assert {"attncache/cli/configs/paper-distill.yaml", "attncache/cli/configs/paper-copy.yaml"} <= shipped <= set(names)
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     with zipfile.ZipFile(next(tmp_path.glob("attncache-*.whl"))) as wheel:
         assert "attncache = attncache.cli.main:cli" in wheel.read(entry_points).decode()
