@@ -39,7 +39,7 @@ def make_teacher_config(teacher: str, model_args, checkpoint, random_init, seed,
     return TeacherConfig(teacher, parse_model_args(model_args), checkpoint, random_init, seed, device)
 
 
-@click.command()
+@click.command(epilog=defaults.recipe_grammar())
 @click.option("--data", "data", multiple=True, required=True,
               help=f"Shards to precompute (webdataset tars): {P.DATA_FORMS}.")
 @click.option("--teacher", required=True, help="timm model name, or a directory written by `teacher pretrain`.")

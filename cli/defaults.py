@@ -159,3 +159,60 @@ class Optim:
 
 # pipeline.train.student.MODES, in order
 TRAIN_MODES = ("scratch", "finetune", "copy", "copy_q", "copy_k", "distill", "distill_q", "distill_k")
+
+
+# ------------------------------------------------------------------------ the recipe grammar (issue 16 item 3)
+
+# pipeline.augment.ops.OPS: every op, in order, its arguments and their defaults (None: from the teacher's
+# pretrained config, TEACHER below) and what it does. tests/test_train_config.py checks names, arguments
+# and defaults against the op table itself, which imports torch and PIL.
+RECIPE_OPS = (
+    ("rrc", {"size": None, "scale": (0.08, 1.0), "ratio": (3 / 4, 4 / 3), "interpolation": None},
+     "random resized crop to size x size (torchvision RandomResizedCrop)"),
+    ("flip", {"p": 0.5}, "horizontal flip with probability p"),
+    ("jitter", {"brightness": 0.4, "contrast": 0.4, "saturation": 0.4, "hue": 0.0}, "colour jitter"),
+    ("randaug", {"n": 2, "m": 9.0, "mstd": 0.5, "p": 0.5, "inc": 1, "mmax": 10.0, "mean": None, "interpolation": None},
+     "timm RandAugment (rand-m9-mstd0.5-inc1): n ops, each with probability p, magnitude m (std mstd, at "
+     "most mmax); inc=1: timm's increasing-magnitude ops; mean: the fill colour"),
+    ("resize", {"size": None, "interpolation": None}, "shorter side to size (default: image size / crop_pct)"),
+    ("center_crop", {"size": None}, "centre crop to size x size"),
+    ("normalize", {"mean": None, "std": None}, "to a tensor, (x - mean) / std; exactly one, between the PIL "
+                                               "ops and the tensor ops"),
+    ("erase", {"p": 0.25, "scale": (0.02, 1 / 3), "ratio": (0.3, 3.3)},
+     "timm RandomErasing (mode='pixel'), with probability p; after normalize"),
+    ("mix", {"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "prob": 1.0, "switch_prob": 0.5},
+     "timm Mixup/CutMix with a partner from the same unit; the last op, if any"),
+)
+TEACHER = "teacher"  # how a None default is shown: the teacher's image size, mean, std, interpolation
+
+
+def _literal(value) -> str:
+    if value is None:
+        return TEACHER
+    if isinstance(value, tuple):
+        return "(" + ",".join(_literal(v) for v in value) + ")"
+    return repr(round(value, 4)) if isinstance(value, float) else repr(value)
+
+
+def recipe_grammar() -> str:
+    """The recipe grammar as a help epilog: presets, then each op with its arguments and defaults."""
+    import textwrap
+
+    lines = ["Recipes (--recipe): a preset, or ops joined by '|', each `op` or `op(arg=value,...)`; missing "
+             f"arguments take the defaults below ('{TEACHER}': from the teacher's pretrained config).",
+             "", "\b", "Presets:"]
+    for name, text in RECIPE_PRESETS:
+        lines += textwrap.wrap(f"{name}: " + text.replace("|", " | "), 76, initial_indent="  ",
+                               subsequent_indent="      ", break_on_hyphens=False)
+    lines += ["", "\b", "Ops (arguments and defaults):"]
+    for name, args, what in RECIPE_OPS:
+        signature = f"{name}(" + ", ".join(f"{k}={_literal(v)}" for k, v in args.items()) + ")"
+        lines += textwrap.wrap(signature, 76, initial_indent="  ", subsequent_indent="      ")
+        lines += textwrap.wrap(what, 76, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(lines)
+
+
+# pipeline.augment.spec.PRESETS, in order
+RECIPE_PRESETS = (("train", "rrc(scale=(0.08,1.0))|flip|randaug(n=2,m=9,mstd=0.5,inc=1)|normalize|erase(p=0.25)"),
+                  ("eval", "resize|center_crop|normalize"),
+                  ("train_mix", "rrc(scale=(0.08,1.0))|flip|randaug(n=2,m=9,mstd=0.5,inc=1)|normalize|erase(p=0.25)|mix"))
