@@ -152,6 +152,7 @@ class Train:
 class Optim:
     """pipeline.train.optim.OptimConfig."""
     lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
     min_lr: float = 1e-6
     weight_decay: float = 0.05
     warmup_epochs: float = 5.0

@@ -78,6 +78,8 @@ def _recipe_with_mix(recipe: str, mixup: float, cutmix: float) -> str:
                                          "the other heads of those layers learn freely.")
 @click.option("--distill-weight", default=_T.distill_weight, type=P.WEIGHT, help="Weight of the transfer loss (distill modes).")
 @click.option("--lr", default=_O.lr, type=P.RATE, help="Peak learning rate (timm --lr).")
+@click.option("--opt-betas", "betas", default=_O.betas, type=click.Tuple([P.floats(0, 1, high_open=True)] * 2),
+              metavar="BETA1 BETA2", help="AdamW's betas (timm --opt-betas; the paper's distill recipe: 0.9 0.95).")
 @click.option("--min-lr", default=_O.min_lr, type=P.floats(0, 10), help="Final learning rate of the cosine schedule.")
 @click.option("--weight-decay", default=_O.weight_decay, type=P.floats(0, 100), help="AdamW weight decay.")
 @click.option("--warmup-epochs", default=_O.warmup_epochs, type=P.floats(0, 10**6), help="Linear warmup, in epochs.")
@@ -116,7 +118,7 @@ def _recipe_with_mix(recipe: str, mixup: float, cutmix: float) -> str:
               help="How --data is checked against what the cache's teacher saw: size (one stat per shard, always) "
                    "or full (also every shard's sha256 against the one its units recorded; reads all the data).")
 def train(data, cache, teacher, model_args, checkpoint, random_init, teacher_seed, mode, student, student_args,
-          num_classes, out, views, max_steps, epochs, batch_size, layers, heads, distill_weight, lr, min_lr, weight_decay,
+          num_classes, out, views, max_steps, epochs, batch_size, layers, heads, distill_weight, lr, betas, min_lr, weight_decay,
           warmup_epochs, layer_decay, drop_path, smoothing, mixup, cutmix, clip_grad, model_ema_decay, recipe,
           eval_cache, eval_data, seed, workers, shuffle_buffer, interleave, amp, device, threads, checkpoint_every,
           log_every, as_json, max_sample_bytes, quiet, check_data):
@@ -148,7 +150,7 @@ def train(data, cache, teacher, model_args, checkpoint, random_init, teacher_see
     teacher_cfg = _teacher(teacher, model_args, checkpoint, random_init, teacher_seed, device)
     spec = TransferSpec(StudentConfig(student, student_kwargs, classes, drop_path, seed), mode,
                         layers, cache, teacher_cfg, heads)
-    optim = OptimConfig(lr=lr, min_lr=min_lr, weight_decay=weight_decay, layer_decay=layer_decay,
+    optim = OptimConfig(lr=lr, betas=tuple(betas), min_lr=min_lr, weight_decay=weight_decay, layer_decay=layer_decay,
                         warmup_epochs=warmup_epochs, clip_grad=clip_grad, model_ema_decay=model_ema_decay)
     config = TrainConfig(data=tuple(data), out=out, spec=spec, distill_weight=distill_weight, max_steps=max_steps,
                          epochs=epochs, views=views, batch_size=batch_size, seed=seed, workers=workers,

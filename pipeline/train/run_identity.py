@@ -28,7 +28,7 @@ OPTION_OF = {
     "run.optim.lr": "--lr", "run.optim.min_lr": "--min-lr", "run.optim.weight_decay": "--weight-decay",
     "run.optim.layer_decay": "--layer-decay", "run.optim.warmup_epochs": "--warmup-epochs",
     "run.optim.clip_grad": "--clip-grad", "run.optim.model_ema_decay": "--model-ema-decay",
-    "run.optim.betas": "betas", "transfer.mode": "--mode", "transfer.layers": "--layers", "transfer.cache": "--cache",
+    "run.optim.betas": "--opt-betas", "transfer.mode": "--mode", "transfer.layers": "--layers", "transfer.cache": "--cache",
     "transfer.heads": "--heads", "transfer.student.name": "--student", "transfer.student.model_args": "--student-arg",
     "transfer.student.num_classes": "--num-classes", "transfer.student.drop_path": "--drop-path",
     "transfer.student.seed": "--seed", "transfer.teacher": "--teacher", "transfer.teacher.name": "--teacher",
