@@ -110,3 +110,60 @@ def test_sigkill_part_way_on_s3_then_resume_gives_the_same_bytes(s3, shards, tmp
     ref, got = s3_store_files(f"{s3.bucket}/ref.zarr"), s3_store_files(out)
     assert ref.keys() == got.keys() and differing(ref, got) == []
     assert invoke("verify", out).exit_code == 0
+
+
+def test_a_second_writer_on_an_s3_store_is_refused_in_one_line(s3, shards):
+    """The lease is created with a create-only put (If-None-Match), which moto honours as AWS does:
+    while one job holds it, a second precompute is refused before it writes anything."""
+    from attncache.pipeline._util.files import Files
+    from attncache.pipeline.store.lease import Lease
+
+    local_dir, _ = shards
+    upload(local_dir, s3.bucket)
+    data, out = f"{s3.bucket}/train-*.tar", f"{s3.bucket}/cache.zarr"
+    assert Files(out).exclusive_create()
+    with Lease(out):
+        second = invoke("precompute", "--data", data, *PRE, "--out", out)
+        assert second.exit_code == 1, second.output
+        lines = [line for line in second.output.splitlines() if line.strip()]
+        assert len(lines) == 1 and "is being written by another precompute" in lines[0], second.output
+        assert "ignores create-only writes" not in second.output
+        assert not fsspec.filesystem("s3").exists(f"{out}/zarr.json")
+    assert invoke("precompute", "--data", data, *PRE, "--out", out).exit_code == 0
+
+
+def test_of_many_simultaneous_creates_on_s3_exactly_one_wins(s3):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from attncache.pipeline._util.files import Files
+
+    root = f"{s3.bucket}/race.zarr"
+    with ThreadPoolExecutor(8) as pool:  # one s3fs client per thread (fsspec caches instances per thread)
+        won = list(pool.map(lambda i: Files(root).create("precompute.lease", f"writer {i}".encode()), range(8)))
+    assert won.count(True) == 1
+    assert Files(root).read("precompute.lease") == f"writer {won.index(True)}".encode()
+
+
+def test_a_server_that_ignores_if_none_match_is_said_in_one_line(s3, shards, monkeypatch):
+    """Some S3-compatible servers accept If-None-Match and overwrite anyway: the start-up probe finds
+    it, precompute says so in one line and still runs (the lease falls back to read-back)."""
+    import s3fs
+
+    from attncache.pipeline._util.files import Files
+
+    real = s3fs.S3FileSystem._pipe_file
+
+    async def ignoring(self, path, data, mode="overwrite", **kwargs):
+        return await real(self, path, data, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_pipe_file", ignoring)
+    s3fs.S3FileSystem.clear_instance_cache()  # instances bind their sync methods when made
+    local_dir, _ = shards
+    upload(local_dir, s3.bucket)
+    out = f"{s3.bucket}/cache.zarr"
+    assert not Files(out).exclusive_create()
+    assert Files(out).create("x", b"1") and not Files(out).create("x", b"2")
+    ran = invoke("precompute", "--data", f"{s3.bucket}/train-*.tar", *PRE, "--views", "1", "--out", out)
+    assert ran.exit_code == 0, ran.output
+    notes = [line for line in ran.output.splitlines() if "ignores create-only writes (If-None-Match)" in line]
+    assert len(notes) == 1 and notes[0].startswith(f"note: {out}:"), ran.output
