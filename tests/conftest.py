@@ -68,9 +68,9 @@ def trained_teacher_dir(tmp_path_factory, synth_data):
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
-    """moto's S3 server on 127.0.0.1 for the whole session (tests/s3server.py); on teardown its
+    """moto's S3 server on 127.0.0.1 for the whole session (benchmarks/s3server.py); on teardown its
     port must be closed: nothing is left listening."""
-    from s3server import S3Server, listening
+    from attncache.benchmarks.s3server import S3Server, listening
 
     server = S3Server(tmp_path_factory.mktemp("s3server") / "requests.log").start()
     try:

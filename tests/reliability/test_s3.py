@@ -1,4 +1,4 @@
-"""The S3 protocol for real: moto's server on 127.0.0.1 (tests/s3server.py), s3fs as the client, the
+"""The S3 protocol for real: moto's server on 127.0.0.1 (benchmarks/s3server.py), s3fs as the client, the
 CLI unmodified with `s3://` URLs and credentials only in the environment.
 
 Shards are uploaded to a bucket; precompute, verify, inspect, train, evaluate, kill + resume and the

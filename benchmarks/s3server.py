@@ -1,4 +1,4 @@
-"""A real S3-compatible server for the tests: moto's server mode, started the way users start one.
+"""An S3-compatible server for tests and benchmarks: moto's server mode, started as users start one.
 
 `python -m moto.server -H 127.0.0.1 -p PORT` runs in a subprocess and speaks the S3 REST protocol,
 so s3fs (aiobotocore underneath) talks to it exactly as to AWS or MinIO. The client side is set up
@@ -87,14 +87,15 @@ class S3Server:
                 "AWS_DEFAULT_REGION": "us-east-1",
                 "FSSPEC_S3": json.dumps({"client_kwargs": {"endpoint_url": self.endpoint}})}
 
-    def activate(self, monkeypatch) -> None:
+    def activate(self, monkeypatch=None) -> None:
         """Export `env()` into this process and give fsspec the config it reads from `FSSPEC_S3` at
-        import in a fresh process; pytest's `monkeypatch` undoes both after the test."""
+        import in a fresh process; with pytest's `monkeypatch`, both are undone after the test."""
         import fsspec.config
 
         for key, value in self.env().items():
-            monkeypatch.setenv(key, value)
-        monkeypatch.setitem(fsspec.config.conf, "s3", json.loads(self.env()["FSSPEC_S3"]))
+            monkeypatch.setenv(key, value) if monkeypatch else os.environ.__setitem__(key, value)
+        conf = json.loads(self.env()["FSSPEC_S3"])
+        monkeypatch.setitem(fsspec.config.conf, "s3", conf) if monkeypatch else fsspec.config.conf.__setitem__("s3", conf)
         fsspec.get_filesystem_class("s3").clear_instance_cache()
 
     def requests(self) -> list[Request]:
