@@ -167,3 +167,36 @@ def test_a_server_that_ignores_if_none_match_is_said_in_one_line(s3, shards, mon
     assert ran.exit_code == 0, ran.output
     notes = [line for line in ran.output.splitlines() if "ignores create-only writes (If-None-Match)" in line]
     assert len(notes) == 1 and notes[0].startswith(f"note: {out}:"), ran.output
+
+
+def test_a_unit_costs_a_few_requests_not_one_per_sample_or_chunk(s3, shards, tmp_path):
+    """Counted from the server's request log (benchmarks/s3.py reports the same figures): the
+    extra units of a larger job cost one PUT per array (its Zarr shard) plus the marker, and under
+    a hundred requests each in all; reading a unit back for training costs under a hundred too."""
+    from collections import Counter
+
+    from attncache.benchmarks.s3 import read_epoch
+
+    local_dir, local_pattern = shards
+    upload(local_dir, s3.bucket)
+    one_view = [*PRE, "--views", "1"]
+
+    def counted(run):
+        before = len(s3.requests())
+        result = run()
+        return result, Counter(r.method for r in s3.requests()[before:])
+
+    half, small = counted(lambda: invoke("precompute", "--data", f"{s3.bucket}/train-{{000000..000001}}.tar",
+                                         *one_view, "--out", f"{s3.bucket}/half.zarr"))
+    full, large = counted(lambda: invoke("precompute", "--data", f"{s3.bucket}/train-*.tar", *one_view,
+                                         "--out", f"{s3.bucket}/cache.zarr"))
+    assert half.exit_code == 0 and full.exit_code == 0, full.output
+    assert invoke("precompute", "--data", local_pattern, *one_view, "--out", tmp_path / "l.zarr").exit_code == 0
+    shard_files = [k for k in store_files(tmp_path / "l.zarr") if "/c/" in k]
+    arrays = len(shard_files) // 4  # four units; each owns one Zarr shard file of every array
+    per_unit = {m: (large[m] - small[m]) / 2 for m in large}
+    assert per_unit["PUT"] == arrays + 1, per_unit  # the unit's shards and its marker, each put once
+    assert sum(per_unit.values()) < 100, per_unit
+    samples, read = counted(lambda: read_epoch(f"{s3.bucket}/cache.zarr", f"{s3.bucket}/train-*.tar"))
+    assert samples == 48 and read["PUT"] == 0
+    assert sum(read.values()) / 4 < 100, read
