@@ -64,3 +64,33 @@ def trained_teacher_dir(tmp_path_factory, synth_data):
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "model.safetensors")
     (out / "config.json").write_text(json.dumps({**TINY_TEACHER, "weights": "model.safetensors"}))
     return out
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """moto's S3 server on 127.0.0.1 for the whole session (benchmarks/s3server.py); on teardown its
+    port must be closed: nothing is left listening."""
+    from attncache.benchmarks.s3server import S3Server, listening
+
+    server = S3Server(tmp_path_factory.mktemp("s3server") / "requests.log").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        assert not listening(server.port), f"the S3 server still listens on 127.0.0.1:{server.port}"
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch, request):
+    """The server with this process's environment pointed at it, and a fresh bucket for the test:
+    `s3.bucket` is its `s3://` URL."""
+    import re
+    import uuid
+
+    s3_server.activate(monkeypatch)
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:6]
+    s3_server.bucket = s3_server.make_bucket(name)
+    yield s3_server
+    import fsspec
+
+    fsspec.get_filesystem_class("s3").clear_instance_cache()

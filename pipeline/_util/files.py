@@ -36,6 +36,7 @@ class Files:
     def __init__(self, root):
         self.root = str(root)
         self.local = is_local(self.root)
+        self._exclusive: bool | None = None  # whether the backend refuses a create-only put itself
         if not self.local:
             import fsspec
 
@@ -79,13 +80,21 @@ class Files:
         commit_temp(tmp, Path(path))
 
     def create(self, rel: str, data: bytes) -> bool:
-        """Create the file unless it exists (False then). Locally O_EXCL; object stores have no
-        exclusive create, so there the put is read back: a rival's put in between shows."""
+        """Create the file unless it exists (False then). Locally O_EXCL; on an object store a
+        create-only put (S3 `If-None-Match: *`), which the server refuses when the object exists.
+        A backend that cannot (see `exclusive_create`) gets exists + put + read-back, which a
+        rival's put in between shows, but two puts at the same instant can both pass."""
         path = self.full(rel)
         if not self.local:
-            if self.fs.exists(path):
+            try:
+                if self.exclusive_create():
+                    self.fs.pipe_file(path, data, mode="create")
+                elif self.fs.exists(path):
+                    return False
+                else:
+                    self.fs.pipe_file(path, data)
+            except FileExistsError:
                 return False
-            self.fs.pipe_file(path, data)
             return self.read(rel) == data
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -94,6 +103,34 @@ class Files:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         return True
+
+    def exclusive_create(self) -> bool:
+        """Whether `create` is refused by the backend itself when the file exists, probed once per
+        root with a throw-away object created twice (3-4 requests): S3 servers that ignore
+        `If-None-Match` (and fsspec backends without `mode="create"`) answer the second put with
+        success. Local folders always are."""
+        if self.local:
+            return True
+        if self._exclusive is None:
+            self._exclusive = self._probe_exclusive()
+        return self._exclusive
+
+    def _probe_exclusive(self) -> bool:
+        probe = f"{self.base}/.attncache-create-probe-{os.getpid()}-{threading.get_ident()}-{time.time_ns()}"
+        try:
+            self.fs.pipe_file(probe, b"1", mode="create")
+            try:
+                self.fs.pipe_file(probe, b"2", mode="create")
+            except FileExistsError:
+                return True
+            return False
+        except (TypeError, NotImplementedError, ValueError):
+            return False
+        finally:
+            try:
+                self.fs.rm_file(probe)
+            except FileNotFoundError:
+                pass
 
     def delete(self, rel: str) -> None:
         try:

@@ -38,6 +38,7 @@ class CacheStore:
         self.slots_per_shard = int(meta["dataset"]["slots_per_shard"])
         self.num_shards = len(meta["dataset"]["shards"])
         self._digests: dict[int, str] = {}
+        self._arrays: dict[tuple[int, str], zarr.Array] = {}
 
     # ------------------------------------------------------------------ open / create
 
@@ -106,7 +107,12 @@ class CacheStore:
     marker_path = staticmethod(layout.marker_path)
 
     def _array(self, view: int, name: str) -> zarr.Array:
-        return self.group[layout.array_path(view, self.meta["arrays"][name])]
+        """The opened array, kept for the store's lifetime: opening reads its `zarr.json` (two
+        requests on an object store), which would otherwise be paid again for every unit."""
+        array = self._arrays.get((view, name))
+        if array is None:
+            array = self._arrays[(view, name)] = self.group[layout.array_path(view, self.meta["arrays"][name])]
+        return array
 
     # ------------------------------------------------------------------ markers
 

@@ -15,15 +15,19 @@ Taking over a free lease goes through a short-lived `precompute.lease.takeover` 
 O_EXCL, so two jobs cannot both take over the same stale lease. A holder whose lease was taken over
 (it froze past its timeout) notices at its next heartbeat or check and stops with `LeaseLost`.
 
-Object stores (fsspec URLs) have no exclusive create: there the lease is written, read back and
-its token compared, which closes all but a small race window; Ray jobs hold the lease in the
-driver only, since workers never decide which units to run.
+On object stores (fsspec URLs) the lease and the takeover file are created with a create-only put
+(S3 `If-None-Match: *`, which AWS, MinIO and moto honour), so two writers are refused as on a
+local disk. A backend that ignores it is found by a probe at start-up (`Files.exclusive_create`)
+and said so in one line on stderr: there the lease is written, read back and its token compared,
+which closes all but a small race window. Ray jobs hold the lease in the driver only, since
+workers never decide which units to run.
 """
 from __future__ import annotations
 
 import json
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -114,6 +118,10 @@ class Lease:
 
     def acquire(self) -> "Lease":
         self._acquired = time.time()
+        if not self.files.exclusive_create():
+            print(f"note: {redact(self.root)}: this object store ignores create-only writes (If-None-Match), so the "
+                  "store's lease cannot be taken atomically: do not start two precomputes on it at once",
+                  file=sys.stderr)
         if not self.files.create(LEASE_FILE, self._record(self._acquired)):
             self._take_over()
         self.files.remove_temps(LEASE_FILE, ".tmp-*")  # heartbeat temp files of a holder killed mid-write

@@ -102,6 +102,42 @@ def test_credentials_in_urls_and_the_environment_are_never_printed_or_stored(tmp
         assert secret.encode() not in store_bytes, secret
 
 
+def test_s3_credentials_from_the_environment_are_never_printed_or_stored(s3, tmp_path, caplog):
+    """The same against a real S3 server (moto, benchmarks/s3server.py) through s3fs: the secret key
+    and key id come from the environment only, and appear in no output, log line or store object,
+    neither in this process nor in a fresh CLI process's stdout and stderr. Logs are captured at DEBUG:
+    the secret is in none of them; the key id is in botocore's own DEBUG lines (the signed request's
+    Authorization header names it, as AWS's does), so it is checked from INFO up."""
+    from relhelp import run_cli
+    from attncache.benchmarks.s3server import ACCESS_KEY_ID, SECRET_ACCESS_KEY
+
+    caplog.set_level(logging.DEBUG)
+    fs = fsspec.filesystem("s3")
+    noise_shards(tmp_path / "d", 16, shard_size=8)
+    for i in range(2):
+        fs.pipe_file(f"{s3.bucket}/train-{i:06d}.tar", (tmp_path / "d" / f"train-{i:06d}.tar").read_bytes())
+    fs.pipe_file(f"{s3.bucket}/bad-000000.tar", b"not a tar")
+    data, out = f"{s3.bucket}/train-*.tar", f"{s3.bucket}/cache.zarr"
+    ok = invoke("precompute", "--data", data, *TEACHER_ARGS, *FAST, "--ray", "none", "--out", out)
+    assert ok.exit_code == 0, ok.output
+    outputs = [ok.output, invoke("verify", out).output, invoke("inspect", out, "--json").output]
+    bad = invoke("precompute", "--data", f"{s3.bucket}/bad-*.tar", *TEACHER_ARGS, *FAST, "--ray", "none",
+                 "--on-bad-sample", "fail", "--out", f"{s3.bucket}/bad.zarr")
+    assert bad.exit_code == 1
+    fresh = run_cli("inspect", out, "--json", extra_env=s3.env())
+    assert fresh.returncode == 0 and json.loads(fresh.stdout)["units_done"] == 2, fresh.stderr[-2000:]
+    outputs += [bad.output, fresh.stdout, fresh.stderr]
+    debug = [r.getMessage() for r in caplog.records]
+    info = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert any("PutObject" in line for line in debug)  # botocore's DEBUG lines were captured
+    store_bytes = b"".join(fs.cat_file(p) for p in fs.find(out))
+    assert b"s3://" in store_bytes  # the shard URLs are recorded
+    for secret, logs in ((SECRET_ACCESS_KEY, debug), (ACCESS_KEY_ID, info)):
+        leaks = [line for text in outputs + logs for line in text.splitlines() if secret in line]
+        assert leaks == [], (secret, leaks[:3])
+        assert secret.encode() not in store_bytes, secret
+
+
 def test_ray_started_by_precompute_listens_on_loopback_only_without_a_dashboard():
     """What `--ray local` starts: every listening TCP socket of this session's Ray processes is on
     127.0.0.1, and there is no dashboard URL."""
