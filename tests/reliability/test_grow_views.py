@@ -89,3 +89,29 @@ def test_shrinking_is_refused_in_one_line_and_changes_nothing(stores):
     error = [line for line in refused.output.splitlines() if line.strip()]
     assert len(error) == 1 and "holds 2 views and --views 1 asks for fewer" in error[0], refused.output
     assert differing(before, store_files(out)) == []
+
+
+def test_train_reads_the_grown_views_as_those_of_a_store_made_at_once(stores):
+    """What train checks before its first step passes, and epochs 2 and 3 replay views 2 and 3 with the
+    factors of the 4-view store made at once."""
+    import numpy as np
+
+    from attncache.pipeline.store.cache import CacheStore
+    from attncache.pipeline.store.checks import quick_problems
+    from attncache.pipeline.train.loader import cache_stream, read_unit_samples, view_of
+
+    root, common, _ = stores
+    out = _grown(root, common, "train.zarr")
+    assert invoke(*common, "--views", "4", "--out", out).exit_code == 0
+    data = (common[common.index("--data") + 1],)
+    grown, at_once = CacheStore.open(out), CacheStore.open(root / "four.zarr")
+    assert quick_problems(grown) == [] and grown.meta["views"] == 4
+    for epoch in (2, 3):
+        cfg_g, cfg_a = (cache_stream(s, data, num_classes=4, shuffle_buffer=0) for s in (grown, at_once))
+        assert view_of(epoch, cfg_g.views) == epoch
+        got = read_unit_samples(cfg_g, cfg_g.recipe, grown, 1, epoch).samples
+        want = read_unit_samples(cfg_a, cfg_a.recipe, at_once, 1, epoch).samples
+        assert [s.key for s in got] == [s.key for s in want] and len(got) == 8
+        for g, w in zip(got, want):
+            assert np.array_equal(g.image_CHW.numpy(), w.image_CHW.numpy())
+            assert all(np.array_equal(g.factors[n], w.factors[n]) for n in w.factors)
