@@ -149,12 +149,12 @@ def open_existing_or_none(cls, path: str, meta: dict, repair: bool):
         _untrusted(path, why, meta, repair, rels)
         return cls.open(path, mode="r+")
     fields = sorted(k for k in comparable(meta) if comparable(old).get(k) != comparable(meta).get(k))
-    if fields == ["views"]:  # the same job with another view count: grow it (store/grow.py), never shrink
-        if meta["views"] < old["views"]:
+    agree, other = markers_vouch_for(path, meta) if fields else (0, 0)
+    if fields == ["views"] and (other or not agree):  # this job with another view count (not an edited
+        if meta["views"] < old["views"]:              # root metadata, which the markers would show)
             refuse_shrink(path, old["views"], meta["views"])
-        return open_growing(cls, path, meta)
+        return open_growing(cls, path, meta)  # grow it (store/grow.py)
     if fields:
-        agree, other = markers_vouch_for(path, meta)
         if not agree or other:
             require_same_job(path, old, meta)  # another job's store: names what differs
             raise StoreError(f"{redact(path)} holds a different cache (fields {fields} differ from this run's). "
