@@ -12,6 +12,7 @@ from attncache.pipeline.data.shards import expand_shards
 from attncache.pipeline.precompute.job import (PrecomputeConfig, Job, PreparedBatch, Summary, build_job, job_units,
     units_to_do, job_notes)
 from attncache.pipeline.precompute.units import UnitStream, consume
+from attncache.pipeline.store.grow import settle
 from attncache.pipeline.store.lease import Lease, LeaseConfig
 from attncache.pipeline.teacher.model import Teacher
 
@@ -47,5 +48,6 @@ def _run_in_process(config: PrecomputeConfig, job: Job, lease: Lease) -> Summary
     with tqdm(total=sum(counts[u.shard_index] for u in todo), unit="img", disable=not config.progress,
               desc="precompute", dynamic_ncols=True) as bar:
         consume(job, _guarded(iter(loader), lease) if todo else iter(()), summary, bar)
+    settle(job.store)  # a grow's root metadata and older markers, written last (pipeline/store/grow.py)
     summary.seconds = time.perf_counter() - started
     return summary

@@ -34,6 +34,7 @@ from attncache.pipeline.precompute.job import (PrecomputeConfig, Summary, TooMan
     job_units, units_to_do)
 from attncache.pipeline.precompute.units import process_unit
 from attncache.pipeline.store.layout import Unit
+from attncache.pipeline.store.grow import settle
 from attncache.pipeline.store.lease import Lease, LeaseConfig
 from attncache.pipeline.teacher.model import Teacher
 
@@ -161,6 +162,7 @@ def _run(config: PrecomputeConfig, options: RayOptions, lease: Lease, teacher: T
     todo = units_to_do(job, units)
     summary = Summary(units_total=len(units), units_already_done=len(units) - len(todo), notes=job_notes(job, lease))
     if not todo:
+        settle(job.store)  # a grow killed before its last step (pipeline/store/grow.py)
         return summary
     if options.cpus_per_worker is None:
         options = dataclasses.replace(options, cpus_per_worker=float(config.threads))
@@ -180,6 +182,7 @@ def _run(config: PrecomputeConfig, options: RayOptions, lease: Lease, teacher: T
     if failures:
         lines = [f"  {unit.name}: {error}" for unit, error in failures]
         raise UnitsFailed(f"{len(failures)} unit(s) failed after {options.max_retries} retries:\n" + "\n".join(lines))
+    settle(job.store)  # a grow's root metadata and older markers, written last (pipeline/store/grow.py)
     return summary
 
 

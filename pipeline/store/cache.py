@@ -22,7 +22,8 @@ from attncache.pipeline.data.shards import redact
 from attncache.pipeline.encodings.spec import Encoding, encoding_from_json
 from attncache.pipeline.store import layout
 from attncache.pipeline.store.guard import open_existing_or_none
-from attncache.pipeline.store.integrity import array_doc_paths, content_problems, coverage_problems, metadata_sha256
+from attncache.pipeline.store.integrity import (array_doc_paths, content_problems, coverage_problems, grown_digests,
+    metadata_sha256)
 from attncache.pipeline.store.layout import BASE_ARRAYS, FILL_VALUES, Unit, UnitData
 from attncache.pipeline.store.markers import encode_marker, new_marker, parse_marker, sha256_hex
 from attncache.pipeline.store.meta import META_ATTR, StoreError, cache_id
@@ -39,6 +40,8 @@ class CacheStore:
         self.num_shards = len(meta["dataset"]["shards"])
         self._digests: dict[int, str] = {}
         self._arrays: dict[tuple[int, str], zarr.Array] = {}
+        self._grown: dict[int, list[str]] = {}
+        self.views_on_disk = int(meta["views"])  # what the root metadata says; fewer while a grow runs
 
     # ------------------------------------------------------------------ open / create
 
@@ -79,10 +82,16 @@ class CacheStore:
         return store
 
     def _create_arrays(self) -> None:
+        self.create_view_arrays(range(self.meta["views"]))
+
+    def create_view_arrays(self, views, only_missing: bool = False) -> None:
+        """Every array of `views`; `only_missing`: leave an array whose zarr.json exists (a resumed grow)."""
         n_slots = self.meta["dataset"]["num_slots"]
         compressors = layout.compressors(self.meta["compression"])
-        for view in range(self.meta["views"]):
+        for view in views:
             for name, spec in self.meta["arrays"].items():
+                if only_missing and self.files.is_file(f"{layout.array_path(view, spec)}/zarr.json"):
+                    continue
                 trailing = tuple(spec["trailing_shape"])
                 inner = layout.inner_chunk_slots(name, self.slots_per_shard)
                 dtype = str if spec["dtype"] == "str" else spec["dtype"]
@@ -131,6 +140,13 @@ class CacheStore:
             cached = self._digests[view] = metadata_sha256(self.meta, docs)
         return cached
 
+    def accepted_digests(self, view: int) -> list[str]:
+        """The current digest, then those a grown store's older markers hold (store/integrity.py)."""
+        if view not in self._grown:
+            docs = {rel: self.files.read(rel) for rel in array_doc_paths(self.meta, view)}
+            self._grown[view] = grown_digests(self.meta, view, docs)
+        return self._grown[view]
+
     def unit_problems(self, view: int, shard_index: int, full: bool = False) -> list[str]:
         """Why the unit is not done (empty: done). Cheap: marker, coverage, files present with their
         recorded sizes. Full: every file's sha256 as well."""
@@ -151,7 +167,10 @@ class CacheStore:
     def file_problems(self, view: int, shard_index: int, marker: dict, full: bool = True) -> list[str]:
         """Where the unit's marker fails to cover the store's metadata and files, or its Zarr shard
         files differ from what it recorded (empty: intact)."""
-        problems = coverage_problems(marker, self.unit_files(view, shard_index), self.metadata_sha256(view))
+        digests = self.metadata_sha256(view)
+        if marker["metadata_sha256"] != digests:
+            digests = self.accepted_digests(view)
+        problems = coverage_problems(marker, self.unit_files(view, shard_index), digests)
         return problems + content_problems(marker, self.files.size, self.file_sha256, full)
 
     # ------------------------------------------------------------------ write / read

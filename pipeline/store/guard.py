@@ -4,6 +4,7 @@
 - a store being created when its writer was killed (only `zarr.json` files, no root metadata, no
   marker, no data): its creation is finished;
 - this job's store: resumed;
+- this job's store with fewer views than asked: grown (store/grow.py); with more: refused;
 - another job's store: refused, naming the fields that differ;
 - a store whose root metadata is missing, unreadable or edited while it holds markers or data, or
   anything that is not a store: refused, and nothing is changed. `--repair` restores the root
@@ -21,6 +22,7 @@ import zarr
 
 from attncache.pipeline._util.files import Files, is_local
 from attncache.pipeline.data.shards import redact
+from attncache.pipeline.store.grow import open_growing, refuse_shrink
 from attncache.pipeline.store.integrity import REPAIR_ADVICE, array_doc_paths, metadata_sha256
 from attncache.pipeline.store.meta import META_ATTR, StoreError, cache_id, require_same_job
 from attncache.storage_schema import SchemaError, validate_store_metadata
@@ -147,8 +149,12 @@ def open_existing_or_none(cls, path: str, meta: dict, repair: bool):
         _untrusted(path, why, meta, repair, rels)
         return cls.open(path, mode="r+")
     fields = sorted(k for k in comparable(meta) if comparable(old).get(k) != comparable(meta).get(k))
+    agree, other = markers_vouch_for(path, meta) if fields else (0, 0)
+    if fields == ["views"] and (other or not agree):  # this job with another view count (not an edited
+        if meta["views"] < old["views"]:              # root metadata, which the markers would show)
+            refuse_shrink(path, old["views"], meta["views"])
+        return open_growing(cls, path, meta)  # grow it (store/grow.py)
     if fields:
-        agree, other = markers_vouch_for(path, meta)
         if not agree or other:
             require_same_job(path, old, meta)  # another job's store: names what differs
             raise StoreError(f"{redact(path)} holds a different cache (fields {fields} differ from this run's). "

@@ -9,6 +9,12 @@ metadata when the markers prove the same job wrote them. The marker also lists e
 the unit owns with its sha256 and size: a marker that leaves a file out, or gives it no digest, never
 makes a unit done. The cheap check (sizes) is what resume and `train`'s start use; the full check
 (sha256 of every byte) is what `verify`, `--repair` and the loader's read of a unit use.
+
+The view count is the one field a marker may have been written under a smaller value of: a store
+grown from n views (pipeline/store/grow.py) holds markers of views 0..n-1 written under `views: n`,
+and no unit's bytes depend on how many views exist. `grown_digests` lists those digests; the grow
+rewrites such markers to the current digest as its last step, so a finished grow's markers are those
+of a store made in one go.
 """
 from __future__ import annotations
 
@@ -36,10 +42,21 @@ def metadata_sha256(meta: dict, array_docs: dict[str, bytes | None]) -> str:
     return digest.hexdigest()
 
 
-def coverage_problems(marker: dict, expected_files: list[str], store_digest: str) -> list[str]:
-    """What the marker fails to cover: the store's metadata as it is now, and every file of the unit."""
+def grown_digests(meta: dict, view: int, array_docs: dict[str, bytes | None]) -> list[str]:
+    """The digests a marker of `view` may hold, the current one first: the metadata as it is, then
+    with `views` = n for every smaller n that still holds the view (a grow killed before its markers
+    were rewritten)."""
+    counts = [meta["views"]] + list(range(meta["views"] - 1, view, -1))
+    return [metadata_sha256(dict(meta, views=n), array_docs) for n in counts]
+
+
+def coverage_problems(marker: dict, expected_files: list[str], store_digests: str | list[str]) -> list[str]:
+    """What the marker fails to cover: the store's metadata as it is now (or as it was before a
+    grow, `grown_digests`), and every file of the unit."""
     problems = []
-    if marker["metadata_sha256"] != store_digest:
+    accepted = [store_digests] if isinstance(store_digests, str) else list(store_digests)
+    store_digest = accepted[0]
+    if marker["metadata_sha256"] not in accepted:
         problems.append(f"marker was written under other store metadata (metadata_sha256 "
                         f"{marker['metadata_sha256'][:12]}, the store's is {store_digest[:12]}): the store's "
                         "metadata (zarr.json) was edited after this unit was written")
