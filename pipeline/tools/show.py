@@ -103,7 +103,7 @@ def figure(store: CacheStore, key: str, view: int, layers: list[int], heads: lis
     rows = [stored_layers.index(l) for l in layers]
     cols = list(range(maps.shape[1])) if heads is None else [store.meta["heads"].index(h) for h in heads]
     vmin, vmax = shared_limits(maps, rows, cols)
-    fig, axes = plt.subplots(len(rows), len(cols) + 2, figsize=(2 * (len(cols) + 2) + 0.8, 2 * len(rows) + 0.5),
+    fig, axes = plt.subplots(len(rows), len(cols) + 2, figsize=(2 * (len(cols) + 2) + 1.2, 2 * len(rows) + 0.5),
                              squeeze=False, layout="constrained")
     shown = None
     for r, li in enumerate(rows):
@@ -117,7 +117,7 @@ def figure(store: CacheStore, key: str, view: int, layers: list[int], heads: lis
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.colorbar(shown, ax=axes[:, 1:].ravel().tolist(), shrink=0.9, label="attention (one scale for all maps)")
+    fig.colorbar(shown, ax=axes[:, 1:].ravel().tolist(), shrink=0.9, label="attention, one scale")
     fig.suptitle(f"{key} view {view}: {query} query\nteacher {teacher_title(store.meta)}, "
                  f"{store.meta['encoding']['spec']}", fontsize=9)
     return fig
