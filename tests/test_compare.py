@@ -71,3 +71,29 @@ def test_a_path_that_is_not_a_run_is_one_line(three_runs, tmp_path):
     none = CliRunner().invoke(cli, ["compare", str(tmp_path / "missing"), "--out", str(tmp_path / "d.png")])
     assert none.exit_code == 1 and none.output.strip().count("\n") == 0 and "missing" in none.output
     assert not (tmp_path / "d.png").exists()
+
+
+def test_eval_every_writes_val_top1_per_epoch_and_leaves_the_steps_alone(tmp_path):
+    from attncache.pipeline.studies.synth import SynthConfig, synth_dataset
+
+    info = synth_dataset(tmp_path / "d", num_train=32, num_val=16, config=SynthConfig(image_size=32, num_classes=4),
+                         shard_size=32, seed=0)
+    base = ["train", "--data", info["train"], "--eval-data", info["val"], "--mode", "scratch", *STUDENT,
+            "--epochs", "3", "--batch-size", "16", "--workers", "0", "--num-classes", "4", "--quiet"]
+    for name, extra in (("plain", []), ("every", ["--eval-every", "1"])):
+        made = CliRunner().invoke(cli, [*base, *extra, "--out", str(tmp_path / name)])
+        assert made.exit_code == 0, made.output
+    # evaluating between epochs changes no step: the same weights, bit for bit
+    assert (tmp_path / "plain" / "model.safetensors").read_bytes() == (tmp_path / "every" / "model.safetensors").read_bytes()
+    rows = [json.loads(line) for line in (tmp_path / "every" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval" in r]
+    ends = {r["epoch_end"]: r["step"] for r in rows if "epoch_end" in r}
+    assert [(r.get("epoch"), r["step"]) for r in evals] == [(0, ends[0]), (1, ends[1]), (None, ends[2])]
+    assert all(0 <= r["eval"]["top1"] <= 100 for r in evals)
+    plain = [r for r in (json.loads(l) for l in (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines())
+             if "eval" in r]
+    assert len(plain) == 1 and plain[0]["eval"]["top1"] == evals[-1]["eval"]["top1"]
+    refused = CliRunner().invoke(cli, ["train", "--data", info["train"], "--mode", "scratch", *STUDENT, "--epochs", "1",
+                                       "--eval-every", "1", "--out", str(tmp_path / "x")])
+    assert refused.exit_code == 2 and "--eval-every" in refused.output and "--eval-data" in refused.output
+    assert not (tmp_path / "x").exists()

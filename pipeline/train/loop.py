@@ -68,6 +68,7 @@ class TrainConfig:
     threads: int = field(default_factory=default_threads)
     checkpoint_every: int = 200
     log_every: int = 10
+    eval_every: int | None = None  # epochs between val top-1 evaluations (metrics.jsonl, bar) [default: at the end]
     progress: bool = True
     optim: OptimConfig = OptimConfig()
     max_sample_bytes: int = DEFAULT_MAX_SAMPLE_BYTES  # bigger samples are never read (see pipeline/data/tar.py)
@@ -264,6 +265,7 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
 
     in_epoch = skip
     skipped: dict[tuple, dict] = {}
+    postfix: dict[str, str] = {}
     while not done():
         loader = epoch_loader(stream, epoch, cfg.batch_size, cfg.workers, world.rank, world.size)
         batches = iter(loader)
@@ -307,7 +309,8 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
                           "seconds": round(time.perf_counter() - started, 3)}
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
-                bar.set_postfix(loss=f"{float(loss.detach()):.3f}", lr=f"{lr:.2e}")
+                postfix.update(loss=f"{float(loss.detach()):.3f}", lr=f"{lr:.2e}")
+                bar.set_postfix(postfix)
             if step % cfg.checkpoint_every == 0 and world.is_main:
                 save_checkpoint(out, session.model, optimizer, ema, {"step": step, "epoch": epoch, "step_in_epoch": in_epoch,
                                 "samples": samples, "epoch_samples": epoch_samples}, rid, metrics)
@@ -320,6 +323,15 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
                                           "skipped": epoch_skipped, "skipped_samples": loader.skipped[:100]})
                               + "\n")
             epoch, skip, in_epoch, epoch_samples = epoch + 1, 0, 0, 0
+            if evaluation is not None and cfg.eval_every and epoch % cfg.eval_every == 0 and not done():
+                # every rank evaluates its part (as at the end); the last epoch's is the final eval below.
+                # The next step reseeds from its identity, so the steps are the same with or without it.
+                result = run_eval(session, evaluation, replace(cfg, progress=False), ema, world)
+                postfix["val_top1"] = f"{result['top1']:.1f}"
+                bar.set_postfix(postfix)
+                if metrics is not None:
+                    metrics.write(json.dumps({"step": step, "epoch": epoch - 1, "eval": result}) + "\n")
+                    metrics.flush()
     bar.close()
     seconds = time.perf_counter() - started
     final = None
