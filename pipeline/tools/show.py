@@ -134,24 +134,33 @@ def render(store: CacheStore, key: str, view: int, layers: list[int], heads: lis
 
 
 def learning_curves(runs: dict[str, Path], out: Path, dpi: int = 110) -> Path:
-    """Training cross-entropy per step of each run directory (its metrics.jsonl), the final val
-    top-1 in the legend; runs without metrics are left out."""
+    """Training cross-entropy per step of each run directory (its metrics.jsonl) and, on a second
+    axis, its val top-1 at each evaluation (per epoch with `train --eval-every`), the final val top-1
+    in the legend; runs without metrics are left out."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    for mode, run_dir in runs.items():
+    fig, ax = plt.subplots(figsize=(6.2, 3.4))
+    val_ax = None
+    for i, (mode, run_dir) in enumerate(runs.items()):
         if not (run_dir / "metrics.jsonl").is_file():
             continue
         rows = read_jsonl(run_dir / "metrics.jsonl")  # a live or killed run's torn last line is skipped
         train_rows = [r for r in rows if "ce" in r]
-        final = next((r["eval"]["top1"] for r in reversed(rows) if "eval" in r), None)
+        evals = [r for r in rows if isinstance(r.get("eval"), dict) and "top1" in r["eval"]]
+        final = evals[-1]["eval"]["top1"] if evals else None
         label = f"{mode} (val top-1 {final:.1f})" if final is not None else mode
-        ax.plot([r["step"] for r in train_rows], [r["ce"] for r in train_rows], label=label)
+        ax.plot([r["step"] for r in train_rows], [r["ce"] for r in train_rows], color=f"C{i}", label=label)
+        if evals:
+            val_ax = val_ax or ax.twinx()
+            val_ax.plot([r["step"] for r in evals], [r["eval"]["top1"] for r in evals], "--o", markersize=3,
+                        color=f"C{i}")
     ax.set_xlabel("step")
-    ax.set_ylabel("training cross-entropy")
+    ax.set_ylabel("training cross-entropy (solid)")
+    if val_ax is not None:
+        val_ax.set_ylabel("val top-1 % (dashed)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     atomic.save_figure(fig, out, dpi=dpi)
