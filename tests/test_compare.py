@@ -90,6 +90,8 @@ def test_eval_every_writes_val_top1_per_epoch_and_leaves_the_steps_alone(tmp_pat
     ends = {r["epoch_end"]: r["step"] for r in rows if "epoch_end" in r}
     assert [(r.get("epoch"), r["step"]) for r in evals] == [(0, ends[0]), (1, ends[1]), (None, ends[2])]
     assert all(0 <= r["eval"]["top1"] <= 100 for r in evals)
+    # 2 steps an epoch, under the default --log-every 10: each epoch's last step is still logged
+    assert [r["step"] for r in rows if "loss" in r] == [ends[0], ends[1], ends[2]] == [2, 4, 6]
     plain = [r for r in (json.loads(l) for l in (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines())
              if "eval" in r]
     assert len(plain) == 1 and plain[0]["eval"]["top1"] == evals[-1]["eval"]["top1"]

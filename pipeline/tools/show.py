@@ -152,7 +152,8 @@ def learning_curves(runs: dict[str, Path], out: Path, dpi: int = 110) -> Path:
         evals = [r for r in rows if isinstance(r.get("eval"), dict) and "top1" in r["eval"]]
         final = evals[-1]["eval"]["top1"] if evals else None
         label = f"{mode} (val top-1 {final:.1f})" if final is not None else mode
-        ax.plot([r["step"] for r in train_rows], [r["ce"] for r in train_rows], color=f"C{i}", label=label)
+        ax.plot([r["step"] for r in train_rows], [r["ce"] for r in train_rows], color=f"C{i}", label=label,
+                marker="o" if len(train_rows) < 3 else None, markersize=3)  # a short run logs a point or two
         if evals:
             val_ax = val_ax or ax.twinx()
             val_ax.plot([r["step"] for r in evals], [r["eval"]["top1"] for r in evals], "--o", markersize=3,
