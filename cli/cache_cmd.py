@@ -156,10 +156,23 @@ def verify(store, recompute, teacher, model_args, checkpoint, random_init, seed,
 @click.command()
 @click.argument("store", type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
-def inspect(store, as_json):
+@click.option("--keys", "list_keys", is_flag=True, help="List the sample keys `show --key` takes, one per line.")
+@click.option("--view", default=0, type=P.VIEW_INDEX, help="With --keys: the augmentation view whose keys to list.")
+def inspect(store, as_json, list_keys, view):
     """Print a store's metadata, units done/total, bytes on disk and per sample, ratio to fp32 maps."""
     from attncache.pipeline.store.checks import inspect_store
 
+    if list_keys:
+        from attncache.pipeline.store.cache import CacheStore
+        from attncache.pipeline.tools.show import cached_keys
+
+        cache = CacheStore.open(store)
+        if view >= cache.meta["views"]:
+            raise click.BadParameter(f"view {view} is not cached: the store has views 0..{cache.meta['views'] - 1}",
+                                     param_hint="'--view'")
+        keys = cached_keys(cache, view)
+        click.echo(json.dumps(keys) if as_json else "\n".join(keys))
+        return
     info = inspect_store(store)
     if as_json:
         click.echo(json.dumps(info))
@@ -175,14 +188,18 @@ def inspect(store, as_json):
 
 @click.command()
 @click.argument("store", type=click.Path(file_okay=False))
-@click.option("--key", required=True, help="Sample key (webdataset __key__).")
+@click.option("--key", required=True, help="Sample key (webdataset __key__; `inspect --keys` lists them).")
 @click.option("--view", default=0, type=P.VIEW_INDEX, help="Augmentation view.")
 @click.option("--layers", default=None, callback=P.layers_callback, help="Layers to draw (slice or list over teacher layers; default: 4 spread out).")
 @click.option("--heads", default=None, callback=P.heads_callback, help="Comma list of heads (default: all cached heads).")
 @click.option("--query", type=click.Choice(["cls", "mean"]), default="cls", help="Which query row to draw.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
 def show(store, key, view, layers, heads, query, out):
-    """Draw the replayed augmented image and its cached attention maps to a PNG."""
+    """Draw the replayed augmented image and its cached attention maps to a PNG.
+
+    Every map shares one colour scale (the colour bar), so a near-uniform teacher looks flat
+    beside a peaked one; the title names the teacher with its model arguments.
+    """
     import numpy as np
 
     from attncache.pipeline.tools.show import find_key, render
@@ -209,7 +226,7 @@ def show(store, key, view, layers, heads, query, out):
     try:
         find_key(cache, key, view)
     except KeyError as exc:  # a key the store does not hold (find_key's only error)
-        raise click.BadParameter(f"{exc.args[0]}; `attncache inspect` lists the store's units, the keys are "
-                                 "the shards' __key__ values", param_hint="'--key'") from None
+        raise click.BadParameter(f"{exc.args[0]}; `attncache inspect --keys` lists the keys it holds",
+                                 param_hint="'--key'") from None
     click.echo(render(cache, key, view, chosen, head_list, query, out))
 

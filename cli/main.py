@@ -5,6 +5,7 @@ import click
 
 from attncache.cli.bench_cmd import bench
 from attncache.cli.cache_cmd import inspect, precompute, show, verify
+from attncache.cli.compare_cmd import compare
 from attncache.cli.data_cmd import data
 from attncache.cli.demo_cmd import demo
 from attncache.cli.errors import os_error_line
@@ -67,7 +68,7 @@ def cli() -> None:
     """attncache: precompute a teacher ViT's attention once, train students from the cache."""
 
 
-for command in (data, teacher, precompute, verify, inspect, show, demo, repro, plan, bench, train, evaluate):
+for command in (data, teacher, precompute, verify, inspect, show, demo, repro, plan, bench, train, evaluate, compare):
     cli.add_command(command)
 
 

@@ -111,6 +111,9 @@ def _recipe_with_mix(recipe: str, mixup: float, cutmix: float) -> str:
 @click.option("--threads", default=default_threads(), type=P.THREADS, help="Torch intra-op threads (fixes numerics).")
 @click.option("--checkpoint-every", default=_T.checkpoint_every, type=P.STEPS, help="Steps between resumable checkpoints.")
 @click.option("--log-every", default=_T.log_every, type=P.STEPS, help="Steps between metrics lines.")
+@click.option("--eval-every", type=P.ints(1, 10**6), default=None,
+              help="Epochs between val top-1 evaluations on --eval-data/--eval-cache, written to metrics.jsonl "
+                   "and shown on the progress bar [default: only at the end].")
 @click.option("--json", "as_json", is_flag=True, help="Print the final result as one JSON object.")
 @max_sample_bytes_option(_T.max_sample_bytes)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -121,7 +124,7 @@ def train(data, cache, teacher, model_args, checkpoint, random_init, teacher_see
           num_classes, out, views, max_steps, epochs, batch_size, layers, heads, distill_weight, lr, betas, min_lr, weight_decay,
           warmup_epochs, layer_decay, drop_path, smoothing, mixup, cutmix, clip_grad, model_ema_decay, recipe,
           eval_cache, eval_data, seed, workers, shuffle_buffer, interleave, amp, device, threads, checkpoint_every,
-          log_every, as_json, max_sample_bytes, quiet, check_data):
+          log_every, eval_every, as_json, max_sample_bytes, quiet, check_data):
     """Train a student ViT with attention transfer from a cache (or an online teacher).
 
     Re-running the same command in the same --out resumes from its last checkpoint. Under
@@ -138,6 +141,8 @@ def train(data, cache, teacher, model_args, checkpoint, random_init, teacher_see
     if cache and (mixup > 0 or cutmix > 0):
         raise click.UsageError("--mixup/--cutmix: the cache fixes its mixing at precompute time "
                                "(precompute --recipe train_mix); they apply only without --cache")
+    if eval_every and not (eval_cache or eval_data):
+        raise click.UsageError("--eval-every evaluates on a val split: give --eval-data (or --eval-cache)")
     if cache and recipe != _T.recipe:
         raise click.UsageError("--recipe: the cache carries the recipe the teacher saw; it applies only without --cache")
     if cache and check_data == "full":  # before any work; the size check runs in every run
@@ -157,8 +162,8 @@ def train(data, cache, teacher, model_args, checkpoint, random_init, teacher_see
                          shuffle_buffer=shuffle_buffer, interleave=interleave, smoothing=smoothing,
                          recipe=_recipe_with_mix(recipe, mixup, cutmix), eval_cache=eval_cache,
                          eval_data=tuple(eval_data), amp=amp, device=device, threads=threads,
-                         checkpoint_every=checkpoint_every, log_every=log_every, progress=not quiet, optim=optim,
-                         max_sample_bytes=max_sample_bytes)
+                         checkpoint_every=checkpoint_every, log_every=log_every, eval_every=eval_every, progress=not quiet,
+                         optim=optim, max_sample_bytes=max_sample_bytes)
     with writing_to(out):
         result = run_train(config)
     if not result.main:

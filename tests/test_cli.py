@@ -63,6 +63,53 @@ def test_show_draws_the_replayed_image_and_attention(cli_store, tmp_path):
     assert "Traceback" not in missing.output  # one line, not a KeyError (issue 17)
 
 
+def test_show_shares_one_colour_scale_with_a_colour_bar_and_names_the_teacher_args(cli_store):
+    import numpy as np
+
+    from attncache.pipeline.store.cache import CacheStore
+    from attncache.pipeline.tools.show import attention_maps, figure, find_key, shared_limits
+
+    store = CacheStore.open(cli_store)
+    fig = figure(store, "val_00000003", 1, [0], None, "cls")
+    colorbars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    assert len(colorbars) == 1
+    maps_ = [im for ax in fig.axes if ax not in colorbars for im in ax.get_images() if im.get_cmap().name == "inferno"]
+    assert len(maps_) == 1 + len(store.meta["heads"])  # mean of heads + each cached head
+    shard, position = find_key(store, "val_00000003", 1)
+    drawn = attention_maps(store, 1, shard * store.slots_per_shard + position, "cls")
+    limits = shared_limits(drawn, [0], list(range(len(store.meta["heads"]))))
+    assert {im.get_clim() for im in maps_} == {limits}
+    assert limits == (pytest.approx(min(drawn[0].min(), drawn[0].mean(0).min())),
+                      pytest.approx(max(drawn[0].max(), drawn[0].mean(0).max())))
+    title = fig._suptitle.get_text()
+    assert "embed_dim=48" in title and "depth=2" in title and "img_size=32" in title
+    # the pure function: one scale over the chosen panels only, the mean of heads included
+    maps = np.zeros((2, 2, 1, 2))
+    maps[0, 0] = [[0.0, 1.0]]
+    maps[0, 1] = [[0.5, 0.5]]
+    maps[1, 1] = [[9.0, 9.0]]  # a layer not drawn
+    assert shared_limits(maps, [0], [1]) == (0.25, 0.75)  # head 1 and the mean of heads [0.25, 0.75]
+
+
+def test_inspect_keys_lists_what_show_takes(cli_store):
+    import numpy as np
+
+    from attncache.pipeline.store.cache import CacheStore
+
+    store = CacheStore.open(cli_store)
+    listed = CliRunner().invoke(cli, ["inspect", str(cli_store), "--keys", "--view", "1"])
+    assert listed.exit_code == 0, listed.output
+    keys = listed.output.splitlines()
+    stored = store.group["views/1/key"][:]
+    valid = store.group["views/1/valid"][:]
+    assert keys == [str(k) for k, ok in zip(stored, valid) if ok] and len(keys) == 128
+    assert len(set(keys)) == len(keys) and "val_00000003" in keys
+    as_json = CliRunner().invoke(cli, ["inspect", str(cli_store), "--keys", "--json"])
+    assert json.loads(as_json.output) == keys  # view 0 holds the same samples
+    bad = CliRunner().invoke(cli, ["inspect", str(cli_store), "--keys", "--view", "5"])
+    assert bad.exit_code == 2 and "view 5 is not cached" in bad.output
+
+
 def test_bad_input_is_one_clear_line_not_a_traceback(tmp_path):
     result = CliRunner().invoke(cli, ["precompute", "--data", str(tmp_path / "none-{0..2}.tar"), *TEACHER,
                                       "--out", str(tmp_path / "x.zarr"), "--ray", "none"])

@@ -108,7 +108,7 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
         run_dir = out / f"student-{mode}"
         trained = train(TrainConfig(data=(info["train"],), out=str(run_dir), spec=spec, epochs=cfg.student_epochs,
                                     batch_size=cfg.batch_size, workers=cfg.workers, recipe=RECIPE,
-                                    eval_data=(info["val"],), progress=cfg.progress,
+                                    eval_data=(info["val"],), eval_every=1, progress=cfg.progress,
                                     optim=OptimConfig(lr=cfg.lr, warmup_epochs=1.0)))
         runs[mode] = {"top1": trained.final["top1"], "top5": trained.final["top5"], "steps": trained.steps,
                       "seconds": round(trained.seconds, 1), "run": str(run_dir)}
@@ -117,7 +117,7 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
                        f"    attncache train --data '{info['train']}' --mode {mode} {source} --student "
                        f"vit_tiny_patch16_224 {' '.join(f'--student-arg {k}={v}' for k, v in TINY_VIT)} --epochs "
                        f"{cfg.student_epochs} --batch-size {cfg.batch_size} --lr {cfg.lr} --warmup-epochs 1 "
-                       f"--eval-data '{info['val']}' --out {run_dir}"))
+                       f"--eval-data '{info['val']}' --eval-every 1 --out {run_dir}"))
     figures = {"attention": str(attention_figure(eval_cache, teacher_dir, {m: Path(r["run"]) for m, r in runs.items()},
                                                  out / "attention.png")),
                "curves": str(learning_curves({m: Path(r["run"]) for m, r in runs.items()}, out / "learning_curves.png"))}

@@ -68,6 +68,7 @@ class TrainConfig:
     threads: int = field(default_factory=default_threads)
     checkpoint_every: int = 200
     log_every: int = 10
+    eval_every: int | None = None  # epochs between val top-1 evaluations (metrics.jsonl, bar) [default: at the end]
     progress: bool = True
     optim: OptimConfig = OptimConfig()
     max_sample_bytes: int = DEFAULT_MAX_SAMPLE_BYTES  # bigger samples are never read (see pipeline/data/tar.py)
@@ -264,6 +265,8 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
 
     in_epoch = skip
     skipped: dict[tuple, dict] = {}
+    postfix: dict[str, str] = {}
+    unlogged = None  # the metrics row of the last step, until it is written
     while not done():
         loader = epoch_loader(stream, epoch, cfg.batch_size, cfg.workers, world.rank, world.size)
         batches = iter(loader)
@@ -301,13 +304,16 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
             lr, (loss, ce, transfer) = updater.step(step, losses, check, backward)
             step, in_epoch, samples = step + 1, in_epoch + 1, samples + n_global
             bar.update(1)
-            if metrics is not None and loss is not None and (step % cfg.log_every == 0 or done()):
-                record = {"step": step, "epoch": epoch, "lr": lr, "loss": float(loss.detach()), "ce": float(ce.detach()),
-                          "transfer": None if transfer is None else float(transfer.detach()), "samples": samples,
-                          "seconds": round(time.perf_counter() - started, 3)}
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-                bar.set_postfix(loss=f"{float(loss.detach()):.3f}", lr=f"{lr:.2e}")
+            if metrics is not None and loss is not None:
+                # held as tensors until written (no device sync per step); an epoch's last step is
+                # written at its end, so a run shorter than --log-every still has its curve
+                unlogged = (step, epoch, lr, loss.detach(), ce.detach(), transfer, samples,
+                            round(time.perf_counter() - started, 3))
+                if step % cfg.log_every == 0 or done():
+                    write_train_row(metrics, unlogged)
+                    unlogged = None
+                    postfix.update(loss=f"{float(loss.detach()):.3f}", lr=f"{lr:.2e}")
+                    bar.set_postfix(postfix)
             if step % cfg.checkpoint_every == 0 and world.is_main:
                 save_checkpoint(out, session.model, optimizer, ema, {"step": step, "epoch": epoch, "step_in_epoch": in_epoch,
                                 "samples": samples, "epoch_samples": epoch_samples}, rid, metrics)
@@ -316,10 +322,22 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
             epoch_skipped = global_count(world, len(loader.skipped))  # bad samples of every rank's units
             check_epoch_complete(stream, counts, epoch, epoch_samples, epoch_skipped)
             if metrics is not None:
+                if unlogged is not None:
+                    write_train_row(metrics, unlogged)
+                    unlogged = None
                 metrics.write(json.dumps({"step": step, "epoch_end": epoch, "epoch_samples": epoch_samples,
                                           "skipped": epoch_skipped, "skipped_samples": loader.skipped[:100]})
                               + "\n")
             epoch, skip, in_epoch, epoch_samples = epoch + 1, 0, 0, 0
+            if evaluation is not None and cfg.eval_every and epoch % cfg.eval_every == 0 and not done():
+                # every rank evaluates its part (as at the end); the last epoch's is the final eval below.
+                # The next step reseeds from its identity, so the steps are the same with or without it.
+                result = run_eval(session, evaluation, replace(cfg, progress=False), ema, world)
+                postfix["val_top1"] = f"{result['top1']:.1f}"
+                bar.set_postfix(postfix)
+                if metrics is not None:
+                    metrics.write(json.dumps({"step": step, "epoch": epoch - 1, "eval": result}) + "\n")
+                    metrics.flush()
     bar.close()
     seconds = time.perf_counter() - started
     final = None
@@ -340,6 +358,16 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
     barrier(world)
     return TrainResult(step, epoch, samples, seconds, final if world.is_main else None, str(out),
                        list(skipped.values()), world.is_main)
+
+
+def write_train_row(metrics, row: tuple) -> None:
+    """One training line of metrics.jsonl from (step, epoch, lr, loss, ce, transfer, samples, seconds)."""
+    step, epoch, lr, loss, ce, transfer, samples, seconds = row
+    record = {"step": step, "epoch": epoch, "lr": lr, "loss": float(loss), "ce": float(ce),
+              "transfer": None if transfer is None else float(transfer.detach()), "samples": samples,
+              "seconds": seconds}
+    metrics.write(json.dumps(record) + "\n")
+    metrics.flush()
 
 
 def run_eval(session: Session, evaluation, cfg: TrainConfig, ema: WeightEma | None, world: World = World()) -> dict:

@@ -1,0 +1,101 @@
+"""`attncache compare`: runs differing only by seed pooled as mean ± sample std; the PNG; non-runs named."""
+import json
+import math
+
+import pytest
+from click.testing import CliRunner
+
+from attncache.cli.main import cli
+
+STUDENT = ["--student", "vit_tiny_patch16_224", *[a for kv in ("img_size=32", "patch_size=8", "depth=1",
+           "embed_dim=32", "num_heads=2") for a in ("--student-arg", kv)]]
+
+
+@pytest.fixture(scope="module")
+def three_runs(tmp_path_factory):
+    from attncache.pipeline.studies.synth import SynthConfig, synth_dataset
+
+    tmp = tmp_path_factory.mktemp("compare")
+    info = synth_dataset(tmp / "d", num_train=32, num_val=16, config=SynthConfig(image_size=32, num_classes=4),
+                         shard_size=32, seed=0)
+    base = ["train", "--data", info["train"], "--eval-data", info["val"], "--mode", "scratch", *STUDENT,
+            "--max-steps", "2", "--batch-size", "16", "--workers", "0", "--num-classes", "4", "--quiet",
+            "--log-every", "1"]
+    runs = {"a_s0": ["--seed", "0"], "a_s1": ["--seed", "1"], "b_s0": ["--seed", "0", "--lr", "0.01"]}
+    for name, extra in runs.items():
+        made = CliRunner().invoke(cli, [*base, *extra, "--out", str(tmp / name)])
+        assert made.exit_code == 0, made.output
+    return tmp
+
+
+def last(run_dir, pick):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [pick(r) for r in rows if pick(r) is not None][-1]
+
+
+def test_compare_pools_seeds_and_draws_one_png(three_runs, tmp_path):
+    runs = [str(three_runs / n) for n in ("a_s0", "a_s1", "b_s0")]
+    out = tmp_path / "curves.png"
+    result = CliRunner().invoke(cli, ["compare", *runs, "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    groups = json.loads(result.output)["groups"]
+    assert [g["runs"] for g in groups] == [["a_s0", "a_s1"], ["b_s0"]]
+    assert groups[0]["seeds"] == [0, 1] and groups[0]["n"] == 2
+    for metric, pick in (("train_loss", lambda r: r.get("loss")),
+                         ("val_top1", lambda r: r["eval"]["top1"] if "eval" in r else None)):
+        a, b = (last(three_runs / n, pick) for n in ("a_s0", "a_s1"))
+        mean = (a + b) / 2
+        std = math.sqrt(((a - mean) ** 2 + (b - mean) ** 2) / 1)  # sample std, n - 1 = 1
+        assert groups[0][metric]["mean"] == pytest.approx(mean) and groups[0][metric]["std"] == pytest.approx(std)
+        assert groups[0][metric]["n"] == 2
+        assert groups[1][metric]["mean"] == pytest.approx(last(three_runs / "b_s0", pick))
+        assert groups[1][metric]["std"] is None and groups[1][metric]["n"] == 1
+    assert groups[0]["transfer_loss"]["mean"] is None  # scratch runs have no transfer term
+    table = CliRunner().invoke(cli, ["compare", *runs, "--out", str(out)])
+    assert table.exit_code == 0
+    lines = table.output.splitlines()
+    assert lines[0].split()[:2] == ["runs", "seeds"]
+    assert lines[1].startswith("a_s0, a_s1") and "± " in lines[1] and "(n=2)" in lines[1]
+    assert lines[2].startswith("b_s0") and "(n=1)" in lines[2]
+
+
+def test_a_path_that_is_not_a_run_is_one_line(three_runs, tmp_path):
+    out = tmp_path / "c.png"
+    (tmp_path / "empty").mkdir()
+    result = CliRunner().invoke(cli, ["compare", str(three_runs / "a_s0"), str(tmp_path / "empty"),
+                                      "--out", str(out)])
+    assert result.exit_code == 0 and out.is_file()
+    named = [l for l in result.output.splitlines() if "empty" in l]
+    assert len(named) == 1 and "not a run directory" in named[0] and "Traceback" not in result.output
+    none = CliRunner().invoke(cli, ["compare", str(tmp_path / "missing"), "--out", str(tmp_path / "d.png")])
+    assert none.exit_code == 1 and none.output.strip().count("\n") == 0 and "missing" in none.output
+    assert not (tmp_path / "d.png").exists()
+
+
+def test_eval_every_writes_val_top1_per_epoch_and_leaves_the_steps_alone(tmp_path):
+    from attncache.pipeline.studies.synth import SynthConfig, synth_dataset
+
+    info = synth_dataset(tmp_path / "d", num_train=32, num_val=16, config=SynthConfig(image_size=32, num_classes=4),
+                         shard_size=32, seed=0)
+    base = ["train", "--data", info["train"], "--eval-data", info["val"], "--mode", "scratch", *STUDENT,
+            "--epochs", "3", "--batch-size", "16", "--workers", "0", "--num-classes", "4", "--quiet"]
+    for name, extra in (("plain", []), ("every", ["--eval-every", "1"])):
+        made = CliRunner().invoke(cli, [*base, *extra, "--out", str(tmp_path / name)])
+        assert made.exit_code == 0, made.output
+    # evaluating between epochs changes no step: the same weights, bit for bit
+    assert (tmp_path / "plain" / "model.safetensors").read_bytes() == (tmp_path / "every" / "model.safetensors").read_bytes()
+    rows = [json.loads(line) for line in (tmp_path / "every" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval" in r]
+    ends = {r["epoch_end"]: r["step"] for r in rows if "epoch_end" in r}
+    assert [(r.get("epoch"), r["step"]) for r in evals] == [(0, ends[0]), (1, ends[1]), (None, ends[2])]
+    assert all(0 <= r["eval"]["top1"] <= 100 for r in evals)
+    # 2 steps an epoch, under the default --log-every 10: each epoch's last step is still logged
+    assert [r["step"] for r in rows if "loss" in r] == [ends[0], ends[1], ends[2]] == [2, 4, 6]
+    plain = [r for r in (json.loads(l) for l in (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines())
+             if "eval" in r]
+    assert len(plain) == 1 and plain[0]["eval"]["top1"] == evals[-1]["eval"]["top1"]
+    refused = CliRunner().invoke(cli, ["train", "--data", info["train"], "--mode", "scratch", *STUDENT, "--epochs", "1",
+                                       "--eval-every", "1", "--out", str(tmp_path / "x")])
+    assert refused.exit_code == 2 and "--eval-every" in refused.output and "--eval-data" in refused.output
+    assert not (tmp_path / "x").exists()
