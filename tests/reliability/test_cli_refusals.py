@@ -115,7 +115,7 @@ def test_show_refuses_an_unknown_key_view_or_head_in_one_line(fixture):
     png = tmp / "x.png"
     key = invoke("show", store, "--key", "nope", "--out", png)
     assert error_line(key) == (f"Error: Invalid value for '--key': key 'nope' is not cached in view 0 of {store}; "
-                               "`attncache inspect` lists the store's units, the keys are the shards' __key__ values")
+                               "`attncache inspect --keys` lists the keys it holds")
     view = invoke("show", store, "--key", "s0000000", "--view", "3", "--out", png)
     assert error_line(view) == "Error: Invalid value for '--view': view 3 is not cached: the store has views 0..0"
     head = invoke("show", store, "--key", "s0000000", "--heads", "7", "--out", png)
