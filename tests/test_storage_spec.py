@@ -45,8 +45,11 @@ STORES = {  # name: (recipe, encoding, compression, views)
     "eval": ("resize(interpolation='bilinear')|center_crop|normalize", "exact:fp32", "none", 1),
     "pad": ("center_crop(size=32)|flip(p=1.0)|normalize", "lowrank:r=2:int4", "zstd:3:bitshuffle", 1),
 }
-SIZES = [[(40, 30), (23, 37), (64, 48), (32, 32), (17, 50), None, (50, 50), (31, 29)],
-         [(45, 33), (24, 24), (80, 20), (33, 64)]]  # None: a zero-byte image, skipped
+SIZES = [[(40, 30), (23, 37), (64, 48), (32, 32), (17, 50), None, (50, 50), (31, 29), (36, 36), (30, 41), (96, 64),
+          (32, 20), (27, 27), (44, 35), (35, 44), (33, 31), (60, 30), (29, 52)],
+         [(45, 33), (24, 24), (80, 20), (33, 64)]]
+# None: a zero-byte image, skipped. 18 slots per shard: factor arrays have two inner chunks of 9 slots,
+# and the second of shard 1 (4 samples) holds only fill values, so its index entry is "absent".
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -133,6 +136,9 @@ def _decode_inner(raw: bytes, codecs: list[dict], dtype: str, shape: tuple[int, 
     return np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
 
 
+MET: set = set()  # which layouts the hand decoder met
+
+
 def read_shard_file(store: Path, view: int, shard_index: int, spec: dict) -> np.ndarray:
     """A unit's block of one array from its one Zarr shard file, by FORMAT.md's words alone."""
     doc = _zarr_doc(store, view, spec)
@@ -149,7 +155,9 @@ def read_shard_file(store: Path, view: int, shard_index: int, spec: dict) -> np.
     blocks = []
     for chunk in range(n_chunks):
         offset, nbytes = index[2 * chunk], index[2 * chunk + 1]
+        MET.add(("chunks", n_chunks))
         if offset == nbytes == 2 ** 64 - 1:
+            MET.add("absent")
             blocks.append(np.full(inner, fill, dtype=dtype))
         else:
             blocks.append(_decode_inner(raw[offset:offset + nbytes], config["codecs"], dtype, tuple(inner)))
@@ -460,6 +468,8 @@ def test_cache_id_recomputed_from_the_spec_matches_every_store_and_the_worked_ex
     assert canonical(spec_keyed(meta)) == json.dumps(spec_keyed(meta), sort_keys=True, separators=(",", ":"))
     for x in (0.0, -0.0, 1.0, 0.1, 1e-05, 0.0001, 123456789012345.6, 1e16, 1.5e+300, 5e-324, -2.5e-07, 1 / 3):
         assert _number(x) == json.dumps(x), x
+    for text in ("plain", 'quote " and back\\slash', "tab\t new\nline \x01 \x7f", "caf\u00e9", "\U0001f600"):
+        assert _string(text) == json.dumps(text), text
 
 
 # ================================================================================ fields (FIELDS.md)
@@ -617,4 +627,5 @@ def test_fill_values_and_codecs_as_stated_and_every_file_decodes_by_hand(stores)
             for slot in (5, slots + 4, 2 * slots - 1):
                 assert group[f"views/{view}/key"][slot] == "" and group[f"views/{view}/label"][slot] == -1
                 assert group[f"views/{view}/valid"][slot] == 0 and not np.any(group[f"views/{view}/aug"][slot])
+    assert {"absent", ("chunks", 1), ("chunks", 2)} <= MET
     assert crc32c(b"123456789") == 0xE3069283  # the check value of CRC-32C
