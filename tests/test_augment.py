@@ -120,7 +120,20 @@ def test_teacher_config_fills_size_mean_and_interpolation():
     ("rrc|erase|normalize", "erase"),
     ("flip|normalize", "rrc"),
     ("rrc|normalize|flip", "flip"),
+    ("rrc|jitter(hue=0.9)|normalize", r"jitter: hue=0\.9 must be in \[0, 0\.5\]"),
+    ("rrc|jitter(hue=-0.1)|normalize", "jitter: hue"),
+    ("rrc|jitter(brightness=-1)|normalize", "jitter: brightness=-1"),
+    ("rrc|jitter(contrast=-0.5)|normalize", "jitter: contrast=-0.5"),
 ])
 def test_bad_recipes_are_refused_naming_the_op(spec, message):
     with pytest.raises(ValueError, match=message):
         parse_recipe(spec, DEFAULTS)
+
+
+def test_jitter_hue_at_its_bound_draws_and_applies_without_error():
+    """hue = 0.5 is torchvision's own bound: accepted, and every drawn factor applies."""
+    recipe = parse_recipe("rrc|jitter(hue=0.5)|normalize", DEFAULTS)
+    image = Image.new("RGB", (40, 30), (200, 30, 90))
+    for key in range(20):
+        params, pixels = recipe.draw_and_apply(image, 0, f"k{key}", 0)
+        assert torch.equal(recipe.apply(params, image), pixels) and pixels.shape[0] == 3

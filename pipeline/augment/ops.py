@@ -134,6 +134,18 @@ class ColorJitter(Op):
         return ["brightness", "contrast", "saturation", "hue", "order0", "order1", "order2", "order3"]
 
     @staticmethod
+    def fill(args, d):
+        """torchvision refuses a hue factor outside [-0.5, 0.5] only when one is drawn there, mid-job:
+        refuse the range here, before any teacher runs."""
+        for k in ("brightness", "contrast", "saturation"):
+            if not (isinstance(args[k], (int, float)) and 0 <= args[k] < float("inf")):
+                raise SpecError(f"jitter: {k}={args[k]!r} must be a finite number >= 0")
+        if not (isinstance(args["hue"], (int, float)) and 0 <= args["hue"] <= 0.5):
+            raise SpecError(f"jitter: hue={args['hue']!r} must be in [0, 0.5] (a hue shift is a fraction of the "
+                            "colour wheel either way)")
+        return args
+
+    @staticmethod
     def draw(args, rng, width, height):
         factors = [rng.uniform(max(0.0, 1 - args[k]), 1 + args[k]) for k in ("brightness", "contrast", "saturation")]
         hue = rng.uniform(-args["hue"], args["hue"])
