@@ -28,14 +28,19 @@ OPTION_OF = {
     "run.optim.lr": "--lr", "run.optim.min_lr": "--min-lr", "run.optim.weight_decay": "--weight-decay",
     "run.optim.layer_decay": "--layer-decay", "run.optim.warmup_epochs": "--warmup-epochs",
     "run.optim.clip_grad": "--clip-grad", "run.optim.model_ema_decay": "--model-ema-decay",
-    "run.optim.betas": "--opt-betas", "transfer.mode": "--mode", "transfer.layers": "--layers", "transfer.cache": "--cache",
+    "run.optim.betas": "--opt-betas", "run.optim.warmup_lr": "--warmup-lr", "transfer.mode": "--mode", "transfer.layers": "--layers", "transfer.cache": "--cache",
     "transfer.heads": "--heads", "transfer.student.name": "--student", "transfer.student.model_args": "--student-arg",
     "transfer.student.num_classes": "--num-classes", "transfer.student.drop_path": "--drop-path",
     "transfer.student.seed": "--seed", "transfer.teacher": "--teacher", "transfer.teacher.name": "--teacher",
-    "transfer.teacher.model_args": "--model-arg", "transfer.teacher.checkpoint": "--checkpoint",
+    "transfer.teacher.model_args": "--model-arg", "transfer.teacher.checkpoint": "--teacher-checkpoint",
+    "transfer.student.initial_checkpoint": "--initial-checkpoint",
     "transfer.teacher.random_init": "--random-init", "transfer.teacher.seed": "--teacher-seed",
     "transfer.teacher.device": "--device",
 }
+
+
+# OptimConfig fields added after runs were recorded, with the value those runs used
+_LATER_KEYS = {"warmup_lr": 0.0}
 
 
 class RunMismatch(TrainError):
@@ -47,6 +52,9 @@ def run_identity(cfg) -> dict:
     d = {k: getattr(cfg, k) for k in RUN_KEYS}
     d["data"] = list(cfg.data)
     d["optim"] = asdict(cfg.optim)
+    for key, default in _LATER_KEYS.items():  # options added later: at their default, a run keeps its old id
+        if d["optim"].get(key) == default:
+            del d["optim"][key]
     d["world_size"] = int(os.environ.get("WORLD_SIZE", "1"))
     return json.loads(json.dumps(d))
 

@@ -5,7 +5,7 @@ online), the recipe, and the data streams.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -36,8 +36,11 @@ class TransferSpec:
 
     def to_json(self) -> dict:
         s, t = self.student, self.teacher
-        return {"student": {"name": s.name, "model_args": dict(s.model_args), "num_classes": s.num_classes,
-                            "drop_path": s.drop_path, "seed": s.seed},
+        student = {"name": s.name, "model_args": dict(s.model_args), "num_classes": s.num_classes,
+                   "drop_path": s.drop_path, "seed": s.seed}
+        if s.initial_checkpoint:  # only when given: runs recorded before the option keep their id
+            student["initial_checkpoint"] = s.initial_checkpoint
+        return {"student": student,
                 "mode": self.mode, "layers": self.layers, "cache": self.cache, "heads": self.heads,
                 "teacher": None if t is None else {"name": t.name, "model_args": dict(t.model_args),
                                                    "checkpoint": t.checkpoint, "random_init": t.random_init,
@@ -47,7 +50,7 @@ class TransferSpec:
     def from_json(cls, d: dict) -> "TransferSpec":
         s, t = d["student"], d.get("teacher")
         student = StudentConfig(s["name"], tuple(sorted(s["model_args"].items())), s["num_classes"], s["drop_path"],
-                                s["seed"])
+                                s["seed"], s.get("initial_checkpoint"))
         teacher = None if t is None else TeacherConfig(t["name"], tuple(sorted(t["model_args"].items())),
                                                        t["checkpoint"], t["random_init"], t["seed"], t["device"])
         return cls(student, d["mode"], d["layers"], d.get("cache"), teacher, d.get("heads"))
@@ -113,7 +116,11 @@ def build_session(spec: TransferSpec, device: str, recipe_spec: str = "train", t
     no training cache is opened, and a teacher is loaded only for copy modes trained online."""
     mode = get_mode(spec.mode)
     evaluating = trained is not None
-    model = build_student(spec.student, init_from=spec.teacher if mode.init_from_teacher and not evaluating else None)
+    if mode.init_from_teacher and spec.student.initial_checkpoint:
+        raise StudentMismatch("--initial-checkpoint and --mode finetune both set the student's first weights: "
+                              "give one (finetune starts from the --teacher's)")
+    student = replace(spec.student, initial_checkpoint=None) if evaluating else spec.student  # trained weights follow
+    model = build_student(student, init_from=spec.teacher if mode.init_from_teacher and not evaluating else None)
     geometry = Geometry.of(model)
     layers = resolve_layers(spec.layers or default_layers(geometry.num_layers), geometry.num_layers)
     heads = transferred_heads(spec.heads, mode, geometry.num_heads)
