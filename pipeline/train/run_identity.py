@@ -59,8 +59,13 @@ def run_identity(cfg) -> dict:
     return json.loads(json.dumps(d))
 
 
-def run_record(spec_json: dict, cfg, recipe_json) -> dict:
-    return {"transfer": spec_json, "run": run_identity(cfg), "recipe": recipe_json}
+def run_record(spec_json: dict, cfg, recipe_json, eval_recipe=None) -> dict:
+    """student.json: what the run is (its id: transfer and run) and the recipes it trains and
+    evaluates raw shards with (`evaluate RUN` rebuilds both from here)."""
+    record = {"transfer": spec_json, "run": run_identity(cfg), "recipe": recipe_json}
+    if eval_recipe is not None:
+        record["eval_recipe"] = eval_recipe.to_json()
+    return record
 
 
 def run_id(record: dict) -> str:
