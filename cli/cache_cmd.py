@@ -18,8 +18,8 @@ def teacher_options(f):
     """The options that name a teacher, shared by every command that loads one."""
     f = click.option("--seed", default=0, type=P.SEED, help="Seed of augmentation draws (and of --random-init weights).")(f)
     f = click.option("--random-init", is_flag=True, help="Initialise the teacher from --seed (tests and demos).")(f)
-    f = teacher_checkpoint_options(f, "The teacher's local weights: .safetensors, or .pth/.pt loaded with "
-                                      "weights_only=True (--checkpoint: the old spelling, still read).")
+    f = teacher_checkpoint_options("The teacher's local weights: .safetensors, or .pth/.pt loaded with "
+                                   "weights_only=True (--checkpoint: the old spelling, still read).")(f)
     f = click.option("--model-arg", "model_args", multiple=True, metavar="K=V",
                      help="timm keyword argument for the teacher, e.g. img_size=32 (repeatable).")(f)
     return f

@@ -85,15 +85,16 @@ def _teacher_checkpoint(ctx, param, value):
     return value if value is not None else old
 
 
-def teacher_checkpoint_options(f, help_text: str):
+def teacher_checkpoint_options(help_text: str):
     """`--teacher-checkpoint FILE` (the value reaches the command as `checkpoint`) and its old spelling
     `--checkpoint`, still working, with a one-line note on stderr. The old one is declared first, so
     a config file's `checkpoint:` key is read before the new option takes it over."""
-    f = click.option("--teacher-checkpoint", "checkpoint", default=None, type=click.Path(dir_okay=False),
-                     callback=_teacher_checkpoint, metavar="FILE", help=help_text)(f)
-    return click.option("--checkpoint", "deprecated_checkpoint", default=None, type=click.Path(dir_okay=False),
-                        expose_value=False, callback=_deprecated_checkpoint, metavar="FILE",
-                        help="Deprecated spelling of --teacher-checkpoint.")(f)
+    new = click.option("--teacher-checkpoint", "checkpoint", default=None, type=click.Path(dir_okay=False),
+                       callback=_teacher_checkpoint, metavar="FILE", help=help_text)
+    old = click.option("--checkpoint", "deprecated_checkpoint", default=None, type=click.Path(dir_okay=False),
+                       expose_value=False, callback=_deprecated_checkpoint, metavar="FILE",
+                       help="Deprecated spelling of --teacher-checkpoint.")
+    return lambda f: old(new(f))
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,7 @@ def _recipe_with_mix(recipe: str, mixup: float, cutmix: float) -> str:
 @click.option("--teacher", default=None, help="Online teacher (timm name or teacher dir) instead of a cache; "
                                                 "also the weights of --mode finetune.")
 @click.option("--model-arg", "model_args", multiple=True, metavar="K=V", help="timm argument of the teacher.")
-@lambda f: teacher_checkpoint_options(f, "Teacher weights file (.safetensors, or .pth with weights_only=True).")
+@teacher_checkpoint_options("Teacher weights file (.safetensors, or .pth with weights_only=True).")
 @click.option("--random-init", is_flag=True, help="Seeded random teacher (tests).")
 @click.option("--teacher-seed", default=0, type=P.SEED, help="Seed of --random-init teacher weights.")
 @click.option("--mode", type=click.Choice(list(defaults.TRAIN_MODES)), default="distill",
