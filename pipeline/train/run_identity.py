@@ -23,7 +23,8 @@ RUN_KEYS = ("data", "distill_weight", "max_steps", "epochs", "batch_size", "seed
 OPTION_OF = {
     "run.data": "--data", "run.distill_weight": "--distill-weight", "run.max_steps": "--max-steps",
     "run.epochs": "--epochs", "run.batch_size": "--batch-size", "run.seed": "--seed", "run.interleave": "--interleave",
-    "run.shuffle_buffer": "--shuffle-buffer", "run.smoothing": "--smoothing", "run.recipe": "--recipe (or --mixup/--cutmix/--aa/--reprob/--hflip/--scale/--color-jitter)",
+    "run.shuffle_buffer": "--shuffle-buffer", "run.smoothing": "--smoothing",
+    "run.recipe": "--recipe (or --mixup/--cutmix/--aa/--reprob/--hflip/--scale/--color-jitter)",
     "run.amp": "--amp", "run.threads": "--threads", "run.views": "--views", "run.world_size": "WORLD_SIZE (ranks)",
     "run.optim.lr": "--lr", "run.optim.min_lr": "--min-lr", "run.optim.weight_decay": "--weight-decay",
     "run.optim.layer_decay": "--layer-decay", "run.optim.warmup_epochs": "--warmup-epochs",
