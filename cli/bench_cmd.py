@@ -50,7 +50,7 @@ def fidelity(store_or_teacher, teacher, model_args, checkpoint, random_init, see
     """Mean KL per layer and overall against bytes per sample, encode and decode MB/s, for a grid of encodings.
 
     STORE_OR_TEACHER is a store (its cached factors are scored against the teacher re-run on the
-    same replayed pixels) or a teacher: a timm name or directory, with --checkpoint, --random-init
+    same replayed pixels) or a teacher: a timm name or directory, with --teacher-checkpoint, --random-init
     and --model-arg as for precompute, and --data. Random-weight teachers are flagged: their flat
     attention makes every encoding look better than it is.
     """

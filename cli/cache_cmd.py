@@ -9,6 +9,7 @@ import click
 from attncache.cli import defaults
 from attncache.cli import params as P
 from attncache.cli.outdir import writing_to
+from attncache.cli.timm_options import teacher_checkpoint_options
 
 _DEFAULTS = defaults.Precompute()
 
@@ -17,8 +18,8 @@ def teacher_options(f):
     """The options that name a teacher, shared by every command that loads one."""
     f = click.option("--seed", default=0, type=P.SEED, help="Seed of augmentation draws (and of --random-init weights).")(f)
     f = click.option("--random-init", is_flag=True, help="Initialise the teacher from --seed (tests and demos).")(f)
-    f = click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
-                     help="Local weights: .safetensors, or .pth/.pt loaded with weights_only=True.")(f)
+    f = teacher_checkpoint_options("The teacher's local weights: .safetensors, or .pth/.pt loaded with "
+                                   "weights_only=True (--checkpoint: the old spelling, still read).")(f)
     f = click.option("--model-arg", "model_args", multiple=True, metavar="K=V",
                      help="timm keyword argument for the teacher, e.g. img_size=32 (repeatable).")(f)
     return f
@@ -132,7 +133,7 @@ def verify(store, recompute, teacher, model_args, checkpoint, random_init, seed,
               "problems": report.problems}
     if recompute and report.ok:
         if teacher is None:
-            raise click.UsageError("--recompute needs --teacher (and --checkpoint or --random-init as at precompute)")
+            raise click.UsageError("--recompute needs --teacher (and --teacher-checkpoint or --random-init as at precompute)")
         result["recompute"] = recompute_check(
             CacheStore.open(store), make_teacher_config(teacher, model_args, checkpoint, random_init, seed),
             recompute, seed, tolerance)

@@ -156,6 +156,7 @@ class Optim:
     min_lr: float = 1e-6
     weight_decay: float = 0.05
     warmup_epochs: float = 5.0
+    warmup_lr: float = 0.0
 
 
 # pipeline.train.student.MODES, in order

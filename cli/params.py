@@ -163,3 +163,16 @@ compression_callback = _spec(_compression)
 recipe_callback = _spec(_recipe)
 layers_callback = _spec(_layers)
 heads_callback = _spec(_heads)
+
+
+class AmpChoice(click.Choice):
+    """`--amp auto|bf16|none`, also timm's bare `--amp` flag (bf16) and a config's `amp: true|false`
+    (timm's train.py YAML keys): true is bf16, false is none."""
+
+    def __init__(self):
+        super().__init__(["auto", "bf16", "none"])
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, bool):
+            return "bf16" if value else "none"
+        return super().convert(value, param, ctx)

@@ -11,6 +11,8 @@ from attncache.cli import defaults
 from attncache.cli import params as P
 from attncache.cli.cache_cmd import max_sample_bytes_option
 from attncache.cli.outdir import writing_to
+from attncache.cli.timm_options import resolve as resolve_timm
+from attncache.cli.timm_options import teacher_checkpoint_options, train_timm_options
 from attncache.cli.train_config import config_option
 from attncache.pipeline._util import atomic
 from attncache.pipeline._util.runtime import default_threads
@@ -58,7 +60,7 @@ def _recipe_with_mix(recipe: str, mixup: float, cutmix: float) -> str:
 @click.option("--teacher", default=None, help="Online teacher (timm name or teacher dir) instead of a cache; "
                                                 "also the weights of --mode finetune.")
 @click.option("--model-arg", "model_args", multiple=True, metavar="K=V", help="timm argument of the teacher.")
-@click.option("--checkpoint", default=None, type=click.Path(dir_okay=False), help="Teacher weights file.")
+@teacher_checkpoint_options("Teacher weights file (.safetensors, or .pth with weights_only=True).")
 @click.option("--random-init", is_flag=True, help="Seeded random teacher (tests).")
 @click.option("--teacher-seed", default=0, type=P.SEED, help="Seed of --random-init teacher weights.")
 @click.option("--mode", type=click.Choice(list(defaults.TRAIN_MODES)), default="distill",
@@ -67,8 +69,8 @@ def _recipe_with_mix(recipe: str, mixup: float, cutmix: float) -> str:
 @click.option("--student-arg", "--model-kwargs", "student_args", multiple=True, metavar="K=V",
               help="timm argument of the student (--model-kwargs: one K=V each).")
 @click.option("--num-classes", type=P.CLASSES, default=None, help="Classes [default: classes.json beside the shards].")
-@click.option("--out", "--output", "out", required=True, type=click.Path(file_okay=False),
-              help="Run directory (resumed if present).")
+@click.option("--out", "--output", "out", default=None, type=click.Path(file_okay=False),
+              help="Run directory (resumed if present) [required unless --resume names it].")
 @click.option("--views", type=P.VIEWS, default=None, help="Use only the cache's first N views [default: all].")
 @click.option("--max-steps", type=P.STEPS, default=None, help="Optimiser steps (or give --epochs).")
 @click.option("--epochs", type=P.EPOCHS, default=None, help="Epochs; epoch e reads cached view e mod V.")
@@ -105,8 +107,8 @@ def _recipe_with_mix(recipe: str, mixup: float, cutmix: float) -> str:
 @click.option("--interleave", default=_T.interleave, type=P.ints(1, 10**6),
               help="Units (shards) mixed in each shuffle window: every batch draws from this many shards however "
                    "they were sorted (class-ordered shards too). Memory: one window of decoded units per rank.")
-@click.option("--amp", type=click.Choice(["auto", "bf16", "none"]), default="auto",
-              help="bf16 autocast: auto = on CUDA devices that support it.")
+@click.option("--amp", type=P.AmpChoice(), default="auto", is_flag=False, flag_value="bf16",
+              help="bf16 autocast: auto = on CUDA devices that support it; a bare --amp (timm's flag) is bf16.")
 @click.option("--device", default="cpu", help="Training device: cpu, cuda, cuda:1 ...")
 @click.option("--threads", default=default_threads(), type=P.THREADS, help="Torch intra-op threads (fixes numerics).")
 @click.option("--checkpoint-every", default=_T.checkpoint_every, type=P.STEPS, help="Steps between resumable checkpoints.")
@@ -120,14 +122,16 @@ def _recipe_with_mix(recipe: str, mixup: float, cutmix: float) -> str:
 @click.option("--check-data", type=click.Choice(["size", "full"]), default="size",
               help="How --data is checked against what the cache's teacher saw: size (one stat per shard, always) "
                    "or full (also every shard's sha256 against the one its units recorded; reads all the data).")
+@train_timm_options
 def train(data, cache, teacher, model_args, checkpoint, random_init, teacher_seed, mode, student, student_args,
           num_classes, out, views, max_steps, epochs, batch_size, layers, heads, distill_weight, lr, betas, min_lr, weight_decay,
           warmup_epochs, layer_decay, drop_path, smoothing, mixup, cutmix, clip_grad, model_ema_decay, recipe,
           eval_cache, eval_data, seed, workers, shuffle_buffer, interleave, amp, device, threads, checkpoint_every,
-          log_every, eval_every, as_json, max_sample_bytes, quiet, check_data):
+          log_every, eval_every, as_json, max_sample_bytes, quiet, check_data, **timm):
     """Train a student ViT with attention transfer from a cache (or an online teacher).
 
-    Re-running the same command in the same --out resumes from its last checkpoint. Under
+    Re-running the same command in the same --out resumes from its last checkpoint (timm's --resume
+    CHECKPOINT says the same). timm's spellings are accepted beside ours (README: "From timm"). Under
     `torchrun --nproc_per_node N` the units are split across ranks; rank 0 writes and evaluates.
     """
     from attncache.pipeline.train.loop import TrainConfig
@@ -143,6 +147,8 @@ def train(data, cache, teacher, model_args, checkpoint, random_init, teacher_see
                                "(precompute --recipe train_mix); they apply only without --cache")
     if eval_every and not (eval_cache or eval_data):
         raise click.UsageError("--eval-every evaluates on a val split: give --eval-data (or --eval-cache)")
+    timm_set = resolve_timm(timm, out=out, recipe=recipe, amp=amp, cache=cache)
+    out, amp = timm_set.out, timm_set.amp
     if cache and recipe != _T.recipe:
         raise click.UsageError("--recipe: the cache carries the recipe the teacher saw; it applies only without --cache")
     if cache and check_data == "full":  # before any work; the size check runs in every run
@@ -153,14 +159,15 @@ def train(data, cache, teacher, model_args, checkpoint, random_init, teacher_see
     student_kwargs = _student_args(student_args)
     classes = num_classes or infer_num_classes(tuple(data), cache)
     teacher_cfg = _teacher(teacher, model_args, checkpoint, random_init, teacher_seed, device)
-    spec = TransferSpec(StudentConfig(student, student_kwargs, classes, drop_path, seed), mode,
+    spec = TransferSpec(StudentConfig(student, student_kwargs, classes, drop_path, seed, timm_set.initial_checkpoint), mode,
                         layers, cache, teacher_cfg, heads)
     optim = OptimConfig(lr=lr, betas=tuple(betas), min_lr=min_lr, weight_decay=weight_decay, layer_decay=layer_decay,
-                        warmup_epochs=warmup_epochs, clip_grad=clip_grad, model_ema_decay=model_ema_decay)
+                        warmup_epochs=warmup_epochs, clip_grad=clip_grad, model_ema_decay=model_ema_decay,
+                        warmup_lr=timm_set.warmup_lr)
     config = TrainConfig(data=tuple(data), out=out, spec=spec, distill_weight=distill_weight, max_steps=max_steps,
                          epochs=epochs, views=views, batch_size=batch_size, seed=seed, workers=workers,
                          shuffle_buffer=shuffle_buffer, interleave=interleave, smoothing=smoothing,
-                         recipe=_recipe_with_mix(recipe, mixup, cutmix), eval_cache=eval_cache,
+                         recipe=_recipe_with_mix(timm_set.recipe, mixup, cutmix), eval_cache=eval_cache,
                          eval_data=tuple(eval_data), amp=amp, device=device, threads=threads,
                          checkpoint_every=checkpoint_every, log_every=log_every, eval_every=eval_every, progress=not quiet,
                          optim=optim, max_sample_bytes=max_sample_bytes)

@@ -4,12 +4,14 @@ Why click's `default_map`: the file's values become the command's defaults, so a
 the command line overrides the file, and every value still goes through the option's own type and
 callback (the same range check, the same one-line error as on the command line). Keys are the
 options' long names with dashes or underscores (`batch_size: 64`, `student-arg: [depth=4]`), our
-spellings or timm's aliases; a key that names no option is refused in one line naming it and the
+spellings or timm's aliases (timm's train.py keys are its option dests: `aa`, `reprob`, `amp: true`,
+`model_kwargs: {depth: 4}`); a key that names no option is refused in one line naming it and the
 file. A name without a path and without `.yaml` (`-c paper-distill`) is one of the recipes shipped
 in cli/configs/. Only PyYAML is imported (no torch), so `--help` stays fast.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
@@ -67,6 +69,8 @@ def read(path: Path, command: click.Command, skip: str) -> dict:
         if name in out:
             raise click.BadParameter(f"{path}: key {key!r} sets --{name.replace('_', '-')} a second time")
         multiple = next(p for p in command.params if p.name == name).multiple
+        if multiple and isinstance(value, dict):  # timm's `model_kwargs: {depth: 4}`: K=V pairs
+            value = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in value.items()]
         out[name] = list(value) if multiple and isinstance(value, (list, tuple)) else [value] if multiple else value
     return out
 

@@ -171,7 +171,7 @@ def test_store_mode_scores_the_cached_bytes_against_the_re_run_teacher(trained_s
 
 def test_store_mode_refuses_other_weights_and_teacher_mode_options(trained_store, synth_data, tmp_path):
     result = _bench(trained_store, "--samples", 2, ok=False)  # trained weights: the teacher must be named
-    assert result.exit_code == 2 and "--checkpoint" in result.stderr
+    assert result.exit_code == 2 and "--teacher-checkpoint" in result.stderr
     result = _bench(trained_store, "--random-init", *TINY[:2], "--samples", 2, ok=False)
     assert result.exit_code == 2 and "differ from the store's teacher" in result.stderr
     result = _bench(trained_store, "--data", synth_data["val"], ok=False)

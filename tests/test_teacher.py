@@ -124,7 +124,7 @@ def test_checkpoint_for_another_architecture_names_the_mismatch(tmp_path):
 
 
 def test_offline_hub_name_without_weights_says_what_to_do():
-    with pytest.raises(TeacherError, match="--checkpoint"):
+    with pytest.raises(TeacherError, match="--teacher-checkpoint"):
         Teacher(TeacherConfig("vit_tiny_patch16_224", SMALL))
 
 

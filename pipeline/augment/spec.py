@@ -61,6 +61,14 @@ def check_ops(ops: tuple[OpSpec, ...]) -> None:
 
 def parse_op(text: str, defaults: RecipeDefaults) -> OpSpec:
     """`name` or `name(k=literal, ...)`: unknown names and arguments are refused with what is known."""
+    name, given = split_op(text)
+    op = OPS[name]
+    args = op.fill({**op.defaults, **given}, defaults)
+    return OpSpec(name, tuple(sorted((k, freeze(v)) for k, v in args.items())))
+
+
+def split_op(text: str) -> tuple[str, dict]:
+    """An op's name and the arguments typed (not filled from defaults: those need a teacher)."""
     text = text.strip()
     name, _, rest = text.partition("(")
     name = name.strip()
@@ -84,8 +92,7 @@ def parse_op(text: str, defaults: RecipeDefaults) -> OpSpec:
     bad = sorted(set(given) - set(op.defaults))
     if bad:
         raise SpecError(f"op {name!r} has no argument {bad[0]!r}; its arguments: {sorted(op.defaults)}")
-    args = op.fill({**op.defaults, **given}, defaults)
-    return OpSpec(name, tuple(sorted((k, freeze(v)) for k, v in args.items())))
+    return name, given
 
 
 def parse_ops(spec: str, defaults: RecipeDefaults) -> tuple[OpSpec, ...]:

@@ -201,5 +201,5 @@ def build_model(cfg: TeacherConfig) -> torch.nn.Module:
     except TeacherError:
         raise
     except Exception as exc:
-        raise TeacherError(f"could not load pretrained weights for {cfg.name!r} ({_first_line(exc)}); pass --checkpoint FILE "
+        raise TeacherError(f"could not load pretrained weights for {cfg.name!r} ({_first_line(exc)}); pass --teacher-checkpoint FILE "
                            "or a teacher directory, or --random-init for tests") from exc

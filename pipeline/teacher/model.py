@@ -23,6 +23,7 @@ from attncache.pipeline.teacher.loading import (TEACHER_CONFIG_FILE, TEACHER_WEI
     weights_fingerprint)
 from attncache.pipeline.teacher.selection import (DEFAULT_LAYERS_TEXT, check_heads_text, check_layers_text,  # noqa: F401
     default_layers, resolve_heads, resolve_layers, resolve_layers_or_default)
+from attncache.pipeline.teacher.pretrained import warn_tag_normalisation
 from attncache.pipeline.teacher.self_check import check_layers, first_failure, probe_images
 
 __all__ = ["DEFAULT_LAYERS_TEXT", "TEACHER_CONFIG_FILE", "TEACHER_WEIGHTS_FILE", "Teacher", "TeacherConfig",
@@ -95,6 +96,9 @@ class Teacher:
             raise TeacherError(f"{self.config.name}: {failure}; such teachers are not supported")
 
     def recipe_defaults(self) -> RecipeDefaults:
+        """The pretrained config's preprocessing (its tag's: see pipeline/teacher/pretrained.py, which
+        warns once when the checkpoint's name says it was trained with another tag's normalisation)."""
+        warn_tag_normalisation(self.config.name, self.config.checkpoint)
         return model_recipe_defaults(self.model, self.config.name)
 
     def identity(self) -> dict:

@@ -218,7 +218,7 @@ def _report(teacher: Teacher, layers, heads, cap: Captured, rows, notes, compres
 
 def store_teacher_config(store: CacheStore, given: TeacherConfig | None) -> TeacherConfig:
     """The store's teacher (name, model args) with weights from `given` (a name or directory,
-    --checkpoint, --random-init), or, when nothing is given and the store was made with random
+    --teacher-checkpoint, --random-init), or, when nothing is given and the store was made with random
     weights, the store's own random-init seed. The caller checks the weights' fingerprint."""
     ident = store.meta["teacher"]
     args = tuple(sorted(ident["model_args"].items()))
@@ -231,7 +231,7 @@ def store_teacher_config(store: CacheStore, given: TeacherConfig | None) -> Teac
     if ident.get("random_init_seed") is not None:
         return TeacherConfig(ident["name"], args, None, True, int(ident["random_init_seed"]), device)
     raise ValueError(f"{store.path} was made with trained weights ({ident['name']}, "
-                     f"{ident.get('checkpoint') or 'hub weights'}): pass --checkpoint FILE or --teacher DIR")
+                     f"{ident.get('checkpoint') or 'hub weights'}): pass --teacher-checkpoint FILE or --teacher DIR")
 
 
 def cached_samples(store: CacheStore, view: int, samples: int) -> tuple[list[int], list[str], torch.Tensor]:

@@ -59,7 +59,7 @@ def require_same_teacher(stored: dict, given: dict) -> None:
     if fields:
         shown = "; ".join(f"{f}: store has {_brief(stored.get(f))}, --teacher has {_brief(given.get(f))}" for f in fields)
         raise StoreError(f"--teacher is not the teacher this store was made with (teacher identity differs: {shown}); "
-                         "pass the teacher, --model-arg, --checkpoint or --random-init/--seed used at precompute")
+                         "pass the teacher, --model-arg, --teacher-checkpoint or --random-init/--seed used at precompute")
 
 
 def _brief(value) -> str:

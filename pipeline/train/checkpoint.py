@@ -183,3 +183,37 @@ def open_metrics(out: Path, state: dict | None):
     if keep is not None and path.is_file() and path.stat().st_size > keep:
         os.truncate(path, keep)
     return open(path, "a")
+
+
+def resume_dir(path: str | Path) -> Path:
+    """timm's `--resume PATH` in our terms: the run directory whose committed checkpoint PATH is
+    (PATH: that checkpoint, the run's state.json, or the directory). A run resumes in its own
+    directory, from its own committed state (weights, EMA, optimiser, loader position), so anything
+    else (another program's checkpoint, a superseded one, a directory with nothing committed) is
+    refused in one line rather than silently starting over."""
+    path = Path(path)
+    run = path if path.is_dir() else path.parent
+    if not path.exists():
+        raise CheckpointError(f"--resume {path}: no such file or directory")
+    if path.is_file() and path.name != STATE_FILE and not (CHECKPOINT_NAME.fullmatch(path.name)
+                                                            or path.name == LEGACY_CHECKPOINT):
+        raise CheckpointError(f"--resume {path}: not a checkpoint attncache train writes (checkpoint-<step>-<digest>"
+                              f".safetensors beside its state.json); to start a student from its weights use "
+                              f"--initial-checkpoint")
+    state_file = run / STATE_FILE
+    try:
+        state = json.loads(state_file.read_bytes())
+    except FileNotFoundError:
+        raise CheckpointError(f"--resume {path}: {run} holds no committed checkpoint ({STATE_FILE} is missing), "
+                              "so there is nothing to resume") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{state_file}: cannot be read as JSON ({exc}); {_advice(run)}") from None
+    problem = _state_problem(state)
+    if problem:
+        raise CheckpointError(f"{state_file}: {problem}, so it is not a state file written by attncache train; "
+                              f"{_advice(run)}")
+    committed = state.get("checkpoint", LEGACY_CHECKPOINT)
+    if path.is_file() and path.name not in (STATE_FILE, committed):
+        raise CheckpointError(f"--resume {path}: not the run's committed checkpoint ({run / committed} is); "
+                              "a run resumes from its last commit only")
+    return run

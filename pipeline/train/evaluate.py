@@ -15,14 +15,16 @@ from attncache.pipeline.augment.recipe import Recipe, RecipeDefaults, parse_reci
 from attncache.pipeline.train.student import Strategy, TransferContext
 
 
-def eval_recipe_like(train: Recipe) -> Recipe:
+def eval_recipe_like(train: Recipe, crop_pct: float = RecipeDefaults.crop_pct) -> Recipe:
     """The deterministic eval recipe (resize, centre crop, normalize) with the train recipe's size,
-    normalisation and interpolation, so a student sees eval images prepared as it was trained."""
+    normalisation and interpolation, so a student sees eval images prepared as it was trained;
+    `crop_pct` (resize to size / crop_pct, then crop) is the pretrained config's where the caller
+    knows it (a train recipe does not hold it)."""
     ops = {op.name: op.kwargs for op in train.ops}
     norm = ops["normalize"]
     interp = ops.get("rrc", {}).get("interpolation", "bicubic")
     defaults = RecipeDefaults(image_size=int(train.output_size), mean=tuple(norm["mean"]), std=tuple(norm["std"]),
-                              interpolation=interp if interp != "random" else "bicubic")
+                              crop_pct=float(crop_pct), interpolation=interp if interp != "random" else "bicubic")
     return parse_recipe("eval", defaults)
 
 

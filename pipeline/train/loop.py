@@ -242,7 +242,7 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
               file=sys.stderr)
     updater = Updater.build(session.model, cfg.optim, total_steps, warmup)
     optimizer, ema = updater.optimizer, updater.ema
-    record = run_record(cfg.spec.to_json(), cfg, session.recipe.to_json())
+    record = run_record(cfg.spec.to_json(), cfg, session.recipe.to_json(), session.eval_recipe)
     rid = run_id(record)
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,8 @@
   tokens), layer-wise lr decay (`param_groups_layer_decay`, BEiT/MAE) when `layer_decay` is set.
   Every group carries an `lr_scale` (1.0 without layer decay) that the schedule multiplies in.
 - Schedule: `timm.scheduler.CosineLRScheduler`, stepped once per optimiser update
-  (`t_in_epochs=False`, `warmup_prefix=True`): linear warmup from 0 over `warmup_steps`, then a
+  (`t_in_epochs=False`, `warmup_prefix=True`): linear warmup from 0 (or timm's `--warmup-lr`, the
+  peak group's first lr) over `warmup_steps`, then a
   half cycle of cosine over the remaining steps down to `min_lr`. timm's class drives the groups
   (`lr_scale`, `step_update`, `state_dict`); the two formulas are the MAE paper's
   `util/lr_sched.py`, written in `WarmupCosine._get_lr`, because timm's round differently and a run
@@ -42,6 +43,7 @@ class OptimConfig:
     clip_grad: float | None = None
     model_ema_decay: float | None = None
     betas: tuple[float, float] = (0.9, 0.999)
+    warmup_lr: float = 0.0  # timm --warmup-lr: the warmup's first lr (0: the paper's warmup from 0)
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
@@ -67,9 +69,12 @@ class WarmupCosine(CosineLRScheduler):
             cosine.setLevel(level)
         for group in optimizer.param_groups:  # peaks are read (base_values); keep checkpoints' groups as before
             group.pop(self._initial_param_group_field, None)
+        self.warmup_lr = cfg.warmup_lr
 
     def _get_lr(self, t: int) -> list[float]:
         if t < self.warmup_t:
+            if self.warmup_lr:  # timm's warmup from --warmup-lr; from 0 the paper's formula, bit for bit as before
+                return [self.warmup_lr + (peak - self.warmup_lr) * t / self.warmup_t for peak in self.base_values]
             return [peak * t / self.warmup_t for peak in self.base_values]
         progress = min(1.0, (t - self.warmup_t) / self.t_initial)
         return [self.lr_min + (peak - self.lr_min) * 0.5 * (1.0 + math.cos(math.pi * progress))

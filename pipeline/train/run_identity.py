@@ -23,19 +23,25 @@ RUN_KEYS = ("data", "distill_weight", "max_steps", "epochs", "batch_size", "seed
 OPTION_OF = {
     "run.data": "--data", "run.distill_weight": "--distill-weight", "run.max_steps": "--max-steps",
     "run.epochs": "--epochs", "run.batch_size": "--batch-size", "run.seed": "--seed", "run.interleave": "--interleave",
-    "run.shuffle_buffer": "--shuffle-buffer", "run.smoothing": "--smoothing", "run.recipe": "--recipe/--mixup/--cutmix",
+    "run.shuffle_buffer": "--shuffle-buffer", "run.smoothing": "--smoothing",
+    "run.recipe": "--recipe (or --mixup/--cutmix/--aa/--reprob/--hflip/--scale/--color-jitter)",
     "run.amp": "--amp", "run.threads": "--threads", "run.views": "--views", "run.world_size": "WORLD_SIZE (ranks)",
     "run.optim.lr": "--lr", "run.optim.min_lr": "--min-lr", "run.optim.weight_decay": "--weight-decay",
     "run.optim.layer_decay": "--layer-decay", "run.optim.warmup_epochs": "--warmup-epochs",
     "run.optim.clip_grad": "--clip-grad", "run.optim.model_ema_decay": "--model-ema-decay",
-    "run.optim.betas": "--opt-betas", "transfer.mode": "--mode", "transfer.layers": "--layers", "transfer.cache": "--cache",
+    "run.optim.betas": "--opt-betas", "run.optim.warmup_lr": "--warmup-lr", "transfer.mode": "--mode", "transfer.layers": "--layers", "transfer.cache": "--cache",
     "transfer.heads": "--heads", "transfer.student.name": "--student", "transfer.student.model_args": "--student-arg",
     "transfer.student.num_classes": "--num-classes", "transfer.student.drop_path": "--drop-path",
     "transfer.student.seed": "--seed", "transfer.teacher": "--teacher", "transfer.teacher.name": "--teacher",
-    "transfer.teacher.model_args": "--model-arg", "transfer.teacher.checkpoint": "--checkpoint",
+    "transfer.teacher.model_args": "--model-arg", "transfer.teacher.checkpoint": "--teacher-checkpoint",
+    "transfer.student.initial_checkpoint": "--initial-checkpoint",
     "transfer.teacher.random_init": "--random-init", "transfer.teacher.seed": "--teacher-seed",
     "transfer.teacher.device": "--device",
 }
+
+
+# OptimConfig fields added after runs were recorded, with the value those runs used
+_LATER_KEYS = {"warmup_lr": 0.0}
 
 
 class RunMismatch(TrainError):
@@ -47,12 +53,20 @@ def run_identity(cfg) -> dict:
     d = {k: getattr(cfg, k) for k in RUN_KEYS}
     d["data"] = list(cfg.data)
     d["optim"] = asdict(cfg.optim)
+    for key, default in _LATER_KEYS.items():  # options added later: at their default, a run keeps its old id
+        if d["optim"].get(key) == default:
+            del d["optim"][key]
     d["world_size"] = int(os.environ.get("WORLD_SIZE", "1"))
     return json.loads(json.dumps(d))
 
 
-def run_record(spec_json: dict, cfg, recipe_json) -> dict:
-    return {"transfer": spec_json, "run": run_identity(cfg), "recipe": recipe_json}
+def run_record(spec_json: dict, cfg, recipe_json, eval_recipe=None) -> dict:
+    """student.json: what the run is (its id: transfer and run) and the recipes it trains and
+    evaluates raw shards with (`evaluate RUN` rebuilds both from here)."""
+    record = {"transfer": spec_json, "run": run_identity(cfg), "recipe": recipe_json}
+    if eval_recipe is not None:
+        record["eval_recipe"] = eval_recipe.to_json()
+    return record
 
 
 def run_id(record: dict) -> str:

@@ -5,7 +5,7 @@ online), the recipe, and the data streams.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -36,8 +36,11 @@ class TransferSpec:
 
     def to_json(self) -> dict:
         s, t = self.student, self.teacher
-        return {"student": {"name": s.name, "model_args": dict(s.model_args), "num_classes": s.num_classes,
-                            "drop_path": s.drop_path, "seed": s.seed},
+        student = {"name": s.name, "model_args": dict(s.model_args), "num_classes": s.num_classes,
+                   "drop_path": s.drop_path, "seed": s.seed}
+        if s.initial_checkpoint:  # only when given: runs recorded before the option keep their id
+            student["initial_checkpoint"] = s.initial_checkpoint
+        return {"student": student,
                 "mode": self.mode, "layers": self.layers, "cache": self.cache, "heads": self.heads,
                 "teacher": None if t is None else {"name": t.name, "model_args": dict(t.model_args),
                                                    "checkpoint": t.checkpoint, "random_init": t.random_init,
@@ -47,7 +50,7 @@ class TransferSpec:
     def from_json(cls, d: dict) -> "TransferSpec":
         s, t = d["student"], d.get("teacher")
         student = StudentConfig(s["name"], tuple(sorted(s["model_args"].items())), s["num_classes"], s["drop_path"],
-                                s["seed"])
+                                s["seed"], s.get("initial_checkpoint"))
         teacher = None if t is None else TeacherConfig(t["name"], tuple(sorted(t["model_args"].items())),
                                                        t["checkpoint"], t["random_init"], t["seed"], t["device"])
         return cls(student, d["mode"], d["layers"], d.get("cache"), teacher, d.get("heads"))
@@ -65,6 +68,7 @@ class Session:
     recipe: Recipe
     store: CacheStore | None
     teacher: Teacher | None
+    eval_recipe: Recipe | None = None  # raw eval shards get it [default: eval_recipe_like(recipe)]
 
 
 def open_checked(path: str, role: str) -> CacheStore:
@@ -106,14 +110,22 @@ def _load_teacher(cfg: TeacherConfig | None, why: str) -> Teacher:
     return Teacher(cfg)
 
 
-def build_session(spec: TransferSpec, device: str, recipe_spec: str = "train", trained: Recipe | None = None) -> Session:
+def build_session(spec: TransferSpec, device: str, recipe_spec: str = "train", trained: Recipe | None = None,
+                  trained_eval: Recipe | None = None) -> Session:
     """Build the student and its teacher signal; refuse a student that does not fit, naming both values.
 
     `trained` rebuilds a trained student for evaluation: no weights are loaded from the teacher,
-    no training cache is opened, and a teacher is loaded only for copy modes trained online."""
+    no training cache is opened, and a teacher is loaded only for copy modes trained online;
+    `trained_eval` is the eval recipe its run recorded (runs before that record: None).
+    Without a cache both recipes take the pretrained config of the teacher (else the student):
+    mean, std, interpolation, and the eval crop."""
     mode = get_mode(spec.mode)
     evaluating = trained is not None
-    model = build_student(spec.student, init_from=spec.teacher if mode.init_from_teacher and not evaluating else None)
+    if mode.init_from_teacher and spec.student.initial_checkpoint:
+        raise StudentMismatch("--initial-checkpoint and --mode finetune both set the student's first weights: "
+                              "give one (finetune starts from the --teacher's)")
+    student = replace(spec.student, initial_checkpoint=None) if evaluating else spec.student  # trained weights follow
+    model = build_student(student, init_from=spec.teacher if mode.init_from_teacher and not evaluating else None)
     geometry = Geometry.of(model)
     layers = resolve_layers(spec.layers or default_layers(geometry.num_layers), geometry.num_layers)
     heads = transferred_heads(spec.heads, mode, geometry.num_heads)
@@ -131,6 +143,7 @@ def build_session(spec: TransferSpec, device: str, recipe_spec: str = "train", t
         teacher = _load_teacher(spec.teacher, f"mode {mode.name}")
         check_fit(geometry, SignalGeometry.of_teacher(teacher), mode.strategy, layers)
         signal = OnlineSignal(teacher, layers, mode.strategy.signal, heads)
+    eval_recipe = trained_eval
     if trained is not None:
         recipe = trained
     elif store is not None:
@@ -138,10 +151,11 @@ def build_session(spec: TransferSpec, device: str, recipe_spec: str = "train", t
         if recipe.output_size != geometry.image_size:
             raise StudentMismatch(f"image size: student {geometry.image_size}, cache recipe {recipe.output_size}")
     else:
-        source = teacher.model if teacher is not None else model
-        recipe = parse_recipe(recipe_spec, model_recipe_defaults(source, spec.student.name))
+        defaults = teacher.recipe_defaults() if teacher is not None else model_recipe_defaults(model, spec.student.name)
+        recipe = parse_recipe(recipe_spec, defaults)
+        eval_recipe = eval_recipe_like(recipe, defaults.crop_pct)
     context = install_transfer(model, layers, mode.strategy, heads)
-    return Session(model.to(device), mode, layers, context, signal, recipe, store, teacher)
+    return Session(model.to(device), mode, layers, context, signal, recipe, store, teacher, eval_recipe)
 
 
 def infer_num_classes(data: tuple[str, ...], cache: str | None) -> int:
@@ -205,7 +219,7 @@ def eval_stream(session: Session, num_classes: int, eval_cache: str | None,
         raise StudentMismatch(f"mode {session.mode.name} evaluates with the teacher's attention: give an eval store "
                               "(`evaluate --cache STORE`, `train --eval-cache STORE`; precompute the eval split with "
                               "--recipe eval) or train with an online --teacher")
-    recipe = eval_recipe_like(session.recipe)
+    recipe = session.eval_recipe or eval_recipe_like(session.recipe)
     stream = StreamConfig(tuple(expand_shards(list(eval_data))), tuple(recipe.to_json()), num_classes, None, 0, 1,
                           0.0, 0, with_factors=False)
     return stream, session.signal
@@ -220,7 +234,8 @@ def load_run(run: str, device: str) -> tuple[Session, TransferSpec, Path, Path]:
     weights = path / "model.safetensors" if path.is_dir() else path
     saved = json.loads((run_dir / "student.json").read_text())
     spec = TransferSpec.from_json(saved["transfer"])
-    session = build_session(spec, device, trained=Recipe.from_json(saved["recipe"]))
+    recorded_eval = Recipe.from_json(saved["eval_recipe"]) if "eval_recipe" in saved else None
+    session = build_session(spec, device, trained=Recipe.from_json(saved["recipe"]), trained_eval=recorded_eval)
     session.model.load_state_dict(load_file(str(weights)))
     return session, spec, run_dir, weights
 

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attncache.pipeline.teacher.model import (TeacherConfig, _seeded_init, check_supported, load_state_dict,
-    resolve_teacher_config)
+from attncache.pipeline.teacher.model import (TeacherConfig, TeacherError, _seeded_init, check_supported,
+    load_state_dict, resolve_teacher_config)
 from attncache.pipeline.teacher.selection import default_layers  # noqa: F401 - one default for train and precompute
 
 
@@ -254,6 +254,7 @@ class StudentConfig:
     num_classes: int = 8
     drop_path: float = 0.0
     seed: int = 0
+    initial_checkpoint: str | None = None  # timm --initial-checkpoint: weights to start from (every key, every shape)
 
 
 @dataclass(frozen=True)
@@ -285,10 +286,12 @@ def build_student(cfg: StudentConfig, init_from: TeacherConfig | None = None) ->
         model = timm.create_model(cfg.name, pretrained=False, num_classes=cfg.num_classes,
                                   drop_path_rate=cfg.drop_path, **kwargs)
     check_supported(model, cfg.name)
+    if cfg.initial_checkpoint:
+        load_initial_weights(model, cfg)
     if init_from is not None:
         resolved = resolve_teacher_config(init_from)
         if not resolved.checkpoint:
-            raise StudentMismatch("finetune needs teacher weights: a teacher directory or --checkpoint")
+            raise StudentMismatch("finetune needs teacher weights: a teacher directory or --teacher-checkpoint")
         state = load_state_dict(resolved.checkpoint)
         own = model.state_dict()
         state = {k: v for k, v in state.items() if not (k in own and own[k].shape != v.shape and k.startswith("head"))}
@@ -298,6 +301,25 @@ def build_student(cfg: StudentConfig, init_from: TeacherConfig | None = None) ->
             raise StudentMismatch(f"teacher weights {resolved.checkpoint} do not fit student {cfg.name}: "
                                   f"missing {sorted(missing)[:6]}, unexpected {sorted(unexpected)[:6]}")
     return model
+
+
+def load_initial_weights(model: nn.Module, cfg: StudentConfig) -> None:
+    """`--initial-checkpoint`: the student starts from these weights, all of them: a key missing or
+    a shape that differs would leave a student half initialised, so it is refused in one line naming
+    the first few. Read as load_state_dict reads teachers (safetensors, or weights_only=True)."""
+    try:
+        state = load_state_dict(cfg.initial_checkpoint)
+    except TeacherError as exc:
+        raise StudentMismatch(f"--initial-checkpoint: {exc}") from None
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    shapes = [f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}" for k in sorted(set(own) & set(state))
+              if tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        raise StudentMismatch(f"--initial-checkpoint {cfg.initial_checkpoint} does not fit student {cfg.name} "
+                              f"{dict(cfg.model_args)} with {cfg.num_classes} classes: missing {missing[:6]}, "
+                              f"unexpected {unexpected[:6]}, shapes differ {shapes[:4]}")
+    model.load_state_dict(state, strict=True)
 
 
 def install_transfer(model: nn.Module, layers: tuple[int, ...], strategy: Strategy,
