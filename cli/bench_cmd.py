@@ -104,6 +104,7 @@ def _script_command(name: str, module: str, summary: str) -> click.Command:
 for _name, _module, _summary in (
         ("precompute", "attncache.benchmarks.precompute", "Precompute images/s against the bare teacher, and bytes per encoding."),
         ("precompute-profile", "attncache.benchmarks.precompute_profile", "Where precompute time goes, per stage."),
+        ("compression", "attncache.benchmarks.compression", "Bytes saved against CPU seconds spent, per compressor and encoding."),
         ("train", "attncache.benchmarks.train", "Student steps/s: scratch, distill from the cache, distill online."),
         ("students", "attncache.benchmarks.students", "Student accuracy: scratch against distillation per encoding, seeds."),
         ("loader", "attncache.benchmarks.loader", "Images/s one loader worker delivers (decode, replay, factor reads), 32 and 224 px.")):

@@ -127,6 +127,7 @@ def test_reserving_gpus_for_a_cpu_teacher_is_refused(synth_data, tmp_path):
 
 
 @pytest.mark.parametrize("name, default", [("precompute", "(default: 256)"), ("precompute-profile", "(default: 32)"),
+                                           ("compression", "(default: 3)"),
                                            ("train", "(default: 40)"), ("students", "(default: 0,1,2)")])
 def test_bench_scripts_are_commands_whose_help_names_their_defaults(name, default):
     result = subprocess.run([sys.executable, "-m", "attncache.cli.main", "bench", name, "--help"],

@@ -71,3 +71,43 @@ def test_one_file_layer_serves_a_folder_and_a_url_alike(tmp_path, root):
     assert files.local_files() == (["units/0/000000.json"] if files.local else [])
     assert files.total_bytes() == 4
     assert (files.local_path("x") is None) != files.local
+
+
+@pytest.mark.parametrize("compression", ["zstd:3", "zstd:1:shuffle", "none"])
+def test_a_shard_encoded_in_memory_is_the_file_zarr_writes(tmp_path, compression):
+    """The store hashes and writes shard bytes encoded in memory (store/shard_bytes.py): they must be
+    byte for byte the file zarr itself writes for the same block, for every kind of array, fill-only
+    blocks included (which zarr writes only with write_empty_chunks)."""
+    import zarr
+    from zarr.codecs import ZstdCodec
+
+    from attncache.pipeline.store.shard_bytes import encode_shard
+
+    group = zarr.open_group(str(tmp_path / "s.zarr"), mode="w", zarr_format=3)
+    rng = np.random.default_rng(0)
+    blocks = {"key": (np.array([f"k{i}" if i % 3 else "" for i in range(8)], dtype=object), ""),
+              "label": (rng.integers(-1, 10, 8), -1), "aug": (rng.standard_normal((8, 5)), 0),
+              "a": (rng.standard_normal((8, 3, 2, 17, 8)).astype(np.float16), 0),
+              "empty": (np.zeros((8, 3, 4), dtype=np.int8), 0)}
+    for name, (block, fill) in blocks.items():
+        trailing = block.shape[1:]
+        array = group.create_array(name, shape=(24, *trailing), dtype=str if block.dtype == object else block.dtype,
+                                   chunks=(4, *trailing), shards=(8, *trailing), fill_value=fill,
+                                   compressors=ZstdCodec(level=3) if block.dtype == object else
+                                   layout.compressors(layout.parse_compression(compression)))
+        empty = layout.all_fill(block, fill)
+        data = encode_shard(array, "/".join(["c", "1"] + ["0"] * len(trailing)), 8, 16, block, empty)
+        (array.with_config({"write_empty_chunks": True}) if empty else array)[8:16] = block
+        on_disk = (tmp_path / "s.zarr" / name / "c" / "1").joinpath(*["0"] * len(trailing))
+        assert data == on_disk.read_bytes(), name
+    assert encode_shard(group["empty"], "c/1/0/0", 8, 16, blocks["empty"][0], False) is None
+
+
+@pytest.mark.parametrize("root", ["local", "memory://layer-test/replace"])
+def test_write_replace_puts_the_whole_file_and_leaves_no_temp(tmp_path, root):
+    root = str(tmp_path / "store") if root == "local" else root
+    files = Files(root)
+    files.write_replace("views/0/a/c/0", b"old bytes")
+    files.write_replace("views/0/a/c/0", b"new")
+    assert files.read("views/0/a/c/0") == b"new" and files.size("views/0/a/c/0") == 3
+    assert files.local_files() == (["views/0/a/c/0"] if files.local else [])

@@ -79,6 +79,21 @@ class Files:
         tmp.write_bytes(data)
         commit_temp(tmp, Path(path))
 
+    def write_replace(self, rel: str, data: bytes) -> None:
+        """The whole file or the old one (or none), never half, without `write_atomic`'s fsyncs:
+        for bulk data whose digest a later, durable file records (a store's shard files under their
+        unit's marker), which is what zarr's own store did for them: a temp file renamed into place
+        locally, a put remotely. A power cut can leave such a file short; its marker's size says so."""
+        path = self.full(rel)
+        if not self.local:
+            self.fs.pipe_file(path, data)
+            return
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}{TEMP_MARK}{os.getpid()}-{threading.get_ident()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+
     def create(self, rel: str, data: bytes) -> bool:
         """Create the file unless it exists (False then). Locally O_EXCL; on an object store a
         create-only put (S3 `If-None-Match: *`), which the server refuses when the object exists.

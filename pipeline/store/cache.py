@@ -3,8 +3,9 @@
 What lies where is arithmetic (store/layout.py); a marker's bytes and checksums are store/markers.py;
 when a marker covers its unit is store/integrity.py; files beside the arrays go through the one file
 layer (pipeline/_util/files.py), so a local folder and an fsspec URL take the same code. A unit is
-written whole in one call per array (zarr 3.1 rewrites a whole shard on a partial write), and its
-marker last and atomically; readers and `verify` trust markers only.
+written whole, one shard file per array, each encoded in memory by zarr (store/shard_bytes.py) and
+hashed in hand for the marker, then written by the file layer; its marker last and atomically;
+readers and `verify` trust markers only.
 
 `write_unit` runs in named stages (`_unmark`, `_write_data` with one `_write_array` per array, then
 the marker): the crash tests kill the process between them (tests/reliability/faults.py).
@@ -17,6 +18,7 @@ import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
+from attncache.pipeline._util.atomic import TEMP_MARK
 from attncache.pipeline._util.files import Files
 from attncache.pipeline.data.shards import redact
 from attncache.pipeline.encodings.spec import Encoding, encoding_from_json
@@ -27,6 +29,7 @@ from attncache.pipeline.store.integrity import (array_doc_paths, content_problem
 from attncache.pipeline.store.layout import BASE_ARRAYS, FILL_VALUES, Unit, UnitData
 from attncache.pipeline.store.markers import encode_marker, new_marker, parse_marker, sha256_hex
 from attncache.pipeline.store.meta import META_ATTR, StoreError, cache_id
+from attncache.pipeline.store.shard_bytes import encode_shard
 from attncache.storage_schema import SCHEMA_VERSION, SchemaError, validate_store_metadata
 
 class CacheStore:
@@ -184,14 +187,10 @@ class CacheStore:
         lists a digest for each. `shard`: sha256 of the input tar and of its members' names and sizes."""
         self._unmark(unit)
         blocks = {"key": np.array(keys, dtype=object), "label": labels, "valid": valid, "aug": aug, **factors}
-        rels = self._write_data(unit, blocks)
-        files = {rel: self.file_sha256(rel) for rel in rels}
-        if any(digest is None for digest in files.values()):
-            raise StoreError(f"{unit.name}: Zarr shard files {[r for r, d in files.items() if d is None]} were not "
-                             "written")
+        written = self._write_data(unit, blocks)
         marker = new_marker(self.meta["cache_id"], unit, slot_start=self.slot_range(unit.shard_index)[0], count=count,
-                            valid=valid, skipped=skipped, files=files,
-                            sizes={rel: self.files.size(rel) for rel in rels},
+                            valid=valid, skipped=skipped, files={rel: digest for rel, (digest, _) in written.items()},
+                            sizes={rel: size for rel, (_, size) in written.items()},
                             metadata_sha256=self.metadata_sha256(unit.view), fidelity_kl=fidelity_kl,
                             seconds=seconds, shard=shard)
         self.files.write_atomic(self.marker_path(unit.view, unit.shard_index), encode_marker(marker))
@@ -204,30 +203,35 @@ class CacheStore:
         self.files.delete(rel)
         self.files.remove_temps(rel, ".tmp-*")
 
-    def _write_data(self, unit: Unit, blocks: dict[str, np.ndarray]) -> list[str]:
-        """Every array's shard file of the unit, from scratch; returns their store-relative paths.
-        zarr merges into an existing shard file, and a torn one would fail its crc32c, so the old
-        files go first; zarr's LocalStore writes `<file>.<uuid>.partial` and renames it, so a writer
-        of this unit killed in between leaves one behind: cleared last (only this unit writes here)."""
+    def _write_data(self, unit: Unit, blocks: dict[str, np.ndarray]) -> dict[str, tuple[str, int]]:
+        """Every array's shard file of the unit, whole; returns {store-relative path: (sha256, size)}
+        of the bytes written. Each file replaces the old one whole (store/shard_bytes.py encodes it
+        in memory), so nothing of an earlier write is merged in. A writer of this unit killed between
+        writing a temp and renaming it leaves `<file>.tmp-*` (or, from zarr's own writes of older
+        versions, `<file>.<uuid>.partial`): cleared last (only this unit writes here)."""
         rels = self.unit_files(unit.view, unit.shard_index)
-        for rel in rels:
-            self.files.delete(rel)
-        for name, rel in zip(self.meta["arrays"], rels):
-            self._write_array(unit, name, rel, blocks[name])
+        written = {rel: self._write_array(unit, name, rel, blocks[name]) for name, rel in zip(self.meta["arrays"], rels)}
         for rel in rels:
             self.files.remove_temps(rel, ".*.partial")
-        return rels
+            self.files.remove_temps(rel, f"{TEMP_MARK}*")
+        return written
 
-    def _write_array(self, unit: Unit, name: str, rel: str, block: np.ndarray) -> None:
-        """One array's block of the unit: its shard file `rel`, whole."""
-        expected = (self.slots_per_shard, *self.meta["arrays"][name]["trailing_shape"])
+    def _write_array(self, unit: Unit, name: str, rel: str, block: np.ndarray) -> tuple[str, int]:
+        """One array's block of the unit: its shard file `rel`, whole; returns the sha256 and size
+        of the bytes written, hashed in hand rather than read back."""
+        spec = self.meta["arrays"][name]
+        expected = (self.slots_per_shard, *spec["trailing_shape"])
         if block.shape != expected:
             raise StoreError(f"{unit.name}: array {name} has shape {block.shape}, store expects {expected}")
-        array = self._array(unit.view, name)
-        if layout.all_fill(block, FILL_VALUES.get(name, 0)):  # zarr would write no file at all
-            array = array.with_config({"write_empty_chunks": True})
         start, stop = self.slot_range(unit.shard_index)
-        array[start:stop] = block
+        chunk_key = rel[len(layout.array_path(unit.view, spec)) + 1:]
+        # an all-fill block would get no file at all: every array gets one, so the marker lists each
+        data = encode_shard(self._array(unit.view, name), chunk_key, start, stop, block,
+                            write_empty_chunks=layout.all_fill(block, FILL_VALUES.get(name, 0)))
+        if data is None:
+            raise StoreError(f"{unit.name}: zarr encoded no shard file {rel} for array {name}")
+        self.files.write_replace(rel, data)
+        return sha256_hex(data), len(data)
 
     def read_unit(self, view: int, shard_index: int) -> UnitData:
         start, stop = self.slot_range(shard_index)
