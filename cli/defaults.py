@@ -115,7 +115,7 @@ class Pretrain:
     """pipeline.studies.pretrain.PretrainConfig (optim: its OptimConfig), Mae and Supervised."""
     model: str = "vit_tiny_patch16_224"
     epochs: int = 40
-    batch_size: int = 256
+    batch_size: int = 64
     seed: int = 0
     device: str = "cpu"
     lr: float = 1.5e-3  # .optim.lr
@@ -125,6 +125,8 @@ class Pretrain:
     decoder_dim: int = 64  # Mae()
     decoder_depth: int = 2  # Mae()
     smoothing: float = 0.1  # Supervised()
+    holdout: float = 0.0
+    eval_every: int = 1
 
 
 PRETRAIN_METHODS = ("mae", "supervised")  # sorted(pipeline.studies.pretrain.METHODS)

@@ -23,7 +23,7 @@ USER_ERRORS = (("attncache.pipeline.data.errors", "BadSample"), ("attncache.pipe
                ("attncache.pipeline.precompute.ray_runner", "UnitsFailed"),
                ("attncache.pipeline.precompute.ray_runner", "ClusterTooSmall"),
                ("attncache.pipeline.train.student", "StudentMismatch"),
-               ("attncache.pipeline.studies.pretrain", "PretrainError"),
+               ("attncache.pipeline.studies.pretrain_data", "PretrainError"),
                ("attncache.pipeline.train.checkpoint", "TrainError"), ("attncache.pipeline._util.spec_error", "SpecError"),
                ("attncache.pipeline.tools.plan", "PlanError"), ("attncache.pipeline.train.distributed", "LaunchError"),
                ("attncache.pipeline.encodings.finite", "NonFiniteFactors"))

@@ -41,7 +41,17 @@ def teacher():
 @click.option("--decoder-depth", default=_P.decoder_depth, type=P.ints(1, 64), help="MAE: blocks in the decoder.")
 @click.option("--smoothing", default=_P.smoothing, type=P.FRACTION, help="Supervised: label smoothing.")
 @click.option("--num-classes", type=P.CLASSES, default=None, help="Supervised: classes [default: max label + 1].")
-@click.option("--eval-data", multiple=True, help="Supervised: labelled shards to report top-1 on at the end, in the forms of --data.")
+@click.option("--eval-data", multiple=True, help="Held-out shards, in the forms of --data, evaluated every --eval-every "
+                                                 "epochs (pretrain.json's history and the progress bar): val top-1 "
+                                                 "(supervised; labelled) or the masked reconstruction loss (mae).")
+@click.option("--holdout", default=_P.holdout, type=P.FRACTION,
+              help="Without --eval-data: hold this fraction of --data out (drawn from --seed) and evaluate on it.")
+@click.option("--eval-every", default=_P.eval_every, type=P.EPOCHS,
+              help="Epochs between evaluations on the held-out split (always after the last).")
+@click.option("--recipe", default=None, callback=P.recipe_callback,
+              help="Augmentation in train's recipe grammar (see `precompute --help`), e.g. "
+                   "'rrc(scale=(0.35,1.0))|flip|randaug|normalize|erase' [default: a batched random resized crop "
+                   "(scale 0.2-1 for mae, 0.35-1 for supervised) and flip].")
 @click.option("--seed", default=_P.seed, type=P.SEED, help="Seed of the init, the order, the crops and the masks.")
 @click.option("--threads", default=default_threads(), type=P.THREADS, help="Torch intra-op threads.")
 @click.option("--device", default=_P.device, help="Device: cpu, cuda, cuda:1 ... (crops and masks are drawn on "
@@ -49,7 +59,8 @@ def teacher():
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 def pretrain(method, data, out, model, model_args, epochs, batch_size, lr, warmup_epochs, weight_decay, clip_grad,
-             model_ema_decay, mask_ratio, decoder_dim, decoder_depth, smoothing, num_classes, eval_data, seed, threads, device, quiet, as_json):
+             model_ema_decay, mask_ratio, decoder_dim, decoder_depth, smoothing, num_classes, eval_data, holdout, eval_every, recipe, seed, threads, device, quiet,
+             as_json):
     """Pre-train a teacher ViT and write a teacher directory (config.json + model.safetensors).
 
     `precompute --teacher OUT`, `train --teacher OUT --mode finetune` and `bench fidelity OUT` then
@@ -68,11 +79,12 @@ def pretrain(method, data, out, model, model_args, epochs, batch_size, lr, warmu
                         betas=base.optim.betas, clip_grad=clip_grad, model_ema_decay=model_ema_decay)
     config = PretrainConfig(data=tuple(data), out=out, method=strategy, model=model, model_args=args, epochs=epochs,
                             batch_size=batch_size, optim=optim, num_classes=num_classes, eval_data=tuple(eval_data),
-                            seed=seed, threads=threads, device=device, progress=not quiet)
+                            holdout=holdout, eval_every=eval_every, recipe=recipe, seed=seed, threads=threads, device=device, progress=not quiet)
     result = run_pretrain(config)
     summary = {"out": result.out, "method": method, "epochs": result.epochs, "steps": result.steps,
                "seconds": round(result.seconds, 1), "final_loss": result.final_loss, "images": result.images,
-               "skipped": result.skipped, "eval_top1": result.eval_top1}
+               "skipped": result.skipped, "eval_top1": result.eval_top1,
+               "history": list(result.history)}
     if model_ema_decay is not None:
         summary["eval_top1_ema"] = result.eval_top1_ema
     if as_json:
@@ -82,6 +94,10 @@ def pretrain(method, data, out, model, model_args, epochs, batch_size, lr, warmu
                f"{result.seconds:.1f} s, final loss {result.final_loss:.4f} -> {out}")
     if result.skipped:
         click.echo(f"  skipped {result.skipped} bad samples (listed with reasons in {out}/pretrain.json)")
+    evaluated = [h for h in result.history if "val_top1" in h or "val_loss" in h]
+    if evaluated and result.eval_top1 is None:
+        click.echo(f"  held-out reconstruction loss {evaluated[0]['val_loss']:.4f} (epoch {evaluated[0]['epoch'] + 1}) -> "
+                   f"{evaluated[-1]['val_loss']:.4f} (epoch {evaluated[-1]['epoch'] + 1}); per epoch in {out}/pretrain.json")
     if result.eval_top1 is not None:
-        click.echo(f"  eval top-1 {result.eval_top1:.2f}" + (f", EMA {result.eval_top1_ema:.2f}"
+        click.echo(f"  held-out top-1 {result.eval_top1:.2f}" + (f", EMA {result.eval_top1_ema:.2f}"
                                                              if result.eval_top1_ema is not None else ""))

@@ -83,7 +83,8 @@ def test_the_help_defaults_are_the_pipelines_own():
     pretrain = PretrainConfig(data=(), out="")
     mae, supervised = Mae(), Supervised()
     for name, real in (("model", pretrain.model), ("epochs", pretrain.epochs), ("batch_size", pretrain.batch_size),
-                       ("seed", pretrain.seed), ("device", pretrain.device), ("lr", pretrain.optim.lr),
+                       ("seed", pretrain.seed), ("device", pretrain.device),
+                       ("holdout", pretrain.holdout), ("eval_every", pretrain.eval_every), ("lr", pretrain.optim.lr),
                        ("warmup_epochs", pretrain.optim.warmup_epochs), ("weight_decay", pretrain.optim.weight_decay),
                        ("mask_ratio", mae.mask_ratio), ("decoder_dim", mae.decoder_dim),
                        ("decoder_depth", mae.decoder_depth), ("smoothing", supervised.smoothing)):

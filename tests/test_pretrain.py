@@ -172,3 +172,93 @@ def test_pretrain_keeps_an_ema_of_the_encoder_and_evaluates_it(pool, tmp_path, m
     report = json.loads((tmp_path / "ema" / "pretrain.json").read_text())
     assert result.eval_top1_ema is not None and report["eval_top1_ema"] == result.eval_top1_ema
     assert report["ema_weights"] == "model_ema.safetensors"
+
+
+def test_held_out_top1_every_epoch_is_in_the_history_and_changes_no_weight(pool, tmp_path):
+    """--eval-data is evaluated after every epoch (pretrain.json's history, the result); evaluating
+    draws nothing from the run's generator, so the weights are those of the same run without it."""
+    kw = dict(method=Supervised(), model_args=TINY, epochs=3, batch_size=32, progress=False)
+    seen = pretrain(PretrainConfig(data=(pool["train"],), out=str(tmp_path / "e"), eval_data=(pool["val"],), **kw))
+    blind = pretrain(PretrainConfig(data=(pool["train"],), out=str(tmp_path / "b"), **kw))
+    history = json.loads((tmp_path / "e" / "pretrain.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [0, 1, 2] and all(0 <= h["val_top1"] <= 100 for h in history)
+    assert seen.eval_top1 == history[-1]["val_top1"] and blind.eval_top1 is None
+    assert "val_top1" not in json.loads((tmp_path / "b" / "pretrain.json").read_text())["history"][0]
+    a, b = (load_file(str(tmp_path / n / "model.safetensors")) for n in "eb")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_eval_every_and_the_last_epoch(pool, tmp_path):
+    result = pretrain(PretrainConfig(data=(pool["train"],), out=str(tmp_path / "e"), method=Supervised(),
+                                     model_args=TINY, epochs=5, batch_size=32, eval_data=(pool["val"],), eval_every=2,
+                                     progress=False))
+    assert [h["epoch"] for h in result.history if "val_top1" in h] == [1, 3, 4]
+
+
+def test_holdout_splits_the_data_by_the_seed_and_evaluates_on_the_rest(pool, tmp_path):
+    from attncache.pipeline.studies.pretrain_data import holdout, load_images
+
+    data = load_images((pool["train"],), 32, True, progress=False)
+    kept, held = holdout(data, 0.25, seed=0)
+    again, other = holdout(data, 0.25, seed=0)[1], holdout(data, 0.25, seed=1)[1]
+    assert len(held.images_NCHW) == 32 and len(kept.images_NCHW) == 96
+    assert torch.equal(held.images_NCHW, again.images_NCHW) and not torch.equal(held.images_NCHW, other.images_NCHW)
+    rows = {tuple(x.flatten()[:64].tolist()) for x in kept.images_NCHW}
+    assert not any(tuple(x.flatten()[:64].tolist()) in rows for x in held.images_NCHW)  # disjoint
+    result = pretrain(PretrainConfig(data=(pool["train"],), out=str(tmp_path / "h"), method=Supervised(),
+                                     model_args=TINY, epochs=1, batch_size=32, holdout=0.25, progress=False))
+    assert result.images == 96 and result.eval_top1 is not None and result.steps == 3
+
+
+def test_mae_reports_a_held_out_reconstruction_loss_per_epoch(pool, tmp_path):
+    result = _mae(pool, tmp_path / "m", epochs=2, eval_data=(pool["val"],))
+    losses = [h["val_loss"] for h in result.history]
+    assert len(losses) == 2 and all(v > 0 for v in losses) and result.eval_top1 is None
+
+
+def test_a_recipe_augments_and_is_deterministic_and_mix_is_refused(pool, tmp_path):
+    spec = "rrc(scale=(0.35,1.0))|flip|randaug(n=1)|normalize|erase(p=0.5)"
+    kw = dict(data=(pool["train"],), method=Supervised(), model_args=TINY, epochs=1, batch_size=32, progress=False)
+    runs = [pretrain(PretrainConfig(out=str(tmp_path / n), recipe=r, **kw)) for n, r in (("a", spec), ("b", spec),
+                                                                                          ("c", None))]
+    a, b, c = (load_file(str(tmp_path / n / "model.safetensors")) for n in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a) and not torch.equal(a["head.weight"], c["head.weight"])
+    assert json.loads((tmp_path / "a" / "pretrain.json").read_text())["recipe"] == spec and runs[0].steps == 4
+    with pytest.raises(PretrainError, match="mix is not offered"):
+        pretrain(PretrainConfig(out=str(tmp_path / "m"), recipe="rrc|flip|normalize|mix", **kw))
+
+
+def test_cli_shows_held_out_top1_and_refuses_a_bad_recipe_in_one_line(pool, tmp_path):
+    common = ["teacher", "pretrain", "--method", "supervised", "--data", pool["train"], "--model-arg", "depth=2",
+              "--model-arg", "embed_dim=32", "--model-arg", "img_size=32", "--model-arg", "num_heads=2",
+              "--model-arg", "patch_size=8", "--epochs", "2", "--batch-size", "32", "--quiet"]
+    result = CliRunner().invoke(cli, [*common, "--out", str(tmp_path / "t"), "--holdout", "0.25", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output.splitlines()[-1])
+    assert [h["epoch"] for h in summary["history"]] == [0, 1] and summary["eval_top1"] == summary["history"][-1]["val_top1"]
+    bad = CliRunner().invoke(cli, [*common, "--out", str(tmp_path / "u"), "--recipe", "rrc|nosuchop"])
+    assert bad.exit_code == 2 and "nosuchop" in bad.output and not (tmp_path / "u").exists()
+
+
+def test_the_progress_bar_shows_the_held_out_top1(pool, tmp_path, monkeypatch):
+    from attncache.pipeline.studies import pretrain as module
+
+    shown = []
+
+    class Bar:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def update(self, n):
+            pass
+
+        def set_postfix(self, values):
+            shown.append(dict(values))
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(module, "tqdm", Bar)
+    pretrain(PretrainConfig(data=(pool["train"],), out=str(tmp_path / "p"), method=Supervised(), model_args=TINY,
+                            epochs=2, batch_size=32, eval_data=(pool["val"],), progress=False))
+    assert [sorted(s) for s in shown] == [["loss", "val_top1"]] * 2 and all(float(s["val_top1"]) >= 0 for s in shown)

@@ -29,6 +29,7 @@ from attncache.pipeline.store.integrity import (array_doc_paths, content_problem
 from attncache.pipeline.store.layout import BASE_ARRAYS, FILL_VALUES, Unit, UnitData
 from attncache.pipeline.store.markers import encode_marker, new_marker, parse_marker, sha256_hex
 from attncache.pipeline.store.meta import META_ATTR, StoreError, cache_id
+from attncache.pipeline.store.reshape import doc_slots, doc_with_slots, docs_at_slots, read_journal, resized_arrays
 from attncache.pipeline.store.shard_bytes import encode_shard
 from attncache.storage_schema import SCHEMA_VERSION, SchemaError, validate_store_metadata
 
@@ -45,6 +46,8 @@ class CacheStore:
         self._arrays: dict[tuple[int, str], zarr.Array] = {}
         self._grown: dict[int, list[str]] = {}
         self.views_on_disk = int(meta["views"])  # what the root metadata says; fewer while a grow runs
+        self.shards_on_disk = self.num_shards
+        self.pending_docs: dict[str, bytes] = {}  # resized arrays' zarr.json, written when a shard grow ends
 
     # ------------------------------------------------------------------ open / create
 
@@ -88,12 +91,14 @@ class CacheStore:
         self.create_view_arrays(range(self.meta["views"]))
 
     def create_view_arrays(self, views, only_missing: bool = False) -> None:
-        """Every array of `views`; `only_missing`: leave an array whose zarr.json exists (a resumed grow)."""
+        """Every array of `views`; `only_missing`: leave an array whose zarr.json exists with this
+        store's slot count (a resumed grow), never one of another size (an abandoned grow's)."""
         n_slots = self.meta["dataset"]["num_slots"]
         compressors = layout.compressors(self.meta["compression"])
         for view in views:
             for name, spec in self.meta["arrays"].items():
-                if only_missing and self.files.is_file(f"{layout.array_path(view, spec)}/zarr.json"):
+                doc = self.files.read(f"{layout.array_path(view, spec)}/zarr.json") if only_missing else None
+                if doc is not None and doc_slots(doc) == n_slots:
                     continue
                 trailing = tuple(spec["trailing_shape"])
                 inner = layout.inner_chunk_slots(name, self.slots_per_shard)
@@ -103,6 +108,41 @@ class CacheStore:
                     chunks=(inner, *trailing), shards=(self.slots_per_shard, *trailing),
                     compressors=compressors if dtype is not str else ZstdCodec(level=3),
                     fill_value=FILL_VALUES.get(name, 0), overwrite=True)
+
+    # ------------------------------------------------------------------ growing (store/grow.py)
+
+    @property
+    def growing(self) -> bool:
+        """Whether the metadata in memory holds more views or shards than the root metadata on disk."""
+        return self.views_on_disk < self.meta["views"] or self.shards_on_disk < self.num_shards
+
+    def start_growing(self, meta: dict) -> None:
+        """Work under the grown metadata, in memory only until `settled_on_disk`."""
+        self.meta, self.num_shards = meta, len(meta["dataset"]["shards"])
+        self._digests.clear()
+        self._grown.clear()
+
+    def resize_arrays_in_memory(self) -> None:
+        """Every array of the views on disk at the grown slot count, its zarr.json kept as it is until
+        the grow ends (`pending_docs`): new units are written while readers see the old store."""
+        n_slots = self.meta["dataset"]["num_slots"]
+        keys = [(v, name) for v in range(self.views_on_disk) for name in self.meta["arrays"]]
+        self._arrays.update(resized_arrays({k: self._array(*k) for k in keys}, n_slots))
+        for view, name in keys:
+            rel = f"{layout.array_path(view, self.meta['arrays'][name])}/zarr.json"
+            self.pending_docs[rel] = doc_with_slots(self.files.read(rel), n_slots)
+        self._digests.clear()
+        self._grown.clear()
+
+    def settled_on_disk(self) -> None:
+        """The grown metadata and arrays are on disk now."""
+        self.views_on_disk, self.shards_on_disk = self.meta["views"], self.num_shards
+        self.pending_docs = {}
+
+    def _array_docs(self, view: int) -> dict[str, bytes | None]:
+        """The view's arrays' zarr.json as a reader of this metadata digests them (store/reshape.py)."""
+        docs = {rel: self.pending_docs.get(rel) or self.files.read(rel) for rel in array_doc_paths(self.meta, view)}
+        return docs_at_slots(docs, self.meta["dataset"]["num_slots"])
 
     # ------------------------------------------------------------------ layout (store/layout.py)
 
@@ -139,15 +179,18 @@ class CacheStore:
         """Digest of the metadata a reader of `view` decodes with (pipeline/store/integrity.py); once per view."""
         cached = self._digests.get(view)
         if cached is None:
-            docs = {rel: self.files.read(rel) for rel in array_doc_paths(self.meta, view)}
-            cached = self._digests[view] = metadata_sha256(self.meta, docs)
+            cached = self._digests[view] = metadata_sha256(self.meta, self._array_docs(view))
         return cached
 
     def accepted_digests(self, view: int) -> list[str]:
-        """The current digest, then those a grown store's older markers hold (store/integrity.py)."""
+        """The current digest, then those a grown store's older markers hold: under fewer views
+        (store/integrity.py), and the old digest of a grow's journal written for exactly this metadata."""
         if view not in self._grown:
-            docs = {rel: self.files.read(rel) for rel in array_doc_paths(self.meta, view)}
-            self._grown[view] = grown_digests(self.meta, view, docs)
+            digests = grown_digests(self.meta, view, self._array_docs(view))
+            journal = read_journal(self.files) or {}
+            if journal.get("new", {}).get(str(view)) == digests[0] and str(view) in journal.get("old", {}):
+                digests.append(journal["old"][str(view)])
+            self._grown[view] = digests
         return self._grown[view]
 
     def unit_problems(self, view: int, shard_index: int, full: bool = False) -> list[str]:

@@ -4,7 +4,8 @@
 - a store being created when its writer was killed (only `zarr.json` files, no root metadata, no
   marker, no data): its creation is finished;
 - this job's store: resumed;
-- this job's store with fewer views than asked: grown (store/grow.py); with more: refused;
+- this job's store with fewer views than asked, or with the first of the shards asked: grown
+  (store/grow.py); with more views or shards: refused; at an fsspec URL: growing is refused;
 - another job's store: refused, naming the fields that differ;
 - a store whose root metadata is missing, unreadable or edited while it holds markers or data, or
   anything that is not a store: refused, and nothing is changed. `--repair` restores the root
@@ -22,7 +23,7 @@ import zarr
 
 from attncache.pipeline._util.files import Files, is_local
 from attncache.pipeline.data.shards import redact
-from attncache.pipeline.store.grow import open_growing, refuse_shrink
+from attncache.pipeline.store.grow import open_grown, refuse_remote
 from attncache.pipeline.store.integrity import REPAIR_ADVICE, array_doc_paths, metadata_sha256
 from attncache.pipeline.store.meta import META_ATTR, StoreError, cache_id, require_same_job
 from attncache.storage_schema import SchemaError, validate_store_metadata
@@ -150,10 +151,10 @@ def open_existing_or_none(cls, path: str, meta: dict, repair: bool):
         return cls.open(path, mode="r+")
     fields = sorted(k for k in comparable(meta) if comparable(old).get(k) != comparable(meta).get(k))
     agree, other = markers_vouch_for(path, meta) if fields else (0, 0)
-    if fields == ["views"] and (other or not agree):  # this job with another view count (not an edited
-        if meta["views"] < old["views"]:              # root metadata, which the markers would show)
-            refuse_shrink(path, old["views"], meta["views"])
-        return open_growing(cls, path, meta)  # grow it (store/grow.py)
+    if fields and set(fields) <= {"views", "dataset"} and (other or not agree):  # this job with other views
+        grown = open_grown(cls, path, old, meta, fields)  # or shards (not an edited root metadata, which the markers
+        if grown is not None:                     # would show): grown (store/grow.py)
+            return grown
     if fields:
         if not agree or other:
             require_same_job(path, old, meta)  # another job's store: names what differs
@@ -173,6 +174,8 @@ def _open_remote(cls, path: str, meta: dict):
     if META_ATTR not in dict(group.attrs):
         return None if not list(group.keys()) else _refuse_remote(path)
     store = cls.open(path, mode="r+")
+    if store.meta["views"] != meta["views"] or store.num_shards != len(meta["dataset"]["shards"]):
+        refuse_remote(path, store.meta, meta)
     require_same_job(path, store.meta, meta)
     return store
 

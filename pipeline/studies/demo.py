@@ -56,6 +56,10 @@ class Step:
         return f"[{time.perf_counter() - self.started:6.1f} s] {what}"
 
 
+TEACHER_EVAL_EVERY = 5  # the teacher's val top-1 every 5 epochs (pretrain.json) and after the last: ~1 s each
+TEACHER_BATCH = 256  # the demo's teacher as before `teacher pretrain`'s default became 64: the same weights and time
+
+
 def run_demo(cfg: DemoConfig, echo=print) -> dict:
     """Run every step; returns the summary also written to OUT/demo.json."""
     from attncache.pipeline.precompute.job import PrecomputeConfig
@@ -81,11 +85,12 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict:
     method = METHODS[cfg.teacher_method]
     source = info["train"] if method.labelled else info["pool"]
     result = pretrain(PretrainConfig(data=(source,), out=str(teacher_dir), method=method, epochs=cfg.teacher_epochs,
-                                     eval_data=(info["val"],) if method.labelled else (), progress=cfg.progress))
+                                     eval_data=(info["val"],) if method.labelled else (), eval_every=TEACHER_EVAL_EVERY,
+                                     batch_size=TEACHER_BATCH, progress=cfg.progress))
     accuracy = f", val top-1 {result.eval_top1:.2f}" if result.eval_top1 is not None else ""
     echo(step.done(f"teacher: {method.name}, {result.steps} steps on {result.images} images, final loss "
                    f"{result.final_loss:.3f}{accuracy}\n    attncache teacher pretrain --method {method.name} --data "
-                   f"'{source}' --out {teacher_dir} --epochs {cfg.teacher_epochs}"))
+                   f"'{source}' --out {teacher_dir} --epochs {cfg.teacher_epochs} --batch-size {TEACHER_BATCH}"))
     teacher = TeacherConfig(str(teacher_dir))
     cache, eval_cache = out / "cache.zarr", out / "eval.zarr"
     for store, data, views, recipe in ((cache, info["train"], cfg.views, RECIPE), (eval_cache, info["val"], 1, "eval")):

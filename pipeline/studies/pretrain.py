@@ -17,7 +17,6 @@ written beside the weights as `model_ema.safetensors` and evaluated with them).
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,7 +32,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from attncache.pipeline._util import atomic
-from attncache.pipeline.data.shards import BadSample, decode_image, decode_sample, expand_shards, iter_shard
+from attncache.pipeline.augment.recipe import parse_recipe
+from attncache.pipeline.studies.pretrain_data import (ImageSet, PretrainError, holdout, load_images,  # noqa: F401
+    random_resized_crop, recipe_batch)
 from attncache.pipeline.teacher.model import (TEACHER_CONFIG_FILE, TEACHER_WEIGHTS_FILE, _seeded_init,
     model_recipe_defaults)
 from attncache.pipeline.train.loop import set_determinism
@@ -43,64 +44,6 @@ from attncache.pipeline.train.update import Updater
 TINY_VIT = (("depth", 6), ("embed_dim", 64), ("img_size", 32), ("num_heads", 4), ("patch_size", 4))
 REPORT_FILE = "pretrain.json"
 EMA_WEIGHTS_FILE = "model_ema.safetensors"  # with optim.model_ema_decay: the EMA of the encoder
-
-
-class PretrainError(ValueError):
-    """The pre-training input cannot be used (no images, no labels for supervised, ...)."""
-
-
-# ---------------------------------------------------------------------------------------------- data
-
-
-@dataclass(frozen=True)
-class ImageSet:
-    """Decoded images [N, 3, S, S] uint8, labels (or None) and what was skipped, with why."""
-
-    images_NCHW: torch.Tensor
-    labels_N: torch.Tensor | None
-    skipped: tuple[dict, ...]
-
-
-def load_images(patterns: tuple[str, ...], image_size: int, labelled: bool, progress: bool = True) -> ImageSet:
-    """Every decodable image of the shards, resized to the model's side; bad ones recorded, not lost."""
-    images, labels, skipped = [], [], []
-    urls = [u for p in patterns for u in expand_shards(p)]
-    for url in tqdm(urls, desc="read shards", unit="shard", disable=not progress):
-        for entry in iter_shard(url):
-            try:
-                if labelled:
-                    image, label = decode_sample(url, entry)
-                    labels.append(label)
-                else:
-                    image = decode_image(url, entry)
-            except BadSample as exc:
-                skipped.append({"url": url, "key": entry.key, "reason": exc.reason})
-                continue
-            if image.size != (image_size, image_size):
-                image = image.resize((image_size, image_size), resample=3)  # bicubic
-            images.append(torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1))
-    if not images:
-        raise PretrainError(f"no usable images in {', '.join(patterns)} ({len(skipped)} skipped)")
-    return ImageSet(torch.stack(images), torch.tensor(labels) if labelled else None, tuple(skipped))
-
-
-def random_resized_crop(images_BCHW: torch.Tensor, gen: torch.Generator, scale: tuple[float, float],
-                        flip: bool = True) -> torch.Tensor:
-    """RandomResizedCrop + horizontal flip as one batched affine resample (float in, float out)."""
-    B = images_BCHW.shape[0]
-    area = torch.empty(B).uniform_(scale[0], scale[1], generator=gen)
-    log_ratio = torch.empty(B).uniform_(math.log(3 / 4), math.log(4 / 3), generator=gen)
-    ratio = torch.exp(log_ratio)
-    w = torch.sqrt(area * ratio).clamp(max=1.0)
-    h = torch.sqrt(area / ratio).clamp(max=1.0)
-    cx = (torch.rand(B, generator=gen) * 2 - 1) * (1 - w)
-    cy = (torch.rand(B, generator=gen) * 2 - 1) * (1 - h)
-    sign = torch.where(torch.rand(B, generator=gen) < 0.5, -1.0, 1.0) if flip else torch.ones(B)
-    theta = torch.zeros(B, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 2] = w * sign, cx
-    theta[:, 1, 1], theta[:, 1, 2] = h, cy
-    grid = F.affine_grid(theta.to(images_BCHW.device), list(images_BCHW.shape), align_corners=False)
-    return F.grid_sample(images_BCHW, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
 # ---------------------------------------------------------------------------------------------- methods
@@ -183,6 +126,17 @@ class Mae:
         per_patch = ((pred_BNP - target_BNP) ** 2).mean(-1)
         return (per_patch * masked_BN).sum() / masked_BN.sum()
 
+    @torch.no_grad()
+    def evaluate(self, model, decoder, data: ImageSet, mean: tuple, std: tuple, device: str, seed: int) -> dict:
+        """The masked reconstruction loss on held-out images, with the same masks every epoch (drawn from
+        the seed), so epochs compare: MAE's encoder has no head to take a top-1 of."""
+        gen, losses, sizes = torch.Generator().manual_seed(seed), [], []
+        for start in range(0, len(data.images_NCHW), 256):
+            raw = data.images_NCHW[start:start + 256].to(device).float() / 255
+            losses.append(float(self.loss(model, decoder, raw, _normalise(raw, mean, std), None, gen)))
+            sizes.append(len(raw))
+        return {"val_loss": float(np.average(losses, weights=sizes))}
+
 
 @dataclass(frozen=True)
 class Supervised:
@@ -202,6 +156,10 @@ class Supervised:
     def loss(self, model, decoder, raw_BCHW, normed_BCHW, labels_B, gen) -> torch.Tensor:
         return F.cross_entropy(model(normed_BCHW), labels_B, label_smoothing=self.smoothing)
 
+    def evaluate(self, model, decoder, data: ImageSet, mean: tuple, std: tuple, device: str, seed: int) -> dict:
+        """Top-1 (%) on held-out labelled images."""
+        return {"val_top1": top1(model, data, mean, std, device=device)}
+
 
 METHODS = {"mae": Mae(), "supervised": Supervised()}
 
@@ -217,11 +175,14 @@ class PretrainConfig:
     model: str = "vit_tiny_patch16_224"
     model_args: tuple[tuple[str, Any], ...] = TINY_VIT
     epochs: int = 40
-    batch_size: int = 256
+    batch_size: int = 64  # ~30 steps an epoch on 2,048 images: 256 left a few thousand images undertrained
     optim: OptimConfig = OptimConfig(lr=1.5e-3, weight_decay=0.05, warmup_epochs=4.0, min_lr=1e-5,
                                      betas=(0.9, 0.95))
     num_classes: int | None = None  # supervised: default from the labels
-    eval_data: tuple[str, ...] = ()
+    eval_data: tuple[str, ...] = ()  # held-out shards, evaluated every `eval_every` epochs
+    holdout: float = 0.0  # without eval_data: this fraction of `data` held out (drawn from the seed) instead
+    eval_every: int = 1  # epochs between evaluations on the held-out split (and always after the last)
+    recipe: str | None = None  # augmentation in the recipe grammar; None: the method's batched crop + flip
     seed: int = 0
     threads: int = 2
     device: str = "cpu"
@@ -239,6 +200,7 @@ class PretrainResult:
     skipped: int
     eval_top1: float | None
     eval_top1_ema: float | None = None  # with optim.model_ema_decay and eval data
+    history: tuple[dict, ...] = ()  # per epoch: loss, and val_top1 (supervised) or val_loss (mae) when evaluated
 
 
 def _normalise(images_BCHW: torch.Tensor, mean: tuple, std: tuple) -> torch.Tensor:
@@ -257,6 +219,25 @@ def top1(model: nn.Module, data: ImageSet, mean: tuple, std: tuple, batch_size: 
     return 100.0 * correct / len(data.images_NCHW)
 
 
+def _augmenter(config: PretrainConfig, defaults):
+    """batch(index_B, epoch) -> (raw, normalised) images of the training set: the recipe's, or the
+    method's batched crop and flip (drawn from the run's generator)."""
+    if config.recipe is None:
+        return None
+    recipe = parse_recipe(config.recipe, defaults)
+    if recipe.has_pairs:
+        raise PretrainError(f"--recipe {config.recipe!r}: mix is not offered in pre-training; leave it out")
+    if recipe.output_size != defaults.image_size:
+        raise PretrainError(f"--recipe output size {recipe.output_size} != the model's input size {defaults.image_size}")
+    return recipe
+
+
+def _held_out(config: PretrainConfig, data: ImageSet, image_size: int, labelled: bool):
+    if config.eval_data:
+        return data, load_images(config.eval_data, image_size, labelled, progress=False)
+    return holdout(data, config.holdout, config.seed)
+
+
 def pretrain(config: PretrainConfig) -> PretrainResult:
     """Train, then write config.json + model.safetensors + pretrain.json into `config.out`."""
     set_determinism(config.threads)  # same arguments, same weights: on CUDA too
@@ -264,7 +245,9 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
     started = time.perf_counter()
     probe = timm.create_model(config.model, pretrained=False, **dict(config.model_args))
     defaults = model_recipe_defaults(probe, config.model)
+    recipe = _augmenter(config, defaults)
     data = load_images(config.data, defaults.image_size, method.labelled, config.progress)
+    data, held = _held_out(config, data, defaults.image_size, method.labelled)
     classes = config.num_classes or method.num_classes(data.labels_N)
     args = dict(config.model_args) | {"num_classes": classes}
     with _seeded_init(config.seed):
@@ -282,29 +265,37 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
         losses = []
         for b in range(steps_per_epoch):
             index = order[b * config.batch_size:(b + 1) * config.batch_size]
-            raw = random_resized_crop(data.images_NCHW[index].to(config.device).float() / 255, gen, method.crop_scale)
+            if recipe is None:
+                raw = random_resized_crop(data.images_NCHW[index].to(config.device).float() / 255, gen,
+                                          method.crop_scale)
+                normed = _normalise(raw, defaults.mean, defaults.std)
+            else:
+                raw, normed = (t.to(config.device) for t in recipe_batch(recipe, data.images_NCHW[index], index,
+                                                                        config.seed, epoch, defaults.mean, defaults.std))
             labels = data.labels_N[index].to(config.device) if data.labels_N is not None else None
 
             def check(loss: torch.Tensor) -> None:
                 if not torch.isfinite(loss):
                     raise PretrainError(f"loss became {loss.item()} at epoch {epoch} step {step}: lower --lr")
 
-            _, loss = updater.step(step, lambda: method.loss(model, decoder, raw, _normalise(raw, defaults.mean,
-                                                                                           defaults.std), labels, gen),
-                                   check)
+            _, loss = updater.step(step, lambda: method.loss(model, decoder, raw, normed, labels, gen), check)
             losses.append(loss.item())
             step += 1
             bar.update(1)
-        history.append({"epoch": epoch, "loss": float(np.mean(losses)), "seconds": round(time.perf_counter() - started, 1)})
-        bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
+        entry = {"epoch": epoch, "loss": float(np.mean(losses))}
+        if held is not None and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
+            entry.update(method.evaluate(model, decoder, held, defaults.mean, defaults.std, config.device, config.seed))
+            model.train()
+        history.append(dict(entry, seconds=round(time.perf_counter() - started, 1)))
+        bar.set_postfix({k: f"{v:.4f}" if k.endswith("loss") else f"{v:.1f}" for k, v in entry.items() if k != "epoch"})
     bar.close()
     ema = updater.ema
     eval_top1 = eval_top1_ema = None
-    if config.eval_data and method.labelled:
-        eval_set = load_images(config.eval_data, defaults.image_size, True, progress=False)
-        eval_top1 = top1(model, eval_set, defaults.mean, defaults.std, device=config.device)
+    if held is not None and method.labelled:
+        eval_top1 = history[-1]["val_top1"] if history else top1(model, held, defaults.mean, defaults.std,
+                                                                  device=config.device)
         if ema is not None:
-            eval_top1_ema = top1(ema.module, eval_set, defaults.mean, defaults.std, device=config.device)
+            eval_top1_ema = top1(ema.module, held, defaults.mean, defaults.std, device=config.device)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     _save_weights(model.state_dict(), out / TEACHER_WEIGHTS_FILE, method.name)
@@ -314,6 +305,7 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
                                                   "weights": TEACHER_WEIGHTS_FILE, "method": method.name})
     seconds = time.perf_counter() - started
     report = {"method": asdict(method), "model": config.model, "model_args": args, "data": list(config.data),
+              "eval_data": list(config.eval_data), "holdout": config.holdout, "recipe": config.recipe,
               "epochs": config.epochs, "batch_size": config.batch_size, "steps": step, "seed": config.seed,
               "optim": asdict(config.optim), "images": len(data.images_NCHW), "skipped": list(data.skipped),
               "history": history, "eval_top1": eval_top1, "seconds": round(seconds, 1)}
@@ -321,7 +313,7 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
         report.update(eval_top1_ema=eval_top1_ema, ema_weights=EMA_WEIGHTS_FILE)
     atomic.write_json(out / REPORT_FILE, report)
     return PretrainResult(str(out), config.epochs, step, seconds, history[-1]["loss"] if history else float("nan"),
-                          len(data.images_NCHW), len(data.skipped), eval_top1, eval_top1_ema)
+                          len(data.images_NCHW), len(data.skipped), eval_top1, eval_top1_ema, tuple(history))
 
 
 def _save_weights(state: dict[str, torch.Tensor], path: Path, method: str) -> None:

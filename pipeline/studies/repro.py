@@ -185,6 +185,9 @@ def make_data(cfg: ReproConfig, paths: Paths, log: Log) -> dict:
     return json.loads(marker.read_text())
 
 
+TEACHER_BATCH = 256  # RESULTS.md's teachers, made before `teacher pretrain`'s default batch became 64
+
+
 def make_teacher(cfg: ReproConfig, paths: Paths, log: Log, name: str, data: str, method: str = "mae",
                  eval_data: str | None = None) -> Path:
     out = paths.teacher(name)
@@ -192,7 +195,8 @@ def make_teacher(cfg: ReproConfig, paths: Paths, log: Log, name: str, data: str,
     if not (out / "pretrain.json").is_file():
         extra = ["--eval-data", eval_data] if eval_data else []
         attncache(log, f"teacher {name}", ["teacher", "pretrain", "--method", method, "--data", data, "--out", str(out),
-                                           "--epochs", str(epochs), "--seed", "0", "--device", cfg.device, "--quiet",
+                                           "--epochs", str(epochs), "--batch-size", str(TEACHER_BATCH), "--seed", "0",
+                                           "--device", cfg.device, "--quiet",
                                            *extra, *_threads(cfg)])
     return out
 

@@ -31,6 +31,8 @@ STORE_POINTS = {
     "marker-tmp": "the marker's temp file complete and synced, not yet renamed",
     "marker-renamed": "the marker renamed into place",
     "unit-done": "the unit written, marker included (CacheStore.write_unit)",
+    "doc-tmp": "an array's resized zarr.json complete as a temp file, not renamed (a shard grow's end)",
+    "doc-renamed": "an array's resized zarr.json renamed into place, the root metadata not yet rewritten",
 }
 TRAIN_POINTS = {
     "spec-tmp": "student.json's temp complete, not renamed", "spec-renamed": "student.json in place",
@@ -54,6 +56,8 @@ def commit_kind(path: Path) -> str | None:
     path = Path(path)
     if _MARKER.fullmatch(path.name) and path.parent.parent.name == "units":
         return "marker"
+    if path.name == "zarr.json" and "views" in path.parts:
+        return "doc"
     if CHECKPOINT_NAME.fullmatch(path.name):
         return "ckpt"
     return {SPEC_FILE: "spec", STATE_FILE: "state", MODEL_FILE: "model"}.get(path.name)
