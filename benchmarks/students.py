@@ -2,13 +2,14 @@
 
     .venv/bin/attncache bench students --data 'DIR/train-{000000..000007}.tar' --val DIR/val-000000.tar \\
         --teacher TEACHER_DIR --out OUT [--encodings exact:fp16,lowrank:r=8:int8] [--seeds 0,1,2] \\
-        [--epochs 5] [--views 2] [--recipe 'rrc(scale=(0.35,1.0))|flip|normalize']
+        [--epochs 5] [--views 2] [--recipe 'rrc(scale=(0.35,1.0))|flip|normalize'] [--student-arg K=V ...]
 
 Precomputes one cache per encoding (reused when present: precompute resumes), then trains, for each
 seed, a scratch student and one distilled student per cache, all with the same student, batch,
 steps, recipe and seed, through `attncache train` itself (subprocesses, as users run it). Prints
 and writes (OUT/students.json, OUT/students.md) the top-1 on the val split per run and the mean and
-sample standard deviation per arm. The cache's bytes per sample-view are reported beside.
+sample standard deviation per arm. The cache's bytes per sample-view are reported beside, and per
+distilled run the transfer loss of its first and last logged steps (did distillation act?).
 """
 from __future__ import annotations
 
@@ -34,6 +35,16 @@ def attncache(*args: str) -> str:
     return result.stdout
 
 
+def transfer_losses(run_dir: Path) -> list[float] | None:
+    """The transfer loss of the run's first and last logged training steps (metrics.jsonl), or None."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    values = [r["transfer"] for r in rows if r.get("transfer") is not None]
+    return [round(values[0], 4), round(values[-1], 4)] if values else None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog=f"attncache bench {Path(__file__).stem.replace('_', '-')}",
                                      description=__doc__, formatter_class=HelpFormatter)
@@ -53,7 +64,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--recipe", default="rrc(scale=(0.35,1.0))|flip|normalize",
                         help="augmentation recipe of caches and scratch students")
     parser.add_argument("--workers", default="1", help="loader workers")
+    parser.add_argument("--student-arg", action="append", default=None, metavar="K=V",
+                        help="timm argument of the student, repeatable [default: the teacher-sized tiny ViT: "
+                             f"{' '.join(STUDENT[3::2])}]")
+    parser.add_argument("--no-scratch", action="store_true", help="skip the scratch arm")
     args = parser.parse_args(argv)
+    student = STUDENT if not args.student_arg else [STUDENT[0], STUDENT[1]] + [
+        x for kv in args.student_arg for x in ("--student-arg", kv)]
     args.out.mkdir(parents=True, exist_ok=True)
     encodings = [e for e in args.encodings.split(",") if e]
     caches = {}
@@ -66,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         caches[enc] = {"path": str(cache), "bytes_per_sample": info["bytes_per_sample"],
                        "precompute_s": round(time.perf_counter() - started, 1)}
         print(f"cache {enc}: {info['bytes_per_sample']:,.0f} bytes per sample-view", flush=True)
-    arms = {"scratch": ["--mode", "scratch", "--recipe", args.recipe]}
+    arms = {} if args.no_scratch else {"scratch": ["--mode", "scratch", "--recipe", args.recipe]}
     for enc, c in caches.items():
         arms[f"distill {enc}"] = ["--mode", "distill", "--cache", c["path"], "--distill-weight", args.distill_weight]
         if args.layers:
@@ -76,13 +93,15 @@ def main(argv: list[str] | None = None) -> None:
         for arm, extra in arms.items():
             out = args.out / f"run-{arm.replace(' ', '-').replace(':', '_').replace('=', '')}-s{seed}"
             started = time.perf_counter()
-            summary = json.loads(attncache("train", "--data", args.data, *STUDENT, "--out", str(out), "--epochs",
+            summary = json.loads(attncache("train", "--data", args.data, *student, "--out", str(out), "--epochs",
                                            str(args.epochs), "--batch-size", str(args.batch_size), "--lr", args.lr,
                                            "--warmup-epochs", "1", "--seed", str(seed), "--eval-data", args.val,
                                            "--workers", args.workers, "--quiet", "--json", *extra).splitlines()[-1])
+            transfer = transfer_losses(out)
             runs.append({"arm": arm, "seed": seed, "top1": summary["eval"]["top1"], "steps": summary["steps"],
-                         "seconds": round(time.perf_counter() - started, 1)})
-            print(f"seed {seed} {arm}: top1 {summary['eval']['top1']:.2f} ({summary['steps']} steps)", flush=True)
+                         "seconds": round(time.perf_counter() - started, 1), "transfer_first_last": transfer})
+            print(f"seed {seed} {arm}: top1 {summary['eval']['top1']:.2f} ({summary['steps']} steps, transfer loss "
+                  f"{transfer})", flush=True)
     table = {}
     for arm in arms:
         accs = [r["top1"] for r in runs if r["arm"] == arm]

@@ -104,6 +104,7 @@ def test_a_kind_is_known_only_by_registering(monkeypatch):
 
 def test_the_shipped_grammar_reads_as_before():
     assert registry.kinds() == ("exact", "lowrank")
+    # issue 14 added the scale part (shared_scales.py); every form before it reads as it did (pins above)
     assert registry.grammar() == ("exact[:fp16|fp32|bf16|int8|int4|fp8]  or  lowrank:r=RANKS[:fp16|fp32|bf16|int8|"
-                                  "int4|fp8], RANKS = R (every layer) or R,R,... (one per cached layer; RxK repeats "
-                                  "R K times)")
+                                  "int4|fp8][:scale=token|row-pow2|token-pow2], RANKS = R (every layer) or R,R,... "
+                                  "(one per cached layer; RxK repeats R K times)")

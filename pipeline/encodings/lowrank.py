@@ -1,8 +1,9 @@
 """The `lowrank` family: factors A, B [L, H, N, r] with A B^T ~= scale Q (K - mean K)^T (see `fit`),
 through a row codec, with one rank for every layer or one per cached layer.
 
-Specs: `lowrank:r=RANKS[:fp16|fp32|bf16|int8|int4|fp8]`, RANKS = `R` or `R,R,...` (`RxK` repeats R K
-times). A schedule's arrays are [L, H, N, max(ranks)] so the layer axis stays what every reader
+Specs: `lowrank:r=RANKS[:fp16|fp32|bf16|int8|int4|fp8][:scale=token|row-pow2|token-pow2]`, RANKS = `R`
+or `R,R,...` (`RxK` repeats R K times); `scale=` picks cheaper scales for int8 / int4 / fp8 rows
+(`shared_scales.py`), `scale=row` (float16 per row) being the form without it. A schedule's arrays are [L, H, N, max(ranks)] so the layer axis stays what every reader
 expects; layer l keeps its top ranks[l] singular pairs and zero columns after them. Zero columns decode
 to 0 under every row codec, so `a @ b^T` needs no per-layer logic, and zstd removes most of their bytes.
 """
@@ -20,7 +21,8 @@ from attncache.pipeline.encodings.fit import fit_factors
 from attncache.pipeline.encodings.protocol import ArraySpec, Encoding, check_signal
 from attncache.pipeline.encodings.registry import grammar, register
 from attncache.pipeline.encodings.rows import FloatRows, RowCodec
-from attncache.pipeline.encodings.scaled import FirstInt8Rows
+from attncache.pipeline.encodings.scaled import FirstInt8Rows, ScaledRows
+from attncache.pipeline.encodings.shared_scales import SCHEMES, shared_scale_rows
 
 LOGIT_FACTORS_ONLY = "stores only logit factors (A B^T ~= scale Q K^T), not Q and K"
 # One rank with one of these codecs is the first low-rank encoding: its metadata has no "ranks" key and
@@ -96,6 +98,10 @@ class LowRankEncoding(Encoding):
     def to_json(self) -> dict:
         if self._first_form:
             return {"kind": "lowrank", "rank": self.rank, "quant": self.codec.name, "spec": self.spec}
+        scheme = getattr(self.codec, "scheme", None)  # shared_scales.py: a new key, absent for per-row float16
+        if scheme is not None:
+            return {"kind": "lowrank", "rank": self.rank, "ranks": list(self.ranks), "quant": self.codec.quant,
+                    "scale": scheme, "spec": self.spec}
         return {"kind": "lowrank", "rank": self.rank, "ranks": list(self.ranks), "quant": self.codec.name,
                 "spec": self.spec}
 
@@ -115,19 +121,26 @@ def parse_ranks(spec: str, text: str) -> tuple[int, ...]:
     return tuple(ranks)
 
 
-@register("lowrank", grammar="lowrank:r=RANKS[:fp16|fp32|bf16|int8|int4|fp8], RANKS = R (every layer) or R,R,... "
-                             "(one per cached layer; RxK repeats R K times)")
+@register("lowrank", grammar="lowrank:r=RANKS[:fp16|fp32|bf16|int8|int4|fp8][:scale=token|row-pow2|token-pow2], "
+                             "RANKS = R (every layer) or R,R,... (one per cached layer; RxK repeats R K times)")
 def parse_lowrank(spec: str, rest: list[str]) -> LowRankEncoding:
-    ranks, quant = None, "fp16"
+    ranks, quant, scheme = None, "fp16", "row"
     for part in rest:
         if part.startswith("r="):
             ranks = parse_ranks(spec, part[2:])
         elif part in ROW_CODECS:
             quant = part
+        elif part.startswith("scale=") and part[6:] in ("row", *SCHEMES):
+            scheme = part[6:]
         else:
             raise SpecError(f"bad encoding {spec!r}: unknown part {part!r} (expected r=RANKS or one of "
                              f"{', '.join(QUANTS)}; grammar: {grammar()})")
     if ranks is None:
         raise SpecError(f"bad encoding {spec!r}: lowrank needs a rank r>=1, e.g. 'lowrank:r=16:int8' "
                          "or a schedule 'lowrank:r=4,4,8,8:int8'")
-    return LowRankEncoding(ranks, ROW_CODECS[quant])
+    codec = ROW_CODECS[quant]
+    if scheme == "row":
+        return LowRankEncoding(ranks, codec)
+    if not isinstance(codec, ScaledRows):
+        raise SpecError(f"bad encoding {spec!r}: scale={scheme} needs scaled rows (int8, int4 or fp8), not {quant}")
+    return LowRankEncoding(ranks, shared_scale_rows(codec, scheme))

@@ -18,9 +18,10 @@ DEFAULT_ENCODING = "lowrank:r=8:int8"
 
 
 def parse_encoding(spec: str) -> Encoding:
-    """`exact[:fp16|fp32|bf16|int8|int4|fp8]` | `lowrank:r=RANKS[:fp16|fp32|bf16|int8|int4|fp8]`, RANKS = `R`
-    or one rank per cached layer `R,R,...` (`RxK` repeats R K times); a kind no family registered is
-    refused in one line that lists the known ones."""
+    """`exact[:fp16|fp32|bf16|int8|int4|fp8]` | `lowrank:r=RANKS[:fp16|fp32|bf16|int8|int4|fp8][:scale=S]`,
+    RANKS = `R` or one rank per cached layer `R,R,...` (`RxK` repeats R K times), S = token | row-pow2 |
+    token-pow2 (int8 / int4 / fp8 rows only); a kind no family registered is refused in one line that
+    lists the known ones."""
     return parse(spec)
 
 
