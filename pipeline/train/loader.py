@@ -34,6 +34,7 @@ from attncache.pipeline.data.shards import (DEFAULT_MAX_SAMPLE_BYTES, BadSample,
 from attncache.pipeline.store.cache import CacheStore
 from attncache.pipeline.store.layout import BASE_ARRAYS
 from attncache.pipeline.store.meta import StoreError
+from attncache.pipeline.store.unit_read import UnitBytes
 from attncache.pipeline.train.loader_order import (DEFAULT_INTERLEAVE, epoch_order, rank_units, steps_in_epoch,
     view_of, window_full, window_permutation)
 
@@ -101,16 +102,18 @@ class DecodedUnit:
     skipped: list[dict] = field(default_factory=list)
 
 
-def _unit_from_cache(store: CacheStore, url: str, shard_index: int, view: int):
-    marker = store.read_marker(view, shard_index)
+def _unit_from_cache(store: CacheStore, shard_index: int, view: int, fetched: UnitBytes | None = None):
+    """The unit's arrays and marker, every shard file fetched once (or `fetched` ahead of time),
+    checked whole against the marker (sha256) and decoded from the same bytes."""
+    fetched = fetched if fetched is not None else store.fetch_unit(view, shard_index)
+    marker, problems, data = store.read_checked_unit(fetched)
     where = f"{store.path}: view {view} shard {shard_index:06d}"
     if marker is None:
         raise StoreError(f"{where}: unit not done (no marker); finish the precompute (re-run it to resume)")
-    problems = store.file_problems(view, shard_index, marker)
     if problems:
         raise CacheCorrupt(f"{where}: {'; '.join(problems)}; run `attncache verify` and re-run the same precompute "
                            "command with --repair")
-    return store.read_unit(view, shard_index), marker
+    return data, marker
 
 
 def _skip_record(url: str, key: str, reason: str, where: str) -> dict:
@@ -125,7 +128,7 @@ def read_unit_samples(cfg: StreamConfig, recipe: Recipe, store: CacheStore | Non
     cache the teacher saw every valid slot, so a slot that no longer decodes means the shard changed."""
     url = cfg.shards[shard_index]
     view = view_of(epoch, cfg.views)
-    cached, marker = _unit_from_cache(store, url, shard_index, view) if store is not None else (None, None)
+    cached, marker = _unit_from_cache(store, shard_index, view) if store is not None else (None, None)
     skipped = [_skip_record(url, s["key"], s["reason"], "precompute") for s in (marker or {}).get("skipped", [])]
     images, labels, keys = {}, {}, {}
     for entry in iter_shard(url, cfg.max_sample_bytes):
