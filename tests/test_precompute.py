@@ -315,10 +315,16 @@ def _invoke(*args):
     return CliRunner().invoke(cli, [str(a) for a in args])
 
 
-def test_a_glob_for_data_makes_the_store_the_brace_pattern_makes(tmp_path):
+def test_a_glob_for_data_makes_the_store_the_brace_pattern_makes(tmp_path, monkeypatch):
     """`--data 'DIR/*.tar'` (what users type) and the brace pattern of the same shards: same cache id,
-    same bytes in every file (markers less their timing), shards in sorted order."""
+    same bytes in every file (markers less their timing), shards in sorted order; the glob is
+    expanded once per run (pipeline/precompute/job.py `data_shards`), not again in `build_job`."""
+    from attncache.pipeline.data import patterns
     from attncache.pipeline.studies.synth import SynthConfig, synth_dataset
+
+    expanded = []
+    real = patterns._matches
+    monkeypatch.setattr(patterns, "_matches", lambda pattern, item: expanded.append(item) or real(pattern, item))
 
     info = synth_dataset(tmp_path / "d", num_train=48, num_val=8, config=SynthConfig(image_size=32, num_classes=4),
                          shard_size=16, seed=1)
@@ -326,8 +332,10 @@ def test_a_glob_for_data_makes_the_store_the_brace_pattern_makes(tmp_path):
     common = ["precompute", *TEACHER_ARGS, "--views", "1", "--batch-size", "16", "--workers", "0", "--threads", "1",
               "--encoding", "lowrank:r=8:int8", "--ray", "none", "--quiet"]
     brace = _invoke(*common, "--data", info["train"], "--out", tmp_path / "brace.zarr")
+    expanded.clear()
     glob = _invoke(*common, "--data", tmp_path / "d" / "train-*.tar", "--out", tmp_path / "glob.zarr")
     assert brace.exit_code == 0 and glob.exit_code == 0, brace.output + glob.output
+    assert expanded == [str(tmp_path / "d" / "train-*.tar")]
     a, b = _all_files(tmp_path / "brace.zarr"), _all_files(tmp_path / "glob.zarr")
     assert a.keys() == b.keys() and [k for k in a if a[k] != b[k]] == []
     assert CacheStore.open(tmp_path / "glob.zarr").meta["cache_id"] == CacheStore.open(tmp_path / "brace.zarr").meta["cache_id"]

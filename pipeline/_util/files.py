@@ -59,11 +59,18 @@ class Files:
         return os.path.isfile(self.full(rel)) if self.local else bool(self.fs.exists(self.full(rel)))
 
     def read(self, rel: str) -> bytes | None:
-        """The file's bytes, None when it does not exist."""
+        """The file's bytes, None when it does not exist. Remotely one GET: asked as the range `0-`,
+        since a plain whole-object read costs s3fs a HEAD first (for the size, to split big reads);
+        an empty object refuses any range, so that error gets the plain read."""
         try:
             if self.local:
                 return Path(self.full(rel)).read_bytes()
-            return self.fs.cat_file(self.full(rel))
+            try:
+                return self.fs.cat_file(self.full(rel), start=0)
+            except FileNotFoundError:
+                raise
+            except OSError:
+                return self.fs.cat_file(self.full(rel))
         except FileNotFoundError:
             return None
 

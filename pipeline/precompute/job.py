@@ -142,16 +142,25 @@ def build_metadata(config: PrecomputeConfig, manifest: DatasetManifest, teacher:
     }
 
 
-def build_job(config: PrecomputeConfig, manifest: DatasetManifest | None = None, teacher: Teacher | None = None) -> Job:
+def data_shards(config: PrecomputeConfig) -> list[str]:
+    """--data expanded to shard URLs (pipeline/data/patterns.py; a glob on an object store is a
+    listing): a runner calls this once, before any work, so that a pattern matching nothing is
+    refused before the teacher loads or --out is touched, and hands the URLs on to `build_job`."""
+    return expand_shards(list(config.data))
+
+
+def build_job(config: PrecomputeConfig, manifest: DatasetManifest | None = None, teacher: Teacher | None = None,
+              shards: list[str] | None = None) -> Job:
     """Resolve and check everything, then create or reopen the store. Workers of a distributed
     run pass the driver's manifest instead of scanning every shard again; a runner that loaded
-    (and self-checked) the teacher before touching --out passes it in."""
+    (and self-checked) the teacher before touching --out passes it in, and the shard URLs it
+    expanded (`data_shards`; expanded here when not given)."""
     if config.views < 1:
         raise ValueError("--views must be at least 1")
     check_max_sample_bytes(config.max_sample_bytes)
     torch.set_num_threads(config.threads)
     if manifest is None:
-        manifest = build_manifest(expand_shards(list(config.data)), progress=config.progress,
+        manifest = build_manifest(data_shards(config) if shards is None else shards, progress=config.progress,
                                   max_sample_bytes=config.max_sample_bytes)
     teacher = teacher or Teacher(config.teacher)
     defaults = teacher.recipe_defaults()

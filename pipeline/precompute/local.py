@@ -8,9 +8,8 @@ from typing import Iterator
 import torch
 from tqdm.auto import tqdm
 
-from attncache.pipeline.data.shards import expand_shards
-from attncache.pipeline.precompute.job import (PrecomputeConfig, Job, PreparedBatch, Summary, build_job, job_units,
-    units_to_do, job_notes)
+from attncache.pipeline.precompute.job import (PrecomputeConfig, Job, PreparedBatch, Summary, build_job, data_shards,
+    job_units, units_to_do, job_notes)
 from attncache.pipeline.precompute.units import UnitStream, consume
 from attncache.pipeline.store.grow import settle
 from attncache.pipeline.store.lease import Lease, LeaseConfig
@@ -28,11 +27,10 @@ def _guarded(batches: Iterator[PreparedBatch], lease: Lease) -> Iterator[Prepare
 def run_precompute(config: PrecomputeConfig, job: Job | None = None) -> Summary:
     """The in-process runner (`--ray none`): loader workers decode, this process runs the teacher.
     The store's lease (pipeline/store/lease.py) is held from before the store is created to the end."""
-    if job is None:
-        expand_shards(list(config.data))  # a --data pattern that matches nothing is refused before any work
+    shards = None if job else data_shards(config)  # a --data pattern that matches nothing is refused before any work
     teacher = None if job else Teacher(config.teacher)  # a teacher that cannot load is refused before --out exists
     with Lease(config.out, LeaseConfig(config.lease_timeout)) as lease:
-        return _run_in_process(config, job or build_job(config, teacher=teacher), lease)
+        return _run_in_process(config, job or build_job(config, teacher=teacher, shards=shards), lease)
 
 
 def _run_in_process(config: PrecomputeConfig, job: Job, lease: Lease) -> Summary:

@@ -28,10 +28,10 @@ from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
-from attncache.pipeline.data.shards import expand_shards, redact
+from attncache.pipeline.data.shards import redact
 from attncache.pipeline.encodings.finite import NonFiniteFactors
-from attncache.pipeline.precompute.job import (PrecomputeConfig, Summary, TooManySkipped, build_job, job_notes,
-    job_units, units_to_do)
+from attncache.pipeline.precompute.job import (PrecomputeConfig, Summary, TooManySkipped, build_job, data_shards,
+    job_notes, job_units, units_to_do)
 from attncache.pipeline.precompute.units import process_unit
 from attncache.pipeline.store.layout import Unit
 from attncache.pipeline.store.grow import settle
@@ -149,15 +149,15 @@ def _worker_count(ray, options: RayOptions) -> int:
 def run_precompute_ray(config: PrecomputeConfig, options: RayOptions, worker: type = UnitWorker) -> Summary:
     """The driver holds the store's lease (pipeline/store/lease.py) for the whole job; actors never take it.
     `worker` is the actor class: `UnitWorker`, or a subclass that wraps its `process` (tests inject faults so)."""
-    expand_shards(list(config.data))  # a --data pattern that matches nothing is refused before any work
+    shards = data_shards(config)  # a --data pattern that matches nothing is refused before any work
     teacher = Teacher(config.teacher)  # a teacher that cannot load is refused before --out exists
     with Lease(config.out, LeaseConfig(config.lease_timeout)) as lease:
-        return _run(config, options, lease, teacher, worker)
+        return _run(config, options, lease, teacher, worker, shards)
 
 
 def _run(config: PrecomputeConfig, options: RayOptions, lease: Lease, teacher: Teacher | None = None,
-         worker: type = UnitWorker) -> Summary:
-    job = build_job(config, teacher=teacher)
+         worker: type = UnitWorker, shards: list[str] | None = None) -> Summary:
+    job = build_job(config, teacher=teacher, shards=shards)
     units = job_units(job)
     todo = units_to_do(job, units)
     summary = Summary(units_total=len(units), units_already_done=len(units) - len(todo), notes=job_notes(job, lease))

@@ -31,6 +31,7 @@ from attncache.pipeline.store.markers import encode_marker, new_marker, parse_ma
 from attncache.pipeline.store.meta import META_ATTR, StoreError, cache_id
 from attncache.pipeline.store.reshape import doc_slots, doc_with_slots, docs_at_slots, read_journal, resized_arrays
 from attncache.pipeline.store.shard_bytes import encode_shard
+from attncache.pipeline.store.unit_read import UnitBytes, decode_unit, fetch_unit
 from attncache.storage_schema import SCHEMA_VERSION, SchemaError, validate_store_metadata
 
 class CacheStore:
@@ -43,6 +44,7 @@ class CacheStore:
         self.slots_per_shard = int(meta["dataset"]["slots_per_shard"])
         self.num_shards = len(meta["dataset"]["shards"])
         self._digests: dict[int, str] = {}
+        self._docs: dict[int, dict[str, bytes | None]] = {}
         self._arrays: dict[tuple[int, str], zarr.Array] = {}
         self._grown: dict[int, list[str]] = {}
         self.views_on_disk = int(meta["views"])  # what the root metadata says; fewer while a grow runs
@@ -120,6 +122,7 @@ class CacheStore:
         """Work under the grown metadata, in memory only until `settled_on_disk`."""
         self.meta, self.num_shards = meta, len(meta["dataset"]["shards"])
         self._digests.clear()
+        self._docs.clear()
         self._grown.clear()
 
     def resize_arrays_in_memory(self) -> None:
@@ -132,17 +135,14 @@ class CacheStore:
             rel = f"{layout.array_path(view, self.meta['arrays'][name])}/zarr.json"
             self.pending_docs[rel] = doc_with_slots(self.files.read(rel), n_slots)
         self._digests.clear()
+        self._docs.clear()
         self._grown.clear()
 
     def settled_on_disk(self) -> None:
         """The grown metadata and arrays are on disk now."""
         self.views_on_disk, self.shards_on_disk = self.meta["views"], self.num_shards
         self.pending_docs = {}
-
-    def _array_docs(self, view: int) -> dict[str, bytes | None]:
-        """The view's arrays' zarr.json as a reader of this metadata digests them (store/reshape.py)."""
-        docs = {rel: self.pending_docs.get(rel) or self.files.read(rel) for rel in array_doc_paths(self.meta, view)}
-        return docs_at_slots(docs, self.meta["dataset"]["num_slots"])
+        self._docs.clear()
 
     # ------------------------------------------------------------------ layout (store/layout.py)
 
@@ -179,14 +179,23 @@ class CacheStore:
         """Digest of the metadata a reader of `view` decodes with (pipeline/store/integrity.py); once per view."""
         cached = self._digests.get(view)
         if cached is None:
-            cached = self._digests[view] = metadata_sha256(self.meta, self._array_docs(view))
+            cached = self._digests[view] = metadata_sha256(self.meta, self.array_docs(view))
         return cached
+
+    def array_docs(self, view: int) -> dict[str, bytes | None]:
+        """The view's arrays' zarr.json as a reader of this metadata digests them (store/reshape.py),
+        read once per metadata: the bytes that `metadata_sha256` covers are the bytes
+        `read_checked_unit` decodes with."""
+        if view not in self._docs:
+            docs = {rel: self.pending_docs.get(rel) or self.files.read(rel) for rel in array_doc_paths(self.meta, view)}
+            self._docs[view] = docs_at_slots(docs, self.meta["dataset"]["num_slots"])
+        return self._docs[view]
 
     def accepted_digests(self, view: int) -> list[str]:
         """The current digest, then those a grown store's older markers hold: under fewer views
         (store/integrity.py), and the old digest of a grow's journal written for exactly this metadata."""
         if view not in self._grown:
-            digests = grown_digests(self.meta, view, self._array_docs(view))
+            digests = grown_digests(self.meta, view, self.array_docs(view))
             journal = read_journal(self.files) or {}
             if journal.get("new", {}).get(str(view)) == digests[0] and str(view) in journal.get("old", {}):
                 digests.append(journal["old"][str(view)])
@@ -210,14 +219,26 @@ class CacheStore:
     def file_sha256(self, rel: str) -> str | None:
         return sha256_hex(self.files.read(rel))
 
-    def file_problems(self, view: int, shard_index: int, marker: dict, full: bool = True) -> list[str]:
+    def file_problems(self, view: int, shard_index: int, marker: dict, full: bool = True,
+                      fetched: UnitBytes | None = None) -> list[str]:
         """Where the unit's marker fails to cover the store's metadata and files, or its Zarr shard
-        files differ from what it recorded (empty: intact)."""
+        files differ from what it recorded (empty: intact). `fetched`: check those bytes of the
+        unit's files (`fetch_unit`) instead of reading them (a file the layout does not give the
+        unit, which only a bad marker lists, is still read)."""
         digests = self.metadata_sha256(view)
         if marker["metadata_sha256"] != digests:
             digests = self.accepted_digests(view)
         problems = coverage_problems(marker, self.unit_files(view, shard_index), digests)
-        return problems + content_problems(marker, self.files.size, self.file_sha256, full)
+        if fetched is None:
+            return problems + content_problems(marker, self.files.size, self.file_sha256, full)
+
+        def size_of(rel: str) -> int | None:
+            return fetched.size(rel) if rel in fetched.files else self.files.size(rel)
+
+        def sha256_of(rel: str) -> str | None:
+            return fetched.sha256(rel) if rel in fetched.files else self.file_sha256(rel)
+
+        return problems + content_problems(marker, size_of, sha256_of, full)
 
     # ------------------------------------------------------------------ write / read
 
@@ -281,6 +302,23 @@ class CacheStore:
         arrays = {name: self._array(view, name)[start:stop] for name in self.meta["arrays"]}
         factors = {n: a for n, a in arrays.items() if n not in BASE_ARRAYS}
         return UnitData(arrays["key"], arrays["label"], arrays["valid"], arrays["aug"], factors)
+
+    def fetch_unit(self, view: int, shard_index: int) -> UnitBytes:
+        """The unit's marker and shard files, each fetched once (store/unit_read.py); thread-safe I/O."""
+        return fetch_unit(self.files, self.meta, view, shard_index)
+
+    def read_checked_unit(self, fetched: UnitBytes) -> tuple[dict | None, list[str], UnitData | None]:
+        """(marker, problems, data) of a fetched unit: marker None when it has none (not done); data
+        only when the marker covers the metadata and every fetched byte (full check, sha256).
+        A marker that fails its schema or names another job raises, as `read_marker` does."""
+        if fetched.marker is None:
+            return None, [], None
+        where = f"{redact(self.path)}/{self.marker_path(fetched.view, fetched.shard_index)}"
+        marker = parse_marker(fetched.marker, where, self.meta["cache_id"])
+        problems = self.file_problems(fetched.view, fetched.shard_index, marker, fetched=fetched)
+        if problems:
+            return marker, problems, None
+        return marker, [], decode_unit(self.meta, fetched, self.array_docs(fetched.view))
 
     def read_factors(self, view: int, slots: list[int]) -> dict[str, np.ndarray]:
         """Factor arrays for chosen slots, stacked [len(slots), ...] (one inner chunk read per slot)."""

@@ -9,7 +9,9 @@ redrawing). The main process receives the decoded units in unit order (a map-sty
 rank's units, which the DataLoader returns in index order whatever the worker count), permutes each
 window and cuts batches. So the batches (the keys in each, in order) depend on (seed, epoch, world
 size, batch size, interleave, shuffle buffer) only, never on `workers`: the worker count changes
-speed and memory (each worker holds the unit it decodes, two ahead), not what is trained on.
+speed and memory (each worker holds the unit it decodes, two ahead), not what is trained on. Each
+process fetches the store objects of the unit it reads next while it decodes the current one
+(`pipeline/train/prefetch.py`; `StreamConfig.prefetch=False` turns it off, same batches either way).
 Factors travel encoded (int8, fp16); decoding to logits happens batched on the training device
 (`pipeline/train/signals.py`).
 
@@ -34,8 +36,10 @@ from attncache.pipeline.data.shards import (DEFAULT_MAX_SAMPLE_BYTES, BadSample,
 from attncache.pipeline.store.cache import CacheStore
 from attncache.pipeline.store.layout import BASE_ARRAYS
 from attncache.pipeline.store.meta import StoreError
+from attncache.pipeline.store.unit_read import UnitBytes
 from attncache.pipeline.train.loader_order import (DEFAULT_INTERLEAVE, epoch_order, rank_units, steps_in_epoch,
     view_of, window_full, window_permutation)
+from attncache.pipeline.train.prefetch import Prefetch
 
 
 class CacheCorrupt(StoreError):
@@ -55,6 +59,7 @@ class StreamConfig:
     with_factors: bool = True
     max_sample_bytes: int = DEFAULT_MAX_SAMPLE_BYTES  # bigger samples are never read (see pipeline/data/tar.py)
     interleave: int = DEFAULT_INTERLEAVE  # a window holds at least this many units
+    prefetch: bool = True  # fetch the next unit's store objects while this one is consumed (pipeline/train/prefetch.py)
 
     @property
     def recipe(self) -> Recipe:
@@ -101,16 +106,18 @@ class DecodedUnit:
     skipped: list[dict] = field(default_factory=list)
 
 
-def _unit_from_cache(store: CacheStore, url: str, shard_index: int, view: int):
-    marker = store.read_marker(view, shard_index)
+def _unit_from_cache(store: CacheStore, shard_index: int, view: int, fetched: UnitBytes | None = None):
+    """The unit's arrays and marker, every shard file fetched once (or `fetched` ahead of time),
+    checked whole against the marker (sha256) and decoded from the same bytes."""
+    fetched = fetched if fetched is not None else store.fetch_unit(view, shard_index)
+    marker, problems, data = store.read_checked_unit(fetched)
     where = f"{store.path}: view {view} shard {shard_index:06d}"
     if marker is None:
         raise StoreError(f"{where}: unit not done (no marker); finish the precompute (re-run it to resume)")
-    problems = store.file_problems(view, shard_index, marker)
     if problems:
         raise CacheCorrupt(f"{where}: {'; '.join(problems)}; run `attncache verify` and re-run the same precompute "
                            "command with --repair")
-    return store.read_unit(view, shard_index), marker
+    return data, marker
 
 
 def _skip_record(url: str, key: str, reason: str, where: str) -> dict:
@@ -118,14 +125,15 @@ def _skip_record(url: str, key: str, reason: str, where: str) -> dict:
 
 
 def read_unit_samples(cfg: StreamConfig, recipe: Recipe, store: CacheStore | None, shard_index: int,
-                      epoch: int) -> DecodedUnit:
+                      epoch: int, fetched: UnitBytes | None = None) -> DecodedUnit:
     """Every usable sample of one unit, images replayed (cache) or drawn (no cache), in tar order.
 
     A bad sample without a cache is recorded and skipped (the policy precompute applies); with a
-    cache the teacher saw every valid slot, so a slot that no longer decodes means the shard changed."""
+    cache the teacher saw every valid slot, so a slot that no longer decodes means the shard changed.
+    `fetched`: the unit's store objects, fetched ahead (`UnitReader`)."""
     url = cfg.shards[shard_index]
     view = view_of(epoch, cfg.views)
-    cached, marker = _unit_from_cache(store, url, shard_index, view) if store is not None else (None, None)
+    cached, marker = _unit_from_cache(store, shard_index, view, fetched) if store is not None else (None, None)
     skipped = [_skip_record(url, s["key"], s["reason"], "precompute") for s in (marker or {}).get("skipped", [])]
     images, labels, keys = {}, {}, {}
     for entry in iter_shard(url, cfg.max_sample_bytes):
@@ -194,11 +202,14 @@ class _Failed:
 
 class UnitReader(torch.utils.data.Dataset):
     """Item i: the rank's i-th unit of the epoch, decoded. Map-style, so the DataLoader returns the
-    units in index order whatever the number of workers; each process opens the store once."""
+    units in index order whatever the number of workers; each process opens the store once. With a
+    cache, reading item i starts fetching the store objects of the item this process reads next
+    (i + 1, or i + W in one of W loader workers, which take the items in turn), on a thread."""
 
     def __init__(self, cfg: StreamConfig, epoch: int, units: list[int]):
         self.cfg, self.epoch, self.units = cfg, epoch, units
         self._store: CacheStore | None = None
+        self._prefetch: Prefetch | None = None
         self._pid: int | None = None
 
     def __len__(self) -> int:
@@ -207,15 +218,35 @@ class UnitReader(torch.utils.data.Dataset):
     def _open(self) -> CacheStore | None:
         if self.cfg.cache and self._pid != os.getpid():
             self._store, self._pid = CacheStore.open(self.cfg.cache), os.getpid()
+            self._prefetch = Prefetch(self._fetch) if self.cfg.prefetch else None
         return self._store
+
+    def _fetch(self, i: int) -> UnitBytes:
+        return self._store.fetch_unit(view_of(self.epoch, self.cfg.views), self.units[i])
+
+    def _fetched(self, i: int) -> UnitBytes | None:
+        """Item i's store objects (fetched ahead, or now), after starting the fetch of the next item."""
+        if self._prefetch is None:
+            return None
+        info = torch.utils.data.get_worker_info()
+        fetched, following = self._prefetch.take(i), i + (info.num_workers if info else 1)
+        if following < len(self.units):
+            self._prefetch.ahead(following)
+        return fetched
 
     def __getitem__(self, i: int):
         try:
-            return read_unit_samples(self.cfg, self.cfg.recipe, self._open(), self.units[i], self.epoch)
+            store = self._open()
+            return read_unit_samples(self.cfg, self.cfg.recipe, store, self.units[i], self.epoch, self._fetched(i))
         except (DataError, StoreError, BadSample, ValueError) as exc:
             if torch.utils.data.get_worker_info() is None:
                 raise
             return _Failed(exc)
+
+    def close(self) -> None:
+        """Join a fetch still under way (end of the epoch, an error, Ctrl-C)."""
+        if self._prefetch is not None:
+            self._prefetch.close()
 
 
 def _as_is(item):
@@ -261,7 +292,10 @@ class EpochBatches:
         if not self.units:
             return
         if self.workers == 0:
-            yield from (reader[i] for i in range(len(reader)))
+            try:
+                yield from (reader[i] for i in range(len(reader)))
+            finally:
+                reader.close()
             return
         loader = torch.utils.data.DataLoader(reader, batch_size=None, shuffle=False, num_workers=self.workers,
                                              collate_fn=_as_is, prefetch_factor=2, persistent_workers=False)

@@ -198,6 +198,12 @@ def test_a_unit_costs_a_few_requests_not_one_per_sample_or_chunk(s3, shards, tmp
     per_unit = {m: (large[m] - small[m]) / 2 for m in large}
     assert per_unit["PUT"] == arrays + 1, per_unit  # the unit's shards and its marker, each put once
     assert sum(per_unit.values()) < 100, per_unit
+    before = len(s3.requests())
     samples, read = counted(lambda: read_epoch(f"{s3.bucket}/cache.zarr", f"{s3.bucket}/train-*.tar"))
     assert samples == 48 and read["PUT"] == 0
     assert sum(read.values()) / 4 < 100, read
+    # each unit's shard files fetched once, whole (checked against the marker and decoded from those bytes)
+    shard_objects = Counter((r.method, r.path.split("?")[0]) for r in s3.requests()[before:]
+                            if "/cache.zarr/views/" in r.path and "/c/" in r.path)
+    assert {method for method, _ in shard_objects} == {"GET"}, shard_objects
+    assert len(shard_objects) == len(shard_files) and set(shard_objects.values()) == {1}, shard_objects
