@@ -47,11 +47,11 @@ def test_a_malicious_checkpoint_is_refused_everywhere_and_never_runs(tmp_path, m
     data = noise_shards(tmp_path / "d", 8, shard_size=8)
     teacher = TEACHER_ARGS[:2] + TEACHER_ARGS[3:]  # without --random-init
     for ckpt in checkpoints:
-        pre = invoke("precompute", "--data", data, *teacher, "--checkpoint", ckpt, *FAST, "--ray", "none",
+        pre = invoke("precompute", "--data", data, *teacher, "--teacher-checkpoint", ckpt, *FAST, "--ray", "none",
                      "--out", tmp_path / "s.zarr")
         assert pre.exit_code == 1 and "TeacherError: refusing to load" in pre.output, pre.output
         assert "weights_only=True" in pre.output
-        tune = invoke("train", "--data", data, "--teacher", "vit_tiny_patch16_224", "--checkpoint", ckpt,
+        tune = invoke("train", "--data", data, "--teacher", "vit_tiny_patch16_224", "--teacher-checkpoint", ckpt,
                       "--mode", "finetune", "--student", "vit_tiny_patch16_224", "--student-arg", "img_size=32",
                       "--out", tmp_path / "run", "--max-steps", "1", "--workers", "0", "--quiet")
         assert tune.exit_code != 0 and "refusing to load" in str(tune.output) + str(tune.exception)

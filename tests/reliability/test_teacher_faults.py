@@ -134,7 +134,7 @@ class _Evil:
 def test_a_pth_that_needs_pickle_beyond_weights_only_is_one_line(tmp_path, good_weights):
     torch.save({"model": good_weights[1], "extra": _Evil()}, tmp_path / "evil.pth")
     args = [x for k, v in TINY.items() for x in ("--model-arg", f"{k}={v}")]
-    res, out = _precompute(tmp_path, "--teacher", "vit_tiny_patch16_224", *args, "--checkpoint", tmp_path / "evil.pth")
+    res, out = _precompute(tmp_path, "--teacher", "vit_tiny_patch16_224", *args, "--teacher-checkpoint", tmp_path / "evil.pth")
     lines = res.output.strip().splitlines()
     assert res.exit_code == 1 and len(lines) == 1, res.output
     assert "evil.pth: it needs pickle beyond weights_only=True (Unsupported global" in lines[0]
