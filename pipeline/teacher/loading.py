@@ -173,13 +173,20 @@ def _create(cfg: TeacherConfig, pretrained: bool) -> torch.nn.Module:
                            "config.json) against the model's constructor") from None
 
 
-def _fit_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], cfg: TeacherConfig) -> None:
-    """Load weights only when every key and shape fits: a partial or reshaped load would be a
-    teacher nobody trained."""
+def state_dict_misfit(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> tuple[list, list, list]:
+    """What keeps `state` from loading whole into `model`: missing keys, unexpected keys, and
+    'key (shape) != (shape)' for each key whose shape differs. All empty: it fits."""
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     shapes = [f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}" for k in sorted(set(own) & set(state))
               if tuple(state[k].shape) != tuple(own[k].shape)]
+    return missing, unexpected, shapes
+
+
+def _fit_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], cfg: TeacherConfig) -> None:
+    """Load weights only when every key and shape fits: a partial or reshaped load would be a
+    teacher nobody trained."""
+    missing, unexpected, shapes = state_dict_misfit(model, state)
     if missing or unexpected or shapes:
         raise TeacherError(f"checkpoint {cfg.checkpoint} does not fit {cfg.name} {dict(cfg.model_args)}: "
                            f"missing {missing[:8]}, unexpected {unexpected[:8]}, shapes differ {shapes[:4]}")

@@ -25,6 +25,7 @@ from torch import nn
 
 from attncache.pipeline.teacher.model import (TeacherConfig, TeacherError, _seeded_init, check_supported,
     load_state_dict, resolve_teacher_config)
+from attncache.pipeline.teacher.loading import state_dict_misfit
 from attncache.pipeline.teacher.selection import default_layers  # noqa: F401 - one default for train and precompute
 
 
@@ -311,10 +312,7 @@ def load_initial_weights(model: nn.Module, cfg: StudentConfig) -> None:
         state = load_state_dict(cfg.initial_checkpoint)
     except TeacherError as exc:
         raise StudentMismatch(f"--initial-checkpoint: {exc}") from None
-    own = model.state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    shapes = [f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}" for k in sorted(set(own) & set(state))
-              if tuple(state[k].shape) != tuple(own[k].shape)]
+    missing, unexpected, shapes = state_dict_misfit(model, state)
     if missing or unexpected or shapes:
         raise StudentMismatch(f"--initial-checkpoint {cfg.initial_checkpoint} does not fit student {cfg.name} "
                               f"{dict(cfg.model_args)} with {cfg.num_classes} classes: missing {missing[:6]}, "
