@@ -94,3 +94,17 @@ def s3(s3_server, monkeypatch, request):
     import fsspec
 
     fsspec.get_filesystem_class("s3").clear_instance_cache()
+
+
+@pytest.fixture
+def configs(monkeypatch):
+    """The TrainConfig each `train` invocation builds (the run itself is not started)."""
+    import attncache.pipeline.train.loop as loop
+
+    seen = []
+
+    class NotMain:
+        main = False
+
+    monkeypatch.setattr(loop, "train", lambda config: seen.append(config) or NotMain())
+    return seen

@@ -17,20 +17,6 @@ COMMON = ["train", "--data", "d/train-{0..1}.tar", "--num-classes", "4", "--devi
 PRESET = "rrc(scale=(0.08,1.0))|flip|randaug(n=2,m=9,mstd=0.5,inc=1)|normalize|erase(p=0.25)"
 
 
-@pytest.fixture
-def configs(monkeypatch):
-    """The TrainConfig each `train` invocation builds (the run itself is not started)."""
-    import attncache.pipeline.train.loop as loop
-
-    seen = []
-
-    class NotMain:
-        main = False
-
-    monkeypatch.setattr(loop, "train", lambda config: seen.append(config) or NotMain())
-    return seen
-
-
 def _invoke(*args):
     from attncache.cli.main import cli
 

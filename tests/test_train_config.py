@@ -10,20 +10,6 @@ from click.testing import CliRunner
 COMMON = ["train", "--data", "d/train-{0..1}.tar", "--num-classes", "4", "--device", "cpu", "--threads", "1"]
 
 
-@pytest.fixture
-def configs(monkeypatch):
-    """The TrainConfig each `train` invocation builds (the run itself is not started)."""
-    import attncache.pipeline.train.loop as loop
-
-    seen = []
-
-    class NotMain:
-        main = False
-
-    monkeypatch.setattr(loop, "train", lambda config: seen.append(config) or NotMain())
-    return seen
-
-
 def _invoke(args):
     from attncache.cli.main import cli
 
