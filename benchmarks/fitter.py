@@ -2,6 +2,7 @@
 
     .venv/bin/python -m attncache.benchmarks.fitter            # old against candidate
     .venv/bin/python -m attncache.benchmarks.fitter --stages   # where the eigh fitter's time goes
+    .venv/bin/python -m attncache.benchmarks.fitter --neighbour  # LAPACK threads beside a busy process
 
 For each input set: encode MB/s of raw Q/K (float32 bytes in) for `fit_factors` with the float64
 eigh (every store's fitter) and with `fit_subspace.top_singular_subspace`, the mean
@@ -113,8 +114,56 @@ def stages(shape, rank=8):
     print(json.dumps({"shape": list(shape), "rank": rank, **ms}), flush=True)
 
 
+def _busy(seconds: float) -> None:
+    """A neighbour: another process's 2-thread matmuls (another precompute worker on the node)."""
+    torch.set_num_threads(2)
+    x = torch.randn(512, 512)
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        x = torch.tanh(x @ x)
+
+
+def neighbour(shape=(8, 9, 6, 197, 64), rank=8):
+    """`fit_factors` at 2 threads with its d x d LAPACK on every thread (what stores were written
+    with before `one_cpu_thread`) against one thread, alone and beside a busy process, side by side
+    in one run; the factors are compared bit for bit."""
+    import contextlib
+    import multiprocessing
+
+    import attncache.pipeline.encodings.fit as fit
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(*shape, generator=g), torch.randn(*shape, generator=g)
+    every_thread = lambda device: contextlib.nullcontext()  # noqa: E731
+    one_thread = fit.one_cpu_thread
+    ref = fit.fit_factors(q, k, 0.125, rank)
+    for busy in (False, True):
+        proc = None
+        if busy:
+            proc = multiprocessing.get_context("spawn").Process(target=_busy, args=(120.0,), daemon=True)
+            proc.start()
+            time.sleep(3)
+        try:
+            row = {"neighbour": busy, "shape": list(shape), "rank": rank}
+            for name, ctx in (("lapack_every_thread_ms", every_thread), ("lapack_one_thread_ms", one_thread)):
+                fit.one_cpu_thread = ctx
+                out = fit.fit_factors(q, k, 0.125, rank)
+                row[name] = round(best_ms(lambda: fit.fit_factors(q, k, 0.125, rank)), 1)
+                row[name.replace("_ms", "_bits_equal")] = all(torch.equal(x, y) for x, y in zip(ref, out))
+            row["speedup"] = round(row["lapack_every_thread_ms"] / row["lapack_one_thread_ms"], 2)
+            print(json.dumps(row), flush=True)
+        finally:
+            fit.one_cpu_thread = one_thread
+            if proc is not None:
+                proc.terminate()
+                proc.join()
+
+
 def main():
     torch.set_num_threads(2)
+    if "--neighbour" in sys.argv[1:]:
+        neighbour()
+        return
     if "--stages" in sys.argv[1:]:
         for shape in ((32, 12, 6, 65, 64), (32, 12, 3, 197, 64), (32, 6, 4, 65, 24)):
             stages(shape)

@@ -72,3 +72,26 @@ def test_stores_keep_the_eigh_fitter():
     a, b = parse_encoding("lowrank:r=4:fp32").factorize(q, k, 0.25)
     ref_a, ref_b = fit_factors(q, k, 0.25, 4, _top_singular)
     assert torch.equal(a, ref_a) and torch.equal(b, ref_b)
+
+
+def test_the_stores_fitter_gives_the_same_bits_at_every_thread_count_and_gives_the_count_back(noisy_qk):
+    """The d x d LAPACK work runs on one thread whatever the caller set (`one_cpu_thread`): the
+    factors are the same bits at 1 and 2 threads, and the caller's count is back afterwards, also
+    when the fit refuses a Gram matrix that overflowed float32."""
+    from attncache.pipeline.encodings.finite import NonFiniteValues
+
+    q, k = noisy_qk
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (2, 1, 2):
+            torch.set_num_threads(threads)
+            outs.append(fit_factors(q, k, 32 ** -0.5, 4))
+            assert torch.get_num_threads() == threads
+        torch.set_num_threads(2)
+        with pytest.raises(NonFiniteValues):
+            fit_factors(q * 1e30, k, 32 ** -0.5, 4)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(x, y) for out in outs[1:] for x, y in zip(outs[0], out))

@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from attncache.pipeline._util.runtime import one_cpu_thread
 from attncache.pipeline.encodings.finite import NonFiniteValues, first_bad, require_finite
 
 
@@ -74,10 +75,22 @@ def fit_factors(q_BLHNd: torch.Tensor, k_BLHNd: torch.Tensor, scale: float, rank
     q = q_BLHNd.float()
     k = k_BLHNd.float()
     k = k - k.mean(dim=-2, keepdim=True)
-    r_q = _cholesky_upper(q.transpose(-1, -2) @ q)
-    r_k = _cholesky_upper(k.transpose(-1, -2) @ k)
+    gram_q, gram_k = q.transpose(-1, -2) @ q, k.transpose(-1, -2) @ k  # N x d work: every thread
+    with one_cpu_thread(q.device):  # thousands of tiny LAPACK calls: one thread (see one_cpu_thread)
+        w_a, w_b = _core_weights(gram_q, gram_k, scale, rank, top_singular or _top_singular)
+    a, b = q @ w_a, k @ w_b
+    require_finite("low-rank factor a", a)
+    require_finite("low-rank factor b", b)
+    return a, b
+
+
+def _core_weights(gram_q: torch.Tensor, gram_k: torch.Tensor, scale: float, rank: int,
+                  top_singular: TopSingular) -> tuple[torch.Tensor, torch.Tensor]:
+    """The d x r maps W_a, W_b with A = Q W_a, B = K_centred W_b (float32), from the Gram matrices."""
+    r_q = _cholesky_upper(gram_q)
+    r_k = _cholesky_upper(gram_k)
     core = scale * r_q @ r_k.transpose(-1, -2)  # (d, d)
-    top, sing = (top_singular or _top_singular)(core, rank)  # (d, r), (r,)
+    top, sing = top_singular(core, rank)  # (d, r), (r,)
     alive = sing > 1e-12 * sing[..., :1].clamp_min(1e-300)  # zero directions when N < r
     right = core.transpose(-1, -2) @ top / torch.where(alive, sing, 1.0).unsqueeze(-2)  # (d, r)
     right = right * alive.unsqueeze(-2)
@@ -85,7 +98,4 @@ def fit_factors(q_BLHNd: torch.Tensor, k_BLHNd: torch.Tensor, scale: float, rank
     # A = U_q top sqrt(S) = Q R_q^{-1} top sqrt(S); B likewise with R_k and the right vectors
     w_a = torch.linalg.solve_triangular(r_q, top * root, upper=True).float()
     w_b = torch.linalg.solve_triangular(r_k, right * root, upper=True).float()
-    a, b = q @ w_a, k @ w_b
-    require_finite("low-rank factor a", a)
-    require_finite("low-rank factor b", b)
-    return a, b
+    return w_a, w_b
