@@ -18,16 +18,22 @@ from attncache.pipeline.encodings.finite import NonFiniteValues, first_bad, requ
 def _cholesky_upper(gram: torch.Tensor) -> torch.Tensor:
     """Upper Cholesky factor of Gram matrices with a small ridge, raised where float32 rounding
     left a rank-deficient Gram matrix (N < d, centred K) slightly indefinite."""
-    d = gram.shape[-1]
     gram = gram.double()
-    eye = torch.eye(d, dtype=gram.dtype, device=gram.device)
-    level = gram.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-300)[..., None, None] * eye  # trace * I
-    factor, info = torch.linalg.cholesky_ex(gram + 1e-7 * level, upper=True)
+    trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-300)  # the ridges are fractions of it
+
+    def ridged(g: torch.Tensor, t: torch.Tensor, ridge: float) -> torch.Tensor:
+        # g + ridge * trace * I, written on the diagonal alone: the same values as the full-matrix sum
+        # (off the diagonal x + 0.0 == x) for a fifth of the time of building trace * I
+        out = g.clone()
+        out.diagonal(dim1=-2, dim2=-1).add_((ridge * t)[..., None])
+        return out
+
+    factor, info = torch.linalg.cholesky_ex(ridged(gram, trace, 1e-7), upper=True)
     for ridge in (1e-6, 1e-5, 1e-4):
         bad = info != 0
         if not bad.any():
             break
-        retry, retry_info = torch.linalg.cholesky_ex(gram[bad] + ridge * level[bad], upper=True)
+        retry, retry_info = torch.linalg.cholesky_ex(ridged(gram[bad], trace[bad], ridge), upper=True)
         factor[bad], info[bad] = retry, retry_info
     if (info != 0).any():  # after the ridges only a Gram matrix that overflowed float32 is left
         bad = info != 0
