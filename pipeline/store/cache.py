@@ -24,8 +24,8 @@ from attncache.pipeline.data.shards import redact
 from attncache.pipeline.encodings.spec import Encoding, encoding_from_json
 from attncache.pipeline.store import layout
 from attncache.pipeline.store.guard import open_existing_or_none
-from attncache.pipeline.store.integrity import (array_doc_paths, content_problems, coverage_problems, grown_digests,
-    metadata_sha256)
+from attncache.pipeline.store.integrity import (REPAIR_ADVICE, array_doc_paths, content_problems, coverage_problems,
+    grown_digests, metadata_sha256)
 from attncache.pipeline.store.layout import BASE_ARRAYS, FILL_VALUES, Unit, UnitData
 from attncache.pipeline.store.markers import encode_marker, new_marker, parse_marker, sha256_hex
 from attncache.pipeline.store.meta import META_ATTR, StoreError, cache_id
@@ -298,6 +298,9 @@ class CacheStore:
         return sha256_hex(data), len(data)
 
     def read_unit(self, view: int, shard_index: int) -> UnitData:
+        """The unit's arrays as zarr decodes them, unchecked: for `verify --recompute`, where the
+        teacher judges the bytes whatever their checksums say, and for tests. Tools that show or
+        measure a store read `read_verified_unit`."""
         start, stop = self.slot_range(shard_index)
         arrays = {name: self._array(view, name)[start:stop] for name in self.meta["arrays"]}
         factors = {n: a for n, a in arrays.items() if n not in BASE_ARRAYS}
@@ -320,8 +323,23 @@ class CacheStore:
             return marker, problems, None
         return marker, [], decode_unit(self.meta, fetched, self.array_docs(fetched.view))
 
+    def read_verified_unit(self, view: int, shard_index: int) -> UnitData:
+        """A finished unit whose every byte its marker covers, as the trainer reads it: `show` and
+        `bench fidelity --store` use it so they never draw or score bytes that training refuses.
+        An unfinished or damaged unit raises StoreError naming it and the remedy."""
+        marker, problems, data = self.read_checked_unit(self.fetch_unit(view, shard_index))
+        where = f"{redact(self.path)}: view {view} shard {shard_index}"
+        if marker is None:
+            raise StoreError(f"{where} is not finished (no done marker): finish it with the same `attncache "
+                             "precompute` command")
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise StoreError(f"{where} fails its integrity check: {problems[0]}{more}; {REPAIR_ADVICE}")
+        return data
+
     def read_factors(self, view: int, slots: list[int]) -> dict[str, np.ndarray]:
-        """Factor arrays for chosen slots, stacked [len(slots), ...] (one inner chunk read per slot)."""
+        """Factor arrays for chosen slots, stacked [len(slots), ...] (one inner chunk read per slot),
+        unchecked like `read_unit` (`verify --recompute` only)."""
         names = [n for n in self.meta["arrays"] if n not in BASE_ARRAYS]
         out = {}
         for name in names:

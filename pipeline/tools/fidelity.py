@@ -234,26 +234,33 @@ def store_teacher_config(store: CacheStore, given: TeacherConfig | None) -> Teac
                      f"{ident.get('checkpoint') or 'hub weights'}): pass --teacher-checkpoint FILE or --teacher DIR")
 
 
-def cached_samples(store: CacheStore, view: int, samples: int) -> tuple[list[int], list[str], torch.Tensor]:
-    """The first `samples` cached samples of `view` in slot order: slots, keys, replayed pixels."""
+def cached_samples(store: CacheStore, view: int, samples: int
+                   ) -> tuple[list[int], list[str], torch.Tensor, dict[str, np.ndarray]]:
+    """The first `samples` cached samples of `view` in slot order: slots, keys, replayed pixels and
+    their factor arrays, all from units whose bytes pass their markers (`read_verified_unit`): a
+    damaged unit is refused, not scored."""
     recipe = Recipe.from_json(store.meta["recipe"]["ops"])
-    slots, keys, images = [], [], []
+    slots, keys, images, factors = [], [], [], []
     for unit in store.units():
         if unit.view != view or not store.unit_done(unit):
             continue
-        data = store.read_unit(view, unit.shard_index)
+        data = store.read_verified_unit(view, unit.shard_index)
         for entry in iter_shard(unit.url):
             if len(slots) == samples:
-                return slots, keys, torch.stack(images)
+                break
             if not data.valid[entry.position]:
                 continue
             image, _ = decode_sample(unit.url, entry)
             images.append(recipe.apply(data.aug[entry.position, :recipe.num_params], image))
             slots.append(store.slot_range(unit.shard_index)[0] + entry.position)
             keys.append(entry.key)
+            factors.append({n: a[entry.position] for n, a in data.factors.items()})
+        if len(slots) == samples:
+            break
     if not slots:
         raise ValueError(f"{store.path}: no finished unit holds samples of view {view}")
-    return slots, keys, torch.stack(images)
+    stacked = {n: np.stack([f[n] for f in factors]) for n in factors[0]}
+    return slots, keys, torch.stack(images), stacked
 
 
 def run_store_fidelity(path: str, teacher_cfg: TeacherConfig | None, samples: int, view: int = 0,
@@ -271,35 +278,36 @@ def run_store_fidelity(path: str, teacher_cfg: TeacherConfig | None, samples: in
         raise ValueError(f"teacher weights {teacher.weights_sha256[:12]} differ from the store's teacher "
                          f"{store.meta['teacher']['weights_sha256'][:12]}: pass the weights the store was made with")
     layers, heads = tuple(store.meta["layers"]), tuple(store.meta["heads"])
-    slots, keys, images = cached_samples(store, view, samples)
+    slots, keys, images, factors = cached_samples(store, view, samples)
     cap = capture(teacher, images, layers, heads, batch_size, keys)
     compression = compression or _compression_spec(store.meta["compression"])
     grid = encodings or tuple(dict.fromkeys((store.encoding.spec, REFERENCE)))
     rows, notes = run_grid(cap, grid, compression, batch_size)
-    rows.insert(0, _cached_row(store, view, slots, cap, inspect_store(path)["bytes_per_sample"], batch_size))
+    rows.insert(0, _cached_row(store, factors, cap, inspect_store(path)["bytes_per_sample"], batch_size))
     _add_ratios(rows)
     return _report(teacher, layers, heads, cap, rows, notes, compression, batch_size, threads,
                    recipe=store.meta["recipe"]["spec"], source="store", store=str(path), view=view)
 
 
-def _cached_row(store: CacheStore, view: int, slots: list[int], cap: Captured, bytes_per_sample: float,
+def _cached_row(store: CacheStore, factors: dict[str, np.ndarray], cap: Captured, bytes_per_sample: float,
                 batch_size: int) -> dict:
-    """The store's own bytes, decoded (timed) and compared with the re-run teacher, batch by batch."""
+    """The store's own (checked) bytes, decoded (timed) and compared with the re-run teacher, batch by batch."""
     raw, seconds, kl_sum = 0, 0.0, torch.zeros(cap.q.shape[1], dtype=torch.float64)
-    store.encoding.decode(store.read_factors(view, slots[:batch_size]), "logits", cap.scale, cap.q.device)  # warm-up
-    for start in range(0, len(slots), batch_size):
-        arrays = store.read_factors(view, slots[start:start + batch_size])
+    count = len(next(iter(factors.values())))
+    store.encoding.decode({n: a[:batch_size] for n, a in factors.items()}, "logits", cap.scale, cap.q.device)  # warm-up
+    for start in range(0, count, batch_size):
+        arrays = {n: a[start:start + batch_size] for n, a in factors.items()}
         raw += sum(a.nbytes for a in arrays.values())
         logits, spent = _timed(lambda: store.encoding.decode(arrays, "logits", cap.scale, cap.q.device))
         seconds += spent
         q, k = cap.q[start:start + batch_size], cap.k[start:start + batch_size]
         kl_sum += attention_kl(exact_logits(q, k, cap.scale), logits).double().cpu() * len(q)
-    kl = (kl_sum / len(slots)).tolist()
+    kl = (kl_sum / count).tolist()
     return {"encoding": f"{store.encoding.spec} (store)", "serves_qk": store.encoding.serves_qk,
-            "raw_bytes_per_sample": raw / len(slots), "bytes_per_sample": bytes_per_sample,
+            "raw_bytes_per_sample": raw / count, "bytes_per_sample": bytes_per_sample,
             "arrays_bytes_per_sample": None, "kl_mean": float(np.mean(kl)), "kl_per_layer": kl,
             "encode_mb_s": None, "decode_mb_s": raw / 1e6 / seconds, "encode_samples_s": None,
-            "decode_samples_s": len(slots) / seconds}
+            "decode_samples_s": count / seconds}
 
 
 def _compression_spec(c: dict) -> str:

@@ -58,8 +58,15 @@ def replayed_image(store: CacheStore, shard_index: int, position: int, aug: np.n
 
 
 def attention_maps(store: CacheStore, view: int, slot: int, query: str) -> np.ndarray:
-    """[L, H, gh, gw] attention over patch tokens from the chosen query."""
-    logits = store.encoding.decode(store.read_factors(view, [slot]), "logits", store.meta["teacher"]["scale"])[0]
+    """[L, H, gh, gw] attention over patch tokens from the chosen query, from the unit's checked bytes
+    (`read_verified_unit`: a damaged unit is refused, not drawn)."""
+    shard_index, position = divmod(slot, store.slots_per_shard)
+    data = store.read_verified_unit(view, shard_index)
+    return maps_of(store, {n: a[position:position + 1] for n, a in data.factors.items()}, query)
+
+
+def maps_of(store: CacheStore, factors: dict[str, np.ndarray], query: str) -> np.ndarray:
+    logits = store.encoding.decode(factors, "logits", store.meta["teacher"]["scale"])[0]
     attn = logits.softmax(dim=-1)  # [L, H, N, N]
     prefix = store.meta["tokens"]["num_prefix_tokens"]
     gh, gw = store.meta["tokens"]["grid"]
@@ -95,10 +102,9 @@ def figure(store: CacheStore, key: str, view: int, layers: list[int], heads: lis
     import matplotlib.pyplot as plt
 
     shard_index, position = find_key(store, key, view)
-    slot = shard_index * store.slots_per_shard + position
-    aug = store.group[f"views/{view}/aug"][slot]
-    image = replayed_image(store, shard_index, position, aug)
-    maps = attention_maps(store, view, slot, query)
+    data = store.read_verified_unit(view, shard_index)  # the image's parameters and its maps, checked
+    image = replayed_image(store, shard_index, position, data.aug[position])
+    maps = maps_of(store, {n: a[position:position + 1] for n, a in data.factors.items()}, query)
     stored_layers = store.meta["layers"]
     rows = [stored_layers.index(l) for l in layers]
     cols = list(range(maps.shape[1])) if heads is None else [store.meta["heads"].index(h) for h in heads]

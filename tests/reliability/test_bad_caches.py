@@ -89,3 +89,28 @@ def test_the_clean_store_verifies_and_trains(clean, tmp_path):
     trained = invoke("train", "--data", data, "--cache", store, "--out", tmp_path / "run", *STUDENT, "--max-steps",
                      "8", "--batch-size", "8", "--workers", "0", "--threads", "1", "--quiet")
     assert trained.exit_code == 0, trained.output
+
+
+def test_show_and_store_fidelity_refuse_a_damaged_unit_and_still_read_an_intact_one(clean, tmp_path):
+    """`show` and `bench fidelity STORE` read units through their markers as training does: a flipped
+    byte is one line naming the unit and the remedy (no figure, no score), while a key of an intact
+    unit of the same store still draws."""
+    _, source = clean
+    store = tmp_path / "bad.zarr"
+    shutil.copytree(source, store)
+    _flip(store)  # view 0, shard 1
+    keys = invoke("inspect", store, "--keys").output.split()
+    assert len(keys) == 32
+    first, damaged = keys[0], keys[16]  # shard 0 (intact), shard 1 (damaged)
+    png = tmp_path / "a.png"
+    refused = invoke("show", store, "--key", damaged, "--out", png)
+    assert refused.exit_code == 1, refused.output
+    line = refused.output.strip()
+    assert "\n" not in line and "Traceback" not in line
+    assert "view 0 shard 1 fails its integrity check" in line and f"checksum mismatch in {FACTOR_FILE}" in line
+    assert "--repair" in line and not png.exists()
+    drawn = invoke("show", store, "--key", first, "--out", png)
+    assert drawn.exit_code == 0 and png.read_bytes()[:4] == b"\x89PNG", drawn.output
+    scored = invoke("bench", "fidelity", store, "--samples", "32", "--json")
+    assert scored.exit_code == 1 and "view 0 shard 1 fails its integrity check" in scored.output, scored.output
+    assert "Traceback" not in scored.output and '"kl_mean"' not in scored.output
