@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--png", default=None, help="the figure [default: OUT/compare.png]")
     parser.add_argument("--seeds", default="0,1,2", help="comma list of student seeds")
     parser.add_argument("--modes", default=",".join(MODES), help="comma list of student modes")
-    parser.add_argument("--epochs", type=int, default=8, help="epochs per student")
+    parser.add_argument("--epochs", type=int, default=4, help="epochs per student")
     parser.add_argument("--num-train", type=int, default=2048, help="training images")
     parser.add_argument("--num-val", type=int, default=512, help="val images")
     parser.add_argument("--teacher-epochs", type=int, default=40, help="teacher pretrain epochs")
@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     sources = {"scratch": ["--recipe", RECIPE], "distill": ["--cache", str(cache)],
                "copy": ["--cache", str(cache), "--eval-cache", str(eval_cache)]}
     runs = []
-    for seed in args.seeds.split(","):
-        for mode in args.modes.split(","):
+    for mode in args.modes.split(","):  # all seeds of a mode before the next mode
+        for seed in args.seeds.split(","):
             run_dir = out / "runs" / f"{mode}-s{seed}"
             runs.append(str(run_dir))
             run(["train", "--data", train, "--mode", mode, *sources[mode], *STUDENT, "--epochs", str(args.epochs),

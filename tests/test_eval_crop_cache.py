@@ -106,3 +106,22 @@ def test_a_store_whose_teacher_cannot_be_built_falls_back_to_the_old_crop_in_one
     assert eval_recipe_like(train, defaults.crop_pct, defaults.interpolation).to_json() == \
         eval_recipe_like(train).to_json()  # what every cached run got before
 
+
+
+def test_a_resumed_run_evaluates_as_its_student_json_recorded(stores, tmp_path):
+    """A run recorded before cached runs recorded an eval recipe keeps the crop it evaluated with
+    (and that `evaluate RUN` uses for it); one that recorded it keeps that; a new run takes its own."""
+    from attncache.pipeline.train.evaluate import eval_recipe_like
+    from attncache.pipeline.train.run_identity import recorded_eval_recipe
+    from attncache.pipeline.train.session import build_session
+
+    own = build_session(_spec(cache=stores["cache"]), "cpu").eval_recipe
+    assert recorded_eval_recipe(tmp_path / "new", own) is own
+    run = tmp_path / "old"
+    run.mkdir()
+    record = {"transfer": _spec(cache=stores["cache"]).to_json(), "run": {}, "recipe": own.to_json()}
+    (run / "student.json").write_text(json.dumps(record))
+    assert recorded_eval_recipe(run, own) is None  # eval_stream then uses eval_recipe_like(recipe), as before
+    assert _ops(eval_recipe_like(build_session(_spec(cache=stores["cache"]), "cpu").recipe))["resize"]["size"] == 36
+    (run / "student.json").write_text(json.dumps(dict(record, eval_recipe=own.to_json())))
+    assert recorded_eval_recipe(run, None).to_json() == own.to_json()
