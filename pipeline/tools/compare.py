@@ -2,7 +2,9 @@
 
 A run directory is what `train --out` writes: `student.json` (the recorded transfer spec and run
 options) and `metrics.jsonl` (training rows with loss/ce/transfer per logged step, and eval rows
-with val top-1). Runs whose `student.json` differ only by the seed are one configuration drawn
+with val top-1). Runs of different modes are compared on the classification cross-entropy (`ce`):
+the total loss adds `--distill-weight` x the transfer loss, so a distilled run's total is tens
+of times a scratch run's and says nothing about which classifies better. Runs whose `student.json` differ only by the seed are one configuration drawn
 several times; their final numbers are shown as mean ± sample std with n stated, since one seed's
 number alone says nothing about how much a change helped.
 """
@@ -19,7 +21,7 @@ from attncache.pipeline._util.atomic import read_jsonl
 SPEC_FILE, METRICS_FILE = "student.json", "metrics.jsonl"
 # the paths in student.json that are the seed: the run's (batches, dropout) and the student's init
 SEED_PATHS = (("run", "seed"), ("transfer", "student", "seed"))
-METRICS = ("train_loss", "transfer_loss", "val_top1")
+METRICS = ("train_ce", "train_loss", "transfer_loss", "val_top1")
 
 
 class NotARun(ValueError):
@@ -43,13 +45,19 @@ class Run:
         return [r for r in self.rows if isinstance(r.get("eval"), dict) and "top1" in r["eval"]]
 
     def final(self) -> dict:
-        """The last logged train loss and transfer loss and the last val top-1 (None where absent)."""
+        """The last logged train cross-entropy, total loss and transfer loss and the last val top-1
+        (None where absent)."""
         train = self.train_rows()
         transfer = [r["transfer"] for r in train if r.get("transfer") is not None]
         evals = self.eval_rows()
-        return {"train_loss": train[-1]["loss"] if train else None,
+        return {"train_ce": _ce(train[-1]) if train else None, "train_loss": train[-1]["loss"] if train else None,
                 "transfer_loss": transfer[-1] if transfer else None,
                 "val_top1": evals[-1]["eval"]["top1"] if evals else None}
+
+
+def _ce(row: dict) -> float:
+    """A training row's cross-entropy (rows of runs before `ce` was logged: their loss)."""
+    return row["ce"] if row.get("ce") is not None else row["loss"]
 
 
 def load_run(path) -> Run:
@@ -161,15 +169,15 @@ def _cell(stat: dict, digits: int) -> str:
 
 def table_lines(rows: list[dict]) -> list[str]:
     """The summary as an aligned text table (last logged values; std is the sample std over seeds)."""
-    header = ["runs", "seeds", "train loss", "transfer loss", "val top-1"]
-    body = [[", ".join(r["runs"]), ",".join(str(s) for s in r["seeds"]), _cell(r["train_loss"], 4),
+    header = ["runs", "seeds", "train CE", "transfer loss", "val top-1"]
+    body = [[", ".join(r["runs"]), ",".join(str(s) for s in r["seeds"]), _cell(r["train_ce"], 4),
              _cell(r["transfer_loss"], 4), _cell(r["val_top1"], 2)] for r in rows]
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
     return ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in [header, *body]]
 
 
 def draw(groups: list[list[Run]], out, dpi: int = 110) -> Path:
-    """Train loss, transfer loss and val top-1 against step in one PNG (written whole or not at all):
+    """Train cross-entropy, transfer loss and val top-1 against step in one PNG (written whole or not at all):
     one colour per configuration and one line style per seed, so the seeds of a configuration read
     as one band; the legend below the panels names each configuration once (with its seed count and
     final val top-1 mean) and each line style's seed. Panels with no data say so."""
@@ -191,14 +199,14 @@ def figure(groups: list[list[Run]]):
 
     styles = ("-", "--", ":", "-.")
     fig, axes = plt.subplots(1, 3, figsize=(13, 4.2))
-    titles = ("train loss", "transfer loss", "val top-1 (%)")
+    titles = ("train cross-entropy", "transfer loss (attention, summed over layers)", "val top-1 (%)")
     handles = []
     for g, (group, label, row) in enumerate(zip(groups, group_labels(groups), summarize(groups))):
         colour = f"C{g % 10}"
         for s, run in enumerate(group):
             style = dict(linestyle=styles[s % 4], color=colour, linewidth=1.3)
             train = run.train_rows()
-            axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], **style)
+            axes[0].plot([r["step"] for r in train], [_ce(r) for r in train], **style)
             transfer = [r for r in train if r.get("transfer") is not None]
             if transfer:
                 axes[1].plot([r["step"] for r in transfer], [r["transfer"] for r in transfer], **style)
