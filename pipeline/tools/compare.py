@@ -229,6 +229,7 @@ def figure(groups: list[list[Run]]):
         ax.grid(alpha=0.3)
         if not ax.lines:
             ax.text(0.5, 0.5, "no data in these runs", ha="center", va="center", transform=ax.transAxes)
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), fontsize=9, frameon=False)
-    fig.tight_layout(rect=(0, 0.06 * (1 + (len(handles) - 1) // 4), 1, 1))
+    ncol = len(handles) if len(handles) <= 6 else 4  # up to 3 configurations and 3 seeds: one row
+    fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 * (1 + (len(handles) - 1) // ncol), 1, 1))
     return fig
