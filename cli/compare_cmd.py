@@ -10,7 +10,7 @@ import click
 @click.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path())
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
-              help="PNG file to write: train loss, transfer loss and val top-1 against step.")
+              help="PNG file to write: train cross-entropy, transfer loss and val top-1 against step.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout instead of the table.")
 def compare(runs, out, as_json):
     """Compare run directories (`train --out`): curves in one PNG, and a table of the last logged values.

@@ -42,7 +42,7 @@ def test_compare_pools_seeds_and_draws_one_png(three_runs, tmp_path):
     groups = json.loads(result.output)["groups"]
     assert [g["runs"] for g in groups] == [["a_s0", "a_s1"], ["b_s0"]]
     assert groups[0]["seeds"] == [0, 1] and groups[0]["n"] == 2
-    for metric, pick in (("train_loss", lambda r: r.get("loss")),
+    for metric, pick in (("train_loss", lambda r: r.get("loss")), ("train_ce", lambda r: r.get("ce")),
                          ("val_top1", lambda r: r["eval"]["top1"] if "eval" in r else None)):
         a, b = (last(three_runs / n, pick) for n in ("a_s0", "a_s1"))
         mean = (a + b) / 2
@@ -99,3 +99,59 @@ def test_eval_every_writes_val_top1_per_epoch_and_leaves_the_steps_alone(tmp_pat
                                        "--eval-every", "1", "--out", str(tmp_path / "x")])
     assert refused.exit_code == 2 and "--eval-every" in refused.output and "--eval-data" in refused.output
     assert not (tmp_path / "x").exists()
+
+
+def _rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _evals(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["eval"]["top1"]) for r in rows if isinstance(r.get("eval"), dict)]
+
+
+def test_the_figure_pools_seeds_by_colour_draws_val_top1_and_labels_each_configuration_once(three_runs):
+    from attncache.pipeline.tools.compare import figure, group_runs, group_labels, load_run
+
+    groups = group_runs([load_run(three_runs / n) for n in ("a_s0", "a_s1", "b_s0")])
+    assert group_labels(groups) == ["lr=0.001", "lr=0.01"]  # what tells the configurations apart, nothing else
+    fig = figure(groups)
+    val = fig.axes[2].lines
+    assert [list(zip(l.get_xdata(), l.get_ydata())) for l in val] == [_evals(three_runs / n)
+                                                                      for n in ("a_s0", "a_s1", "b_s0")]
+    assert val[0].get_color() == val[1].get_color() != val[2].get_color()  # a configuration is one colour
+    assert val[0].get_linestyle() != val[1].get_linestyle()  # its seeds one style each
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels[0].startswith("lr=0.001 (2 seeds, val top-1 ") and labels[1].startswith("lr=0.01 (1 seed, ")
+    assert labels[2:] == ["seed 0", "seed 1"] and not any(ax.get_legend() for ax in fig.axes)
+    assert [list(l.get_ydata()) for l in fig.axes[0].lines][0] == [r["ce"] for r in _rows(three_runs / "a_s0")
+                                                                   if "ce" in r]
+    assert fig.axes[1].texts[0].get_text() == "no data in these runs"  # scratch runs have no transfer loss
+
+
+def test_the_demos_learning_curves_draw_val_top1_per_evaluation(three_runs):
+    from attncache.pipeline.tools.show import learning_curves_figure
+
+    fig = learning_curves_figure({"a": three_runs / "a_s0", "b": three_runs / "b_s0"})
+    assert fig.axes[1].get_ylabel() == "val top-1 % (dashed)"
+    assert [list(zip(l.get_xdata(), l.get_ydata())) for l in fig.axes[1].lines] == \
+        [_evals(three_runs / "a_s0"), _evals(three_runs / "b_s0")]
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == \
+        [f"{n} (val top-1 {_evals(three_runs / r)[-1][1]:.1f})" for n, r in (("a", "a_s0"), ("b", "b_s0"))]
+
+
+def test_modes_are_compared_on_cross_entropy_not_on_the_total_loss(tmp_path):
+    """A distilled run's total loss adds 3 x the transfer loss; the panel and the table show `ce`."""
+    from attncache.pipeline.tools.compare import figure, group_runs, load_run, summarize, table_lines
+
+    rows = {"scratch": [{"step": 10, "loss": 1.5, "ce": 1.5, "transfer": None}],
+            "distill": [{"step": 10, "loss": 37.5, "ce": 1.2, "transfer": 12.1}]}
+    for name, metrics in rows.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "student.json").write_text(json.dumps({"transfer": {"mode": name}, "run": {"seed": 0}}))
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics))
+    groups = group_runs([load_run(tmp_path / n) for n in rows])
+    summary = summarize(groups)
+    assert [r["train_ce"]["mean"] for r in summary] == [1.5, 1.2] and summary[1]["train_loss"]["mean"] == 37.5
+    assert [list(l.get_ydata()) for l in figure(groups).axes[0].lines] == [[1.5], [1.2]]
+    assert table_lines(summary)[0].split()[2:4] == ["train", "CE"] and "1.2000 (n=1)" in table_lines(summary)[2]

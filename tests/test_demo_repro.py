@@ -21,6 +21,9 @@ def test_demo_quick_runs_the_whole_job_and_draws_both_figures(tmp_path):
     summary = json.loads((tmp_path / "demo" / "demo.json").read_text())
     assert set(summary["runs"]) == {"distill", "scratch"}
     assert summary["runs"]["distill"]["steps"] == summary["runs"]["scratch"]["steps"] > 0
+    for run in summary["runs"].values():  # --eval-every 1 over --quick's 2 epochs: the curves' val points
+        rows = [json.loads(line) for line in (Path(run["run"]) / "metrics.jsonl").read_text().splitlines()]
+        assert len([r for r in rows if isinstance(r.get("eval"), dict) and "top1" in r["eval"]]) == 2
     for figure in summary["figures"].values():
         with Image.open(figure) as image:
             assert image.size[0] > 300 and image.size[1] > 200

@@ -19,7 +19,7 @@ import torch
 
 from attncache.pipeline.augment.recipe import RecipeDefaults
 from attncache.pipeline.teacher.loading import (TEACHER_CONFIG_FILE, TEACHER_WEIGHTS_FILE, TeacherConfig,  # noqa: F401
-    TeacherError, _seeded_init, _sha256_file, build_model, load_state_dict, parse_model_args, resolve_teacher_config,
+    TeacherError, _create, _seeded_init, _sha256_file, build_model, load_state_dict, parse_model_args, resolve_teacher_config,
     weights_fingerprint)
 from attncache.pipeline.teacher.selection import (DEFAULT_LAYERS_TEXT, check_heads_text, check_layers_text,  # noqa: F401
     default_layers, resolve_heads, resolve_layers, resolve_layers_or_default)
@@ -28,7 +28,7 @@ from attncache.pipeline.teacher.self_check import check_layers, first_failure, p
 
 __all__ = ["DEFAULT_LAYERS_TEXT", "TEACHER_CONFIG_FILE", "TEACHER_WEIGHTS_FILE", "Teacher", "TeacherConfig",
            "TeacherError", "build_model", "check_heads_text", "check_layers_text", "check_supported", "default_layers",
-           "load_state_dict", "model_recipe_defaults", "parse_model_args", "resolve_heads", "resolve_layers",
+           "load_state_dict", "model_recipe_defaults", "named_recipe_defaults", "parse_model_args", "resolve_heads", "resolve_layers",
            "resolve_layers_or_default", "resolve_teacher_config", "weights_fingerprint"]
 
 
@@ -63,6 +63,16 @@ def model_recipe_defaults(model: torch.nn.Module, name: str) -> RecipeDefaults:
     return RecipeDefaults(image_size=height, mean=tuple(data_cfg["mean"]),
                           std=tuple(data_cfg["std"]), crop_pct=float(data_cfg.get("crop_pct", 0.875)),
                           interpolation=str(data_cfg.get("interpolation", "bicubic")))
+
+
+def named_recipe_defaults(name: str, model_args: dict) -> RecipeDefaults:
+    """`model_recipe_defaults` of the timm model `name` built with `model_args`, without its weights:
+    a store records its teacher so (name with tag, arguments), and a student trained from the store
+    takes the eval crop and interpolation the teacher's pretrained config gives, as a run with the
+    teacher online does. Built on the meta device: no memory, no time, no random draws."""
+    with torch.device("meta"):
+        model = _create(TeacherConfig(name, tuple(sorted(model_args.items()))), pretrained=False)
+    return model_recipe_defaults(model, name)
 
 
 class Teacher:

@@ -143,6 +143,16 @@ def learning_curves(runs: dict[str, Path], out: Path, dpi: int = 110) -> Path:
     """Training cross-entropy per step of each run directory (its metrics.jsonl) and, on a second
     axis, its val top-1 at each evaluation (per epoch with `train --eval-every`), the final val top-1
     in the legend; runs without metrics are left out."""
+    import matplotlib.pyplot as plt
+
+    fig = learning_curves_figure(runs)
+    atomic.save_figure(fig, out, dpi=dpi)
+    plt.close(fig)
+    return out
+
+
+def learning_curves_figure(runs: dict[str, Path]):
+    """The figure `learning_curves` writes: axes 0 the cross-entropy, axes 1 (if any run evaluated) val top-1."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -170,6 +180,4 @@ def learning_curves(runs: dict[str, Path], out: Path, dpi: int = 110) -> Path:
         val_ax.set_ylabel("val top-1 % (dashed)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    atomic.save_figure(fig, out, dpi=dpi)
-    plt.close(fig)
-    return out
+    return fig

@@ -15,14 +15,16 @@ from attncache.pipeline.augment.recipe import Recipe, RecipeDefaults, parse_reci
 from attncache.pipeline.train.student import Strategy, TransferContext
 
 
-def eval_recipe_like(train: Recipe, crop_pct: float = RecipeDefaults.crop_pct) -> Recipe:
+def eval_recipe_like(train: Recipe, crop_pct: float = RecipeDefaults.crop_pct,
+                     interpolation: str = RecipeDefaults.interpolation) -> Recipe:
     """The deterministic eval recipe (resize, centre crop, normalize) with the train recipe's size,
     normalisation and interpolation, so a student sees eval images prepared as it was trained;
-    `crop_pct` (resize to size / crop_pct, then crop) is the pretrained config's where the caller
-    knows it (a train recipe does not hold it)."""
+    `crop_pct` (resize to size / crop_pct, then crop) and `interpolation` (for a train recipe with
+    no rrc or resize) are the pretrained config's where the caller knows them (a train recipe does
+    not hold the crop)."""
     ops = {op.name: op.kwargs for op in train.ops}
     norm = ops["normalize"]
-    interp = ops.get("rrc", {}).get("interpolation", "bicubic")
+    interp = ops.get("rrc", ops.get("resize", {})).get("interpolation", interpolation)
     defaults = RecipeDefaults(image_size=int(train.output_size), mean=tuple(norm["mean"]), std=tuple(norm["std"]),
                               crop_pct=float(crop_pct), interpolation=interp if interp != "random" else "bicubic")
     return parse_recipe("eval", defaults)

@@ -36,7 +36,7 @@ from attncache.pipeline.train.distributed import (World, barrier, dump_step, glo
 from attncache.pipeline.train.evaluate import EvalCounts, evaluate_counts
 from attncache.pipeline.train.loader import DEFAULT_INTERLEAVE, StreamConfig, epoch_loader, steps_in_epoch, view_of
 from attncache.pipeline.train.optim import OptimConfig, WeightEma
-from attncache.pipeline.train.run_identity import check_or_write_run, run_id, run_record
+from attncache.pipeline.train.run_identity import check_or_write_run, recorded_eval_recipe, run_id, run_record
 from attncache.pipeline.train.session import (Session, TransferSpec, build_session, eval_stream, infer_num_classes,
     train_stream)
 from attncache.pipeline.train.student import transfer_loss
@@ -224,6 +224,7 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
     out = Path(cfg.out)
     num_classes = cfg.spec.student.num_classes
     session = build_session(cfg.spec, cfg.device, cfg.recipe)
+    session.eval_recipe = recorded_eval_recipe(out, session.eval_recipe)  # a resumed run evaluates as recorded
     stream = train_stream(session, cfg.data, cfg.seed, num_classes, cfg.smoothing, cfg.shuffle_buffer, cfg.views,
                           cfg.interleave)
     evaluation = eval_stream(session, num_classes, cfg.eval_cache, cfg.eval_data)

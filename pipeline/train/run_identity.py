@@ -13,6 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from attncache.pipeline._util.atomic import write_json
+from attncache.pipeline.augment.recipe import Recipe
 from attncache.pipeline.train.checkpoint import CheckpointError, TrainError
 
 SPEC_FILE = "student.json"
@@ -67,6 +68,21 @@ def run_record(spec_json: dict, cfg, recipe_json, eval_recipe=None) -> dict:
     if eval_recipe is not None:
         record["eval_recipe"] = eval_recipe.to_json()
     return record
+
+
+def recorded_eval_recipe(out: Path, own):
+    """The eval recipe a run resumed in `out` evaluates with: the one its student.json recorded, or,
+    for a run recorded before runs from a cache recorded one, None (`eval_recipe_like` of its train
+    recipe, what it evaluated with then and what `evaluate RUN` uses for it); `own` for a new run
+    (and for a student.json that cannot be read: `check_or_write_run` names that)."""
+    path = Path(out) / SPEC_FILE
+    try:
+        saved = json.loads(path.read_bytes())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return own
+    if not isinstance(saved, dict) or "transfer" not in saved:
+        return own
+    return Recipe.from_json(saved["eval_recipe"]) if "eval_recipe" in saved else None
 
 
 def run_id(record: dict) -> str:

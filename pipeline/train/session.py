@@ -5,17 +5,18 @@ online), the recipe, and the data streams.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from attncache.pipeline.augment.recipe import Recipe, parse_recipe
+from attncache.pipeline.augment.recipe import Recipe, RecipeDefaults, parse_recipe
 from attncache.pipeline.data.shards import DataError, expand_shards
 from attncache.pipeline.store.cache import CacheStore
 from attncache.pipeline.store.meta import StoreError
-from attncache.pipeline.teacher.model import (Teacher, TeacherConfig, model_recipe_defaults, resolve_heads,
-    resolve_layers)
+from attncache.pipeline.teacher.model import (Teacher, TeacherConfig, TeacherError, model_recipe_defaults,
+    named_recipe_defaults, resolve_heads, resolve_layers)
 from attncache.pipeline.train.evaluate import check_same_normalisation, eval_recipe_like
 from attncache.pipeline.train.loader import DEFAULT_INTERLEAVE, StreamConfig, cache_stream
 from attncache.pipeline.train.signals import CacheSignal, NoSignal, OnlineSignal, SignalGeometry, check_fit
@@ -110,6 +111,23 @@ def _load_teacher(cfg: TeacherConfig | None, why: str) -> Teacher:
     return Teacher(cfg)
 
 
+def store_teacher_defaults(meta: dict) -> RecipeDefaults:
+    """The pretrained config of the store's teacher, from the name and arguments its metadata
+    records (no weights loaded): a student trained from the store evaluates raw --eval-data with the
+    crop and interpolation its teacher's config gives, as with the teacher online and as
+    `precompute --recipe eval` prepares an eval cache. The recipe's mean and std are the store's
+    own (recorded explicitly). A teacher this timm cannot build falls back to timm's usual crop
+    (0.875), in one line."""
+    name, args = meta["teacher"]["name"], dict(meta["teacher"]["model_args"])
+    try:
+        return named_recipe_defaults(name, args)
+    except TeacherError as exc:
+        fallback = RecipeDefaults(int(meta["recipe"]["output_size"]), (0.5,) * 3, (0.5,) * 3)
+        print(f"attncache: warning: the cache's teacher {name} {args} cannot be built here ({exc}); raw eval images "
+              f"are resized to size / {fallback.crop_pct} (not its pretrained crop_pct)", file=sys.stderr)
+        return fallback
+
+
 def build_session(spec: TransferSpec, device: str, recipe_spec: str = "train", trained: Recipe | None = None,
                   trained_eval: Recipe | None = None) -> Session:
     """Build the student and its teacher signal; refuse a student that does not fit, naming both values.
@@ -150,10 +168,12 @@ def build_session(spec: TransferSpec, device: str, recipe_spec: str = "train", t
         recipe = Recipe.from_json(store.meta["recipe"]["ops"])
         if recipe.output_size != geometry.image_size:
             raise StudentMismatch(f"image size: student {geometry.image_size}, cache recipe {recipe.output_size}")
+        defaults = store_teacher_defaults(store.meta)
+        eval_recipe = eval_recipe_like(recipe, defaults.crop_pct, defaults.interpolation)
     else:
         defaults = teacher.recipe_defaults() if teacher is not None else model_recipe_defaults(model, spec.student.name)
         recipe = parse_recipe(recipe_spec, defaults)
-        eval_recipe = eval_recipe_like(recipe, defaults.crop_pct)
+        eval_recipe = eval_recipe_like(recipe, defaults.crop_pct, defaults.interpolation)
     context = install_transfer(model, layers, mode.strategy, heads)
     return Session(model.to(device), mode, layers, context, signal, recipe, store, teacher, eval_recipe)
 
@@ -191,6 +211,22 @@ def train_stream(session: Session, data: tuple[str, ...], seed: int, num_classes
                         None, smoothing, shuffle_buffer, with_factors=False, interleave=interleave)
 
 
+def note_eval_override(own: Recipe | None, cached: Recipe, eval_cache: str) -> None:
+    """One line when an eval cache prepares its images otherwise (crop, interpolation) than the
+    run's own eval recipe from the teacher's pretrained config: the eval cache's is what is used."""
+    if own is not None and own.to_json() != cached.to_json():
+        print(f"attncache: note: eval cache {eval_cache} prepares images with {_crop_text(cached)}, not the "
+              f"teacher's pretrained eval recipe ({_crop_text(own)}): evaluating with the eval cache's", file=sys.stderr)
+
+
+def _crop_text(recipe: Recipe) -> str:
+    ops = {op.name: op.kwargs for op in recipe.ops}
+    if "resize" not in ops or "center_crop" not in ops:
+        return recipe.describe()
+    return (f"resize to {ops['resize']['size']} ({ops['resize']['interpolation']}), centre crop "
+            f"{ops['center_crop']['size']}")
+
+
 def eval_stream(session: Session, num_classes: int, eval_cache: str | None,
                 eval_data: tuple[str, ...]) -> tuple[StreamConfig, object] | None:
     """The eval split and the teacher signal to evaluate with: an eval cache (its own recipe,
@@ -203,6 +239,7 @@ def eval_stream(session: Session, num_classes: int, eval_cache: str | None,
             check_same_normalisation(session.recipe, recipe, f"eval cache {eval_cache}")
         except ValueError as exc:  # a user error, refused before the first step with both values
             raise StudentMismatch(str(exc)) from None
+        note_eval_override(session.eval_recipe, recipe, eval_cache)
         signal = NoSignal()
         if strategy.uses_teacher_at_eval:
             if session.store is not None and store.meta["teacher"]["weights_sha256"] != \
