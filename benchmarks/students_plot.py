@@ -1,11 +1,14 @@
 """Student top-1 against bytes per sample-view, from a `bench students` output directory.
 
-    .venv/bin/attncache bench students-plot /tmp/stud14/run --out docs/figures/students_vs_bytes_d64
+    .venv/bin/attncache bench students-plot OUT [OUT2 ...] --out docs/figures/students_vs_bytes_d64
 
-Reads OUT/students.json (written by `attncache bench students`) and writes STEM.png (mean +- sample
-std over seeds per distilled arm against its cache's bytes per sample-view, log x; the exact:fp16
-arm as a horizontal band, scratch as a line), STEM.json (the points) and STEM.md (the table, every
-seed). A separate script so the plot can be redrawn from a finished study without re-running it.
+Reads the runs of one or more `attncache bench students` --out directories from their own files
+(each run-*/: student.json, metrics.jsonl; a run cut before its evaluation is left out) and the
+caches' bytes from their students.json, so several invocations (more seeds, more arms) make one
+table. Writes STEM.png (mean +- sample std over seeds per distilled arm against its cache's bytes
+per sample-view, log x; the exact:fp16 arm as a horizontal band, scratch as a line), STEM.json (the
+points and every run) and STEM.md (the table, every seed). A separate script so the plot can be
+redrawn from finished studies without re-running them.
 
 The rule that picks an encoding, printed under the table: the smallest cache whose students are
 within seed noise of exact:fp16, |mean difference| <= the larger of the two sample stds.
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 from pathlib import Path
 
@@ -22,17 +26,61 @@ from attncache.benchmarks import HelpFormatter
 REFERENCE = "exact:fp16"
 
 
-def points(report: dict) -> list[dict]:
+def caches_of(dirs: list[Path]) -> dict[str, dict]:
+    """Real path of each cache named by the dirs' students.json -> its arm spec and bytes per sample-view."""
+    out = {}
+    for d in dirs:
+        path = d / "students.json"
+        if path.exists():
+            for spec, c in json.loads(path.read_text())["caches"].items():
+                out[os.path.realpath(c["path"])] = {"encoding": spec, "bytes_per_sample": c["bytes_per_sample"]}
+    return out
+
+
+def finished_runs(dirs: list[Path], caches: dict[str, dict]) -> list[dict]:
+    """Every evaluated run-*/ of the dirs, read from its own files (student.json, metrics.jsonl), so
+    runs of several `bench students` invocations (other seeds, other arms) join one table. A run that
+    was cut before its evaluation is left out; of two runs of one arm and seed the first dir's is kept."""
+    runs, seen = [], set()
+    for d in dirs:
+        for run in sorted(d.glob("run-*")):
+            if not (run / "student.json").exists() or not (run / "metrics.jsonl").exists():
+                continue
+            record = json.loads((run / "student.json").read_text())
+            rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+            evals = [r for r in rows if "eval" in r]
+            if not evals:
+                continue
+            transfer = record["transfer"]
+            if transfer["mode"] == "scratch":
+                arm, enc = "scratch", None
+            else:
+                enc = caches[os.path.realpath(transfer["cache"])]["encoding"]
+                arm = f"distill {enc}"
+            seed = record["run"]["seed"]
+            if (arm, seed) in seen:
+                continue
+            seen.add((arm, seed))
+            losses = [r["transfer"] for r in rows if r.get("transfer") is not None]
+            runs.append({"arm": arm, "encoding": enc, "seed": seed, "top1": evals[-1]["eval"]["top1"],
+                         "steps": evals[-1]["step"], "threads": record["run"]["threads"], "dir": str(run),
+                         "transfer_first_last": [round(losses[0], 4), round(losses[-1], 4)] if losses else None})
+    return runs
+
+
+def points(runs: list[dict], caches: dict[str, dict]) -> list[dict]:
     """One row per arm: mean, sample std, every seed's top-1, bytes per sample-view (None for scratch), steps."""
+    size = {c["encoding"]: c["bytes_per_sample"] for c in caches.values()}
     rows = []
-    for arm, row in report["table"].items():
-        spec = arm.removeprefix("distill ")
-        runs = sorted((r for r in report["runs"] if r["arm"] == arm), key=lambda r: r["seed"])
-        rows.append({"arm": arm, "encoding": spec if spec in report["caches"] else None,
-                     "bytes_per_sample": report["caches"][spec]["bytes_per_sample"] if spec in report["caches"] else None,
-                     "mean": row["mean"], "std": row["std"], "seeds": [r["seed"] for r in runs],
-                     "top1": [r["top1"] for r in runs], "steps": sorted({r["steps"] for r in runs}),
-                     "transfer_first_last": [r["transfer_first_last"] for r in runs]})
+    for arm in dict.fromkeys(r["arm"] for r in runs):
+        mine = sorted((r for r in runs if r["arm"] == arm), key=lambda r: r["seed"])
+        accs = [r["top1"] for r in mine]
+        enc = mine[0]["encoding"]
+        rows.append({"arm": arm, "encoding": enc, "bytes_per_sample": size.get(enc) if enc else None,
+                     "mean": statistics.mean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                     "seeds": [r["seed"] for r in mine], "top1": accs, "steps": sorted({r["steps"] for r in mine}),
+                     "threads": sorted({r["threads"] for r in mine}),
+                     "transfer_first_last": [r["transfer_first_last"] for r in mine]})
     return rows
 
 
@@ -109,22 +157,24 @@ def plot(rows: list[dict], title: str, out: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog=f"attncache bench {Path(__file__).stem.replace('_', '-')}",
                                      description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("dir", type=Path, help="a `bench students` --out directory (its students.json)")
+    parser.add_argument("dirs", type=Path, nargs="+",
+                        help="`bench students` --out directories (their students.json names the caches, their "
+                             "run-*/ the runs)")
     parser.add_argument("--out", required=True, type=Path, help="path stem for OUT.png, OUT.json, OUT.md")
     parser.add_argument("--title", default=None, help="plot title [default: seeds and steps from the report]")
     args = parser.parse_args(argv)
-    report = json.loads((args.dir / "students.json").read_text())
-    rows = points(report)
+    caches = caches_of(args.dirs)
+    runs = finished_runs(args.dirs, caches)
+    rows = points(runs, caches)
     steps = sorted({s for r in rows for s in r["steps"]})
     seeds = max(len(r["seeds"]) for r in rows)
-    title = args.title or (f"students vs cache bytes: {seeds} seeds, {', '.join(map(str, steps))} steps of "
-                           f"{report['args']['batch_size']}")
+    title = args.title or f"students vs cache bytes: {seeds} seeds, {', '.join(map(str, steps))} steps"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     chosen = pick(rows)
     args.out.with_suffix(".json").write_text(json.dumps(
-        {"source": str(args.dir / "students.json"), "args": report["args"], "rule":
+        {"dirs": [str(d) for d in args.dirs], "rule":
          "smallest encoding with |mean - exact:fp16 mean| <= max(std, exact:fp16 std)",
-         "chosen": chosen and chosen["encoding"], "points": rows}, indent=1))
+         "chosen": chosen and chosen["encoding"], "points": rows, "runs": runs}, indent=1))
     args.out.with_suffix(".md").write_text(table(rows))
     plot(rows, title, args.out.with_suffix(".png"))
     print(table(rows), end="")

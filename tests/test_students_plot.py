@@ -5,34 +5,66 @@ import json
 from attncache.benchmarks import students, students_plot
 
 
-def report() -> dict:
-    caches = {"exact:fp16": {"bytes_per_sample": 91388}, "lowrank:r=8:int8": {"bytes_per_sample": 6128},
-              "lowrank:r=2:int8": {"bytes_per_sample": 2412}, "lowrank:r=8:int8@0": {"bytes_per_sample": 3064}}
-    tops = {"scratch": [51.0, 53.0, 52.0], "distill exact:fp16": [54.0, 55.0, 56.0],
-            "distill lowrank:r=8:int8": [54.0, 55.0, 56.0], "distill lowrank:r=8:int8@0": [53.5, 54.5, 55.5],
-            "distill lowrank:r=2:int8": [51.0, 52.0, 53.0]}
-    runs = [{"arm": arm, "seed": seed, "top1": acc, "steps": 192, "transfer_first_last": None}
-            for arm, accs in tops.items() for seed, acc in enumerate(accs)]
-    table = {arm: {"mean": sum(a) / 3, "std": 1.0, "runs": a} for arm, a in tops.items()}
-    return {"args": {"batch_size": "64"}, "caches": caches, "runs": runs, "table": table}
+TOPS = {"scratch": [51.0, 53.0, 52.0], "exact:fp16": [54.0, 55.0, 56.0], "lowrank:r=8:int8": [54.0, 55.0, 56.0],
+        "lowrank:r=8:int8@0": [53.5, 54.5, 55.5], "lowrank:r=2:int8": [51.0, 52.0, 53.0]}
+BYTES = {"exact:fp16": 91388, "lowrank:r=8:int8": 6128, "lowrank:r=2:int8": 2412, "lowrank:r=8:int8@0": 3064}
 
 
-def test_the_smallest_arm_within_the_larger_std_of_exact_fp16_is_picked():
-    rows = students_plot.points(report())
+def fake_study(root, arms, seeds, with_report=True):
+    """A `bench students` --out dir as the bench leaves it: caches in students.json, one run-*/ per arm and seed."""
+    root.mkdir(parents=True, exist_ok=True)
+    caches = {}
+    for arm in arms:
+        if arm != "scratch":
+            caches[arm] = {"path": str(root.parent / students.cache_name(arm)), "bytes_per_sample": BYTES[arm]}
+    if with_report:
+        (root / "students.json").write_text(json.dumps({"caches": caches}))
+    for arm in arms:
+        for seed in seeds:
+            run = root / f"run-{arm.replace(':', '_')}-s{seed}"
+            run.mkdir()
+            transfer = {"mode": "scratch", "cache": None} if arm == "scratch" else {
+                "mode": "distill", "cache": caches[arm]["path"]}
+            (run / "student.json").write_text(json.dumps({"transfer": transfer, "run": {"seed": seed, "threads": 1}}))
+            lines = [{"step": 10, "transfer": 8.0}, {"step": 192, "transfer": 6.0},
+                     {"step": 192, "eval": {"top1": TOPS[arm][seed]}}]
+            (run / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    return root
+
+
+def two_studies(tmp_path):
+    """Seeds 0-1 of four arms in one dir, seed 2 of those and all seeds of the head subset in another,
+    and a run cut before its evaluation (left out)."""
+    a = fake_study(tmp_path / "a", ["scratch", "exact:fp16", "lowrank:r=8:int8", "lowrank:r=2:int8"], [0, 1])
+    b = fake_study(tmp_path / "b", ["scratch", "exact:fp16", "lowrank:r=8:int8", "lowrank:r=2:int8"], [2])
+    c = fake_study(tmp_path / "c", ["lowrank:r=8:int8@0"], [0, 1, 2])
+    cut = a / "run-cut-s2"
+    cut.mkdir()
+    (cut / "student.json").write_text((a / "run-scratch-s0" / "student.json").read_text())
+    (cut / "metrics.jsonl").write_text('{"step": 10, "loss": 1.0}\n')
+    return [a, b, c]
+
+
+def test_the_smallest_arm_within_the_larger_std_of_exact_fp16_is_picked(tmp_path):
+    dirs = two_studies(tmp_path)
+    caches = students_plot.caches_of(dirs)
+    rows = students_plot.points(students_plot.finished_runs(dirs, caches), caches)
     # r=2 is 3.0 points under (std 1.0): out; the head subset is 0.5 under: in, and smaller than r=8
     assert students_plot.pick(rows)["encoding"] == "lowrank:r=8:int8@0"
     by_arm = {r["arm"]: r for r in rows}
     assert by_arm["scratch"]["bytes_per_sample"] is None and by_arm["scratch"]["top1"] == [51.0, 53.0, 52.0]
+    assert by_arm["scratch"]["seeds"] == [0, 1, 2] and by_arm["distill exact:fp16"]["std"] == 1.0
     assert by_arm["distill lowrank:r=2:int8"]["steps"] == [192]
+    assert by_arm["distill lowrank:r=2:int8"]["transfer_first_last"] == [[8.0, 6.0]] * 3
 
 
 def test_the_plot_command_writes_png_json_and_md(tmp_path):
-    (tmp_path / "students.json").write_text(json.dumps(report()))
-    students_plot.main([str(tmp_path), "--out", str(tmp_path / "fig" / "s")])
+    dirs = two_studies(tmp_path)
+    students_plot.main([*map(str, dirs), "--out", str(tmp_path / "fig" / "s")])
     png = (tmp_path / "fig" / "s.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((tmp_path / "fig" / "s.json").read_text())
-    assert saved["chosen"] == "lowrank:r=8:int8@0" and len(saved["points"]) == 5
+    assert saved["chosen"] == "lowrank:r=8:int8@0" and len(saved["points"]) == 5 and len(saved["runs"]) == 15
     md = (tmp_path / "fig" / "s.md").read_text().splitlines()
     assert md[0].startswith("| arm | bytes / sample-view |") and "seed 2" in md[0]
     assert md[2] == "| scratch | - | - | 51.00 | 53.00 | 52.00 | 52.00 | 1.00 | -3.00 | no |"
