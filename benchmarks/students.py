@@ -53,6 +53,12 @@ def cache_name(spec: str) -> str:
     return f"cache-{enc.replace(':', '_').replace('=', '')}" + (f"-heads{heads}" if heads else "") + ".zarr"
 
 
+def run_name(arm: str, seed: int) -> str:
+    """The run directory of an arm and seed: ('distill lowrank:r=8:int8@0', 1) -> 'run-distill-lowrank_r8_int8-heads0-s1'
+    (a re-run finds it there and resumes it)."""
+    return f"run-{arm.replace(' ', '-').replace(':', '_').replace('=', '').replace('@', '-heads')}-s{seed}"
+
+
 def transfer_losses(run_dir: Path) -> list[float] | None:
     """The transfer loss of the run's first and last logged training steps (metrics.jsonl), or None."""
     path = run_dir / "metrics.jsonl"
@@ -115,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     runs = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         for arm, extra in arms.items():
-            out = args.out / f"run-{arm.replace(' ', '-').replace(':', '_').replace('=', '').replace('@', '-heads')}-s{seed}"
+            out = args.out / run_name(arm, seed)
             started = time.perf_counter()
             summary = json.loads(attncache("train", "--data", args.data, *student, "--out", str(out), "--epochs",
                                            str(args.epochs), "--batch-size", str(args.batch_size), "--lr", args.lr,

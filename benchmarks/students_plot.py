@@ -143,7 +143,7 @@ def plot(rows: list[dict], title: str, out: Path) -> None:
                 yerr=[r["std"] for r in distilled], fmt="o", color="black", capsize=4, ms=5,
                 label="distilled students, mean ± std")
     for i, r in enumerate(distilled):
-        ax.annotate(r["encoding"], (r["bytes_per_sample"], r["mean"]), fontsize=8, rotation=0,
+        ax.annotate(r["encoding"].replace("@", " heads "), (r["bytes_per_sample"], r["mean"]), fontsize=8, rotation=0,
                     xytext=(6, 10 if i % 2 else -14), textcoords="offset points")
     ax.set_xscale("log")
     ax.set(xlabel="cache bytes per sample-view (log)", ylabel="student val top-1 (%)", title=title)

@@ -78,3 +78,6 @@ def test_a_head_subset_arm_names_its_heads_for_precompute_and_train_and_its_own_
     assert students.parse_arm("lowrank:r=8:int8@0+2") == ("lowrank:r=8:int8", "0,2")
     assert students.cache_name("lowrank:r=8:int8") == "cache-lowrank_r8_int8.zarr"
     assert students.cache_name("lowrank:r=8:int8@0+2") == "cache-lowrank_r8_int8-heads0+2.zarr"
+    assert students.run_name("distill lowrank:r=8:int8@0", 1) == "run-distill-lowrank_r8_int8-heads0-s1"
+    assert students.run_name("distill lowrank:r=8:int4:scale=token", 2) == "run-distill-lowrank_r8_int4_scaletoken-s2"
+    assert students.run_name("scratch", 0) == "run-scratch-s0"
