@@ -54,8 +54,8 @@ def cache_name(spec: str) -> str:
 
 
 def run_name(arm: str, seed: int) -> str:
-    """The run directory of an arm and seed: ('distill lowrank:r=8:int8@0', 1) -> 'run-distill-lowrank_r8_int8-heads0-s1'
-    (a re-run finds it there and resumes it)."""
+    """The run directory of an arm and seed: ('distill lowrank:r=8:int8@0', 1) ->
+    'run-distill-lowrank_r8_int8-heads0-s1' (a re-run finds it there and resumes it)."""
     return f"run-{arm.replace(' ', '-').replace(':', '_').replace('=', '').replace('@', '-heads')}-s{seed}"
 
 
