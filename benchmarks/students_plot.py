@@ -128,7 +128,7 @@ def plot(rows: list[dict], title: str, out: Path) -> None:
 
     from attncache.pipeline._util import atomic
 
-    fig, ax = plt.subplots(figsize=(8.5, 5.2))
+    fig, ax = plt.subplots(figsize=(8.5, 5.6))
     reference = next((r for r in rows if r["encoding"] == REFERENCE), None)
     scratch = next((r for r in rows if r["arm"] == "scratch"), None)
     if reference:
@@ -148,7 +148,10 @@ def plot(rows: list[dict], title: str, out: Path) -> None:
     ax.set_xscale("log")
     ax.set(xlabel="cache bytes per sample-view (log)", ylabel="student val top-1 (%)", title=title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    low = min([r["mean"] - r["std"] for r in rows] + [float("inf")])
+    high = max([r["mean"] + r["std"] for r in rows] + [float("-inf")])
+    ax.set_ylim(low - 0.15 * (high - low + 1), high + 0.15 * (high - low + 1))
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3, frameon=False)
     fig.tight_layout()
     atomic.save_figure(fig, str(out), dpi=120)
     plt.close(fig)
