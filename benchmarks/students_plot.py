@@ -102,8 +102,9 @@ def table(rows: list[dict]) -> str:
     reference = next((r for r in rows if r["encoding"] == REFERENCE), None)
     seeds = max((r["seeds"] for r in rows), key=len)
     lines = ["| arm | bytes / sample-view | x smaller than exact:fp16 | "
-             + " | ".join(f"seed {s}" for s in seeds) + " | mean | std | mean - exact:fp16 | within noise |",
-             "|---|---:|---:|" + "---:|" * len(seeds) + "---:|---:|---:|---|"]
+             + " | ".join(f"seed {s}" for s in seeds) + " | mean | std | mean - exact:fp16 | within noise "
+             "| per seed - exact:fp16 (paired: same seed, same batches) |",
+             "|---|---:|---:|" + "---:|" * len(seeds) + "---:|---:|---:|---|---|"]
     for r in sorted(rows, key=lambda r: -(r["bytes_per_sample"] or float("inf"))):
         size = f"{r['bytes_per_sample']:,.0f}" if r["bytes_per_sample"] else "-"
         ratio = (f"{reference['bytes_per_sample'] / r['bytes_per_sample']:.1f}"
@@ -111,8 +112,10 @@ def table(rows: list[dict]) -> str:
         diff = f"{r['mean'] - reference['mean']:+.2f}" if reference else "-"
         noise = ("yes" if within_noise(r, reference) else "no") if reference else "-"
         name = f"`{r['encoding']}`" if r["encoding"] else r["arm"]
+        ref = dict(zip(reference["seeds"], reference["top1"])) if reference else {}
+        paired = " ".join(f"{a - ref[seed]:+.2f}" for seed, a in zip(r["seeds"], r["top1"]) if seed in ref) or "-"
         lines.append(f"| {name} | {size} | {ratio} | " + " | ".join(f"{a:.2f}" for a in r["top1"])
-                     + f" | {r['mean']:.2f} | {r['std']:.2f} | {diff} | {noise} |")
+                     + f" | {r['mean']:.2f} | {r['std']:.2f} | {diff} | {noise} | {paired} |")
     chosen = pick(rows)
     if chosen:
         lines += ["", f"Smallest within seed noise of {REFERENCE} (|mean difference| <= the larger std): "

@@ -67,9 +67,10 @@ def test_the_plot_command_writes_png_json_and_md(tmp_path):
     assert saved["chosen"] == "lowrank:r=8:int8@0" and len(saved["points"]) == 5 and len(saved["runs"]) == 15
     md = (tmp_path / "fig" / "s.md").read_text().splitlines()
     assert md[0].startswith("| arm | bytes / sample-view |") and "seed 2" in md[0]
-    assert md[2] == "| scratch | - | - | 51.00 | 53.00 | 52.00 | 52.00 | 1.00 | -3.00 | no |"
+    assert md[2] == "| scratch | - | - | 51.00 | 53.00 | 52.00 | 52.00 | 1.00 | -3.00 | no | -3.00 -2.00 -4.00 |"
     assert md[3].startswith("| `exact:fp16` | 91,388 | 1.0 | 54.00 | 55.00 | 56.00 | 55.00 | 1.00 | +0.00 | yes |")
-    assert "| `lowrank:r=2:int8` | 2,412 | 37.9 | 51.00 | 52.00 | 53.00 | 52.00 | 1.00 | -3.00 | no |" in md
+    assert ("| `lowrank:r=2:int8` | 2,412 | 37.9 | 51.00 | 52.00 | 53.00 | 52.00 | 1.00 | -3.00 | no "
+            "| -3.00 -3.00 -3.00 |") in md
     assert md[-1].endswith("`lowrank:r=8:int8@0`, 3,064 bytes per sample-view.")
 
 
