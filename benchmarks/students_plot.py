@@ -131,7 +131,7 @@ def plot(rows: list[dict], title: str, out: Path) -> None:
 
     from attncache.pipeline._util import atomic
 
-    fig, ax = plt.subplots(figsize=(8.5, 5.6))
+    fig, ax = plt.subplots(figsize=(12, 5.6))
     reference = next((r for r in rows if r["encoding"] == REFERENCE), None)
     scratch = next((r for r in rows if r["arm"] == "scratch"), None)
     if reference:
@@ -145,9 +145,12 @@ def plot(rows: list[dict], title: str, out: Path) -> None:
     ax.errorbar([r["bytes_per_sample"] for r in distilled], [r["mean"] for r in distilled],
                 yerr=[r["std"] for r in distilled], fmt="o", color="black", capsize=4, ms=5,
                 label="distilled students, mean ± std")
-    for i, r in enumerate(distilled):
-        ax.annotate(r["encoding"].replace("@", " heads "), (r["bytes_per_sample"], r["mean"]), fontsize=8, rotation=0,
-                    xytext=(6, 10 if i % 2 else -14), textcoords="offset points")
+    key = []  # points sit close on a log axis: each is numbered, the numbers are keyed beside the axes
+    for i, r in enumerate(distilled, 1):
+        ax.annotate(str(i), (r["bytes_per_sample"], r["mean"] + r["std"]), fontsize=8, ha="center",
+                    xytext=(0, 4), textcoords="offset points")
+        key.append(f"{i}  {r['encoding'].replace('@', ' heads ')}  ({r['bytes_per_sample']:,.0f} B)")
+    ax.text(1.02, 1.0, "\n".join(key), transform=ax.transAxes, fontsize=8, va="top", family="monospace")
     ax.set_xscale("log")
     ax.set(xlabel="cache bytes per sample-view (log)", ylabel="student val top-1 (%)", title=title)
     ax.grid(True, which="both", alpha=0.3)
