@@ -1,4 +1,4 @@
-"""Benchmark scripts, also run as `attncache bench precompute|precompute-profile|compression|train|students`."""
+"""Benchmark scripts, also run as `attncache bench precompute|precompute-profile|compression|train|students|students-plot`."""
 import argparse
 
 

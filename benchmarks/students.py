@@ -6,15 +6,21 @@
 
 Precomputes one cache per encoding (reused when present: precompute resumes), then trains, for each
 seed, a scratch student and one distilled student per cache, all with the same student, batch,
-steps, recipe and seed, through `attncache train` itself (subprocesses, as users run it). Prints
-and writes (OUT/students.json, OUT/students.md) the top-1 on the val split per run and the mean and
+steps, recipe and seed, through `attncache train` itself (subprocesses, as users run it; a finished
+run directory is resumed, so a re-run with the same options only evaluates it again). Prints and
+writes (OUT/students.json, OUT/students.md) the top-1 on the val split per run and the mean and
 sample standard deviation per arm. The cache's bytes per sample-view are reported beside, and per
 distilled run the transfer loss of its first and last logged steps (did distillation act?).
+
+A head subset is an encoding with `@HEADS` (heads joined by '+'): `lowrank:r=8:int8@0+2` caches only
+heads 0 and 2 (`precompute --heads 0,2`, so its bytes are those of the subset) and its students
+transfer only those heads (`train --heads 0,2`). `bench students-plot OUT` draws top-1 against bytes.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -35,6 +41,24 @@ def attncache(*args: str) -> str:
     return result.stdout
 
 
+def parse_arm(spec: str) -> tuple[str, str | None]:
+    """'ENC' or 'ENC@H+H' -> (encoding, heads as precompute/train take them: 'H,H') ."""
+    enc, _, heads = spec.partition("@")
+    return enc, (",".join(heads.split("+")) if heads else None)
+
+
+def cache_name(spec: str) -> str:
+    """The cache directory of an arm: encoding spelled for a path, then '-headsH+H' for a subset."""
+    enc, _, heads = spec.partition("@")
+    return f"cache-{enc.replace(':', '_').replace('=', '')}" + (f"-heads{heads}" if heads else "") + ".zarr"
+
+
+def run_name(arm: str, seed: int) -> str:
+    """The run directory of an arm and seed: ('distill lowrank:r=8:int8@0', 1) ->
+    'run-distill-lowrank_r8_int8-heads0-s1' (a re-run finds it there and resumes it)."""
+    return f"run-{arm.replace(' ', '-').replace(':', '_').replace('=', '').replace('@', '-heads')}-s{seed}"
+
+
 def transfer_losses(run_dir: Path) -> list[float] | None:
     """The transfer loss of the run's first and last logged training steps (metrics.jsonl), or None."""
     path = run_dir / "metrics.jsonl"
@@ -53,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--teacher", required=True, help="teacher name or directory")
     parser.add_argument("--out", required=True, type=Path, help="directory for caches, runs and the report")
     parser.add_argument("--encodings", default="exact:fp16,lowrank:r=8:int8",
-                        help="comma list of encodings, one cache each")
+                        help="comma list of encodings, one cache each; ENC@H+H caches and transfers heads H only")
     parser.add_argument("--seeds", default="0,1,2", help="comma list of seeds")
     parser.add_argument("--epochs", type=int, default=5, help="epochs per student")
     parser.add_argument("--views", type=int, default=2, help="cached views per cache")
@@ -64,6 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--recipe", default="rrc(scale=(0.35,1.0))|flip|normalize",
                         help="augmentation recipe of caches and scratch students")
     parser.add_argument("--workers", default="1", help="loader workers")
+    parser.add_argument("--ray", default="local", help="precompute's --ray (none: no Ray cluster, in this process)")
+    parser.add_argument("--threads", default="2", help="torch threads of each `attncache train` (its --threads)")
     parser.add_argument("--student-arg", action="append", default=None, metavar="K=V",
                         help="timm argument of the student, repeatable [default: the teacher-sized tiny ViT: "
                              f"{' '.join(STUDENT[3::2])}]")
@@ -74,32 +100,39 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     encodings = [e for e in args.encodings.split(",") if e]
     caches = {}
-    for enc in encodings:
-        cache = args.out / f"cache-{enc.replace(':', '_').replace('=', '')}.zarr"
+    for spec in encodings:
+        enc, heads = parse_arm(spec)
+        cache = args.out / cache_name(spec)
         started = time.perf_counter()
         attncache("precompute", "--data", args.data, "--out", str(cache), "--teacher", args.teacher, "--views",
-                  str(args.views), "--recipe", args.recipe, "--encoding", enc, "--workers", args.workers, "--quiet")
+                  str(args.views), "--recipe", args.recipe, "--encoding", enc, "--workers", args.workers, "--quiet",
+                  "--ray", args.ray, *(["--heads", heads] if heads else []))
         info = json.loads(attncache("inspect", str(cache), "--json"))
-        caches[enc] = {"path": str(cache), "bytes_per_sample": info["bytes_per_sample"],
-                       "precompute_s": round(time.perf_counter() - started, 1)}
-        print(f"cache {enc}: {info['bytes_per_sample']:,.0f} bytes per sample-view", flush=True)
+        caches[spec] = {"path": str(cache), "bytes_per_sample": info["bytes_per_sample"], "heads": heads,
+                        "precompute_s": round(time.perf_counter() - started, 1)}
+        print(f"cache {spec}: {info['bytes_per_sample']:,.0f} bytes per sample-view", flush=True)
     arms = {} if args.no_scratch else {"scratch": ["--mode", "scratch", "--recipe", args.recipe]}
-    for enc, c in caches.items():
-        arms[f"distill {enc}"] = ["--mode", "distill", "--cache", c["path"], "--distill-weight", args.distill_weight]
+    for spec, c in caches.items():
+        arms[f"distill {spec}"] = ["--mode", "distill", "--cache", c["path"], "--distill-weight", args.distill_weight]
         if args.layers:
-            arms[f"distill {enc}"] += ["--layers", args.layers]
+            arms[f"distill {spec}"] += ["--layers", args.layers]
+        if c["heads"]:
+            arms[f"distill {spec}"] += ["--heads", c["heads"]]
     runs = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         for arm, extra in arms.items():
-            out = args.out / f"run-{arm.replace(' ', '-').replace(':', '_').replace('=', '')}-s{seed}"
+            out = args.out / run_name(arm, seed)
             started = time.perf_counter()
             summary = json.loads(attncache("train", "--data", args.data, *student, "--out", str(out), "--epochs",
                                            str(args.epochs), "--batch-size", str(args.batch_size), "--lr", args.lr,
                                            "--warmup-epochs", "1", "--seed", str(seed), "--eval-data", args.val,
-                                           "--workers", args.workers, "--quiet", "--json", *extra).splitlines()[-1])
+                                           "--workers", args.workers, "--threads", args.threads, "--quiet", "--json",
+                                           *extra).splitlines()[-1])
             transfer = transfer_losses(out)
             runs.append({"arm": arm, "seed": seed, "top1": summary["eval"]["top1"], "steps": summary["steps"],
-                         "seconds": round(time.perf_counter() - started, 1), "transfer_first_last": transfer})
+                         "seconds": round(time.perf_counter() - started, 1), "transfer_first_last": transfer,
+                         "finished_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+                         "load_1min": round(os.getloadavg()[0], 2)})
             print(f"seed {seed} {arm}: top1 {summary['eval']['top1']:.2f} ({summary['steps']} steps, transfer loss "
                   f"{transfer})", flush=True)
     table = {}
@@ -111,8 +144,8 @@ def main(argv: list[str] | None = None) -> None:
     (args.out / "students.json").write_text(json.dumps(report, indent=1))
     lines = ["| arm | top-1 mean | std | runs | cache bytes per sample-view |", "|---|---:|---:|---|---:|"]
     for arm, row in table.items():
-        enc = arm.removeprefix("distill ")
-        size = f"{caches[enc]['bytes_per_sample']:,.0f}" if enc in caches else "-"
+        spec = arm.removeprefix("distill ")
+        size = f"{caches[spec]['bytes_per_sample']:,.0f}" if spec in caches else "-"
         lines.append(f"| {arm} | {row['mean']:.2f} | {row['std']:.2f} | "
                      f"{', '.join(f'{a:.2f}' for a in row['runs'])} | {size} |")
     (args.out / "students.md").write_text("\n".join(lines) + "\n")
