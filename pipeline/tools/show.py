@@ -16,6 +16,7 @@ from attncache.pipeline._util.atomic import read_jsonl
 from attncache.pipeline.augment.recipe import Recipe
 from attncache.pipeline.data.shards import decode_sample, iter_shard
 from attncache.pipeline.store.cache import CacheStore
+from attncache.pipeline.store.layout import UnitData
 
 
 def find_key(store: CacheStore, key: str, view: int) -> tuple[int, int]:
@@ -61,11 +62,12 @@ def attention_maps(store: CacheStore, view: int, slot: int, query: str) -> np.nd
     """[L, H, gh, gw] attention over patch tokens from the chosen query, from the unit's checked bytes
     (`read_verified_unit`: a damaged unit is refused, not drawn)."""
     shard_index, position = divmod(slot, store.slots_per_shard)
-    data = store.read_verified_unit(view, shard_index)
-    return maps_of(store, {n: a[position:position + 1] for n, a in data.factors.items()}, query)
+    return maps_of(store, store.read_verified_unit(view, shard_index), position, query)
 
 
-def maps_of(store: CacheStore, factors: dict[str, np.ndarray], query: str) -> np.ndarray:
+def maps_of(store: CacheStore, data: UnitData, position: int, query: str) -> np.ndarray:
+    """`attention_maps` of the sample at `position` of a unit already read (`read_verified_unit`)."""
+    factors = {n: a[position:position + 1] for n, a in data.factors.items()}
     logits = store.encoding.decode(factors, "logits", store.meta["teacher"]["scale"])[0]
     attn = logits.softmax(dim=-1)  # [L, H, N, N]
     prefix = store.meta["tokens"]["num_prefix_tokens"]
@@ -104,7 +106,7 @@ def figure(store: CacheStore, key: str, view: int, layers: list[int], heads: lis
     shard_index, position = find_key(store, key, view)
     data = store.read_verified_unit(view, shard_index)  # the image's parameters and its maps, checked
     image = replayed_image(store, shard_index, position, data.aug[position])
-    maps = maps_of(store, {n: a[position:position + 1] for n, a in data.factors.items()}, query)
+    maps = maps_of(store, data, position, query)
     stored_layers = store.meta["layers"]
     rows = [stored_layers.index(l) for l in layers]
     cols = list(range(maps.shape[1])) if heads is None else [store.meta["heads"].index(h) for h in heads]
