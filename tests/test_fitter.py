@@ -43,17 +43,27 @@ def test_subspace_kl_is_the_eighs_within_tolerance_on_trained_attention(trained_
         assert new <= old * KL_TOLERANCE + 1e-12, (rank, old, new)
 
 
-def test_subspace_fit_is_bit_identical_across_runs_and_thread_counts(noisy_qk):
-    q, k = noisy_qk
+def fits_at(thread_counts, fit):
+    """`fit()` once at each torch thread count, with the count seen right after each call; the
+    caller's count is restored."""
     before = torch.get_num_threads()
     try:
         outs = []
-        for threads in (2, 2, 1):
+        for threads in thread_counts:
             torch.set_num_threads(threads)
-            outs.append(fit_factors(q, k, 32 ** -0.5, 4, top_singular_subspace))
+            outs.append((fit(), torch.get_num_threads()))
+        return outs
     finally:
         torch.set_num_threads(before)
-    assert all(torch.equal(x, y) for out in outs[1:] for x, y in zip(outs[0], out))
+
+
+def same_bits(outs) -> bool:
+    return all(torch.equal(x, y) for (out, _) in outs[1:] for x, y in zip(outs[0][0], out))
+
+
+def test_subspace_fit_is_bit_identical_across_runs_and_thread_counts(noisy_qk):
+    q, k = noisy_qk
+    assert same_bits(fits_at((2, 2, 1), lambda: fit_factors(q, k, 32 ** -0.5, 4, top_singular_subspace)))
 
 
 def test_subspace_solves_the_top_pairs_of_a_core_with_a_clear_gap():
@@ -81,17 +91,11 @@ def test_the_stores_fitter_gives_the_same_bits_at_every_thread_count_and_gives_t
     from attncache.pipeline.encodings.finite import NonFiniteValues
 
     q, k = noisy_qk
-    before = torch.get_num_threads()
-    try:
-        outs = []
-        for threads in (2, 1, 2):
-            torch.set_num_threads(threads)
-            outs.append(fit_factors(q, k, 32 ** -0.5, 4))
-            assert torch.get_num_threads() == threads
-        torch.set_num_threads(2)
+    outs = fits_at((2, 1, 2), lambda: fit_factors(q, k, 32 ** -0.5, 4))
+    assert [after for _, after in outs] == [2, 1, 2]
+    assert same_bits(outs)
+
+    def refused():
         with pytest.raises(NonFiniteValues):
             fit_factors(q * 1e30, k, 32 ** -0.5, 4)
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)
-    assert all(torch.equal(x, y) for out in outs[1:] for x, y in zip(outs[0], out))
+    assert [after for _, after in fits_at((2,), refused)] == [2]
