@@ -21,6 +21,7 @@ from attncache.pipeline.encodings.spec import parse_encoding
 from attncache.pipeline.store.layout import factor_arrays
 
 from tests.assets.encoding_pins import PLATFORM, SPECS, fingerprint
+from tests.assets.machine_pins import check
 
 PINNED = json.loads((Path(__file__).parent / "assets" / "encoding_pins.json").read_text())
 PINS = PINNED["pins"]
@@ -46,7 +47,7 @@ def test_encoded_and_decoded_arrays_are_the_pinned_bits(spec):
         assert got["encoded"] == pin["encoded"]
     if PLATFORM != PINNED["platform"]:
         pytest.skip(f"BLAS/LAPACK results pinned on {PINNED['platform']}, this is {PLATFORM}")
-    assert got["encoded"] == pin["encoded"] and got["decoded"] == pin["decoded"]
+    check(f"encoding/{spec}", [got["encoded"], got["decoded"]], [pin["encoded"], pin["decoded"]])
 
 
 @dataclass(frozen=True)

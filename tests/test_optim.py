@@ -15,6 +15,8 @@ from attncache.pipeline.train.optim import OptimConfig, WarmupCosine, WeightEma,
 from attncache.pipeline.train.student import StudentConfig, build_student
 from attncache.pipeline.train.update import Updater
 
+from tests.assets.machine_pins import check
+
 ARGS = (("depth", 4), ("embed_dim", 64), ("img_size", 32), ("num_heads", 4), ("patch_size", 8))
 NO_DECAY = {"cls_token", "pos_embed", "patch_embed.proj.bias", "norm.weight", "norm.bias", "head.bias"} | {
     f"blocks.{i}.{n}" for i in range(4) for n in ("norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias",
@@ -90,9 +92,8 @@ def test_a_few_steps_give_the_pinned_lrs_weights_and_ema(settings):
         group_lrs.append([(g["lr"], lr * g["lr_scale"]) for g in updater.optimizer.param_groups])
     assert lrs == LRS
     assert all(have == want for step in group_lrs for have, want in step)  # every group at lr x its lr_scale
-    weights, ema = PINS[settings]
-    assert _digest(model.state_dict()) == weights
-    assert (_digest(updater.ema.state) if updater.ema is not None else None) == ema
+    check(f"optim/{settings}", [_digest(model.state_dict()),
+                                _digest(updater.ema.state) if updater.ema is not None else None], list(PINS[settings]))
 
 
 @pytest.mark.parametrize("lr,min_lr", [(1e-3, 1e-6), (2e-3, 1e-5), (1.5e-3, 0.0)])

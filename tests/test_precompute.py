@@ -22,6 +22,8 @@ from attncache.pipeline.store.cache import CacheStore
 from attncache.pipeline.store.checks import inspect_store, verify_store
 from attncache.pipeline.store.meta import StoreError
 from attncache.pipeline.teacher.model import Teacher, TeacherConfig
+
+from tests.assets.machine_pins import check
 from attncache.pipeline.tools.recompute import recompute_check
 from attncache.storage_schema import SchemaError
 
@@ -397,5 +399,5 @@ def test_every_layer_store_is_byte_identical_to_the_old_default_and_the_default_
         assert np.array_equal(part, full[:, :1] if name in names else full), name
     if torch.__version__ != OLD_DEFAULT_PIN["torch"]:
         pytest.skip(f"the byte pin was recorded with torch {OLD_DEFAULT_PIN['torch']} (cache id includes it)")
-    assert every.meta["cache_id"] == OLD_DEFAULT_PIN["cache_id"]
-    assert _views_sha256(tmp_path / "all.zarr") == OLD_DEFAULT_PIN["views_sha256"]
+    check("precompute/old_default_cache_id", every.meta["cache_id"], OLD_DEFAULT_PIN["cache_id"])  # the teacher's digest is in it
+    check("precompute/old_default_views_sha256", _views_sha256(tmp_path / "all.zarr"), OLD_DEFAULT_PIN["views_sha256"])

@@ -1,0 +1,44 @@
+"""Bit pins of float work whose last bits depend on the CPU (MKL picks its kernels by vendor and ISA).
+
+The pins written in the tests were made on the project's first machine kind; machine_pins.json adds
+the bits measured on other kinds (2026-12-02: an AMD EPYC with AVX-512, where MKL's float64 LAPACK,
+the fixture teacher's weights and the optimiser's float work end in other bits), keyed by what
+/proc/cpuinfo says the CPU is. Every comparison is bit-exact against a measured result. To pin a new kind, run the pinned tests once with
+ATTNCACHE_RECORD_MACHINE_PINS=1 on it (a deliberate, reviewed act, as for the first kind's pins).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+FILE = Path(__file__).with_name("machine_pins.json")
+
+
+def _cpu() -> str:
+    fields = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            k, _, v = line.partition(":")
+            fields.setdefault(k.strip(), v.strip())
+    except OSError:
+        pass
+    return f"{fields.get('vendor_id', '?')} {fields.get('model name', '?')}"
+
+
+KEY = f"{platform.machine()} {_cpu()}"
+PINS = json.loads(FILE.read_text()) if FILE.exists() else {}
+
+
+def check(name: str, got, first) -> None:
+    """Assert `got` is the exact result one known machine kind gives for `name`: the first kind's pin
+    `first` or one recorded in machine_pins.json. A change of the code's bits gives neither (the CPU
+    strings of two kinds can be alike, so the kind is not trusted to say which one applies)."""
+    if os.environ.get("ATTNCACHE_RECORD_MACHINE_PINS") == "1":
+        pins = json.loads(FILE.read_text()) if FILE.exists() else {}
+        pins.setdefault(KEY, {})[name] = got
+        FILE.write_text(json.dumps(pins, indent=1, sort_keys=True) + "\n")
+        return
+    known = [first] + [kind[name] for kind in PINS.values() if name in kind]
+    assert got in known, f"{name} on {KEY}: {got} is none of the known machine kinds' bits {known}"
