@@ -2,7 +2,7 @@
 
     .venv/bin/attncache bench students --data 'DIR/train-{000000..000007}.tar' --val DIR/val-000000.tar \\
         --teacher TEACHER_DIR --out OUT [--encodings exact:fp16,lowrank:r=8:int8] [--seeds 0,1,2] \\
-        [--epochs 5] [--views 2] [--recipe 'rrc(scale=(0.35,1.0))|flip|normalize'] [--student-arg K=V ...]
+        [--epochs 5] [--views 2] [--modes distill,copy] [--recipe 'rrc(scale=(0.35,1.0))|flip|normalize'] [--student-arg K=V ...]
 
 Precomputes one cache per encoding (reused when present: precompute resumes), then trains, for each
 seed, a scratch student and one distilled student per cache, all with the same student, batch,
@@ -11,6 +11,12 @@ run directory is resumed, so a re-run with the same options only evaluates it ag
 writes (OUT/students.json, OUT/students.md) the top-1 on the val split per run and the mean and
 sample standard deviation per arm. The cache's bytes per sample-view are reported beside, and per
 distilled run the transfer loss of its first and last logged steps (did distillation act?).
+
+`--modes distill,copy` adds, per cache, copy students (`train --mode copy`: the student's transferred
+layers use the decoded teacher maps in their forward, so the encoding error enters the forward, not
+only a loss). A copy student is evaluated with the teacher's maps of the val images too: per encoding
+the bench precomputes an eval cache of the val split (`--recipe eval`, one view, same layers and
+heads) and passes it as `train --eval-cache`.
 
 A head subset is an encoding with `@HEADS` (heads joined by '+'): `lowrank:r=8:int8@0+2` caches only
 heads 0 and 2 (`precompute --heads 0,2`, so its bytes are those of the subset) and its students
@@ -47,10 +53,39 @@ def parse_arm(spec: str) -> tuple[str, str | None]:
     return enc, (",".join(heads.split("+")) if heads else None)
 
 
-def cache_name(spec: str) -> str:
-    """The cache directory of an arm: encoding spelled for a path, then '-headsH+H' for a subset."""
+MODES = ("distill", "copy")
+
+
+def cache_name(spec: str, split: str = "train") -> str:
+    """The cache directory of an arm: encoding spelled for a path, then '-headsH+H' for a subset, and
+    '-val' for the eval cache of the val split (copy students)."""
     enc, _, heads = spec.partition("@")
-    return f"cache-{enc.replace(':', '_').replace('=', '')}" + (f"-heads{heads}" if heads else "") + ".zarr"
+    return (f"cache-{enc.replace(':', '_').replace('=', '')}" + (f"-heads{heads}" if heads else "")
+            + ("-val" if split == "val" else "") + ".zarr")
+
+
+def parse_modes(text: str) -> list[str]:
+    """'distill,copy' -> ['distill', 'copy']; an unknown or empty list is refused before any work."""
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise SystemExit(f"--modes: {text!r}: give a comma list of {', '.join(MODES)}")
+    return list(dict.fromkeys(modes))
+
+
+def arm_args(mode: str, cache: dict, layers: str | None, distill_weight: str) -> list[str]:
+    """`attncache train` options of one transfer arm: its mode, cache (and eval cache for copy),
+    transferred layers and heads."""
+    args = ["--mode", mode, "--cache", cache["path"]]
+    if mode == "distill":
+        args += ["--distill-weight", distill_weight]
+    else:
+        args += ["--eval-cache", cache["eval_path"]]
+    if layers:
+        args += ["--layers", layers]
+    if cache["heads"]:
+        args += ["--heads", cache["heads"]]
+    return args
 
 
 def run_name(arm: str, seed: int) -> str:
@@ -94,7 +129,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="timm argument of the student, repeatable [default: the teacher-sized tiny ViT: "
                              f"{' '.join(STUDENT[3::2])}]")
     parser.add_argument("--no-scratch", action="store_true", help="skip the scratch arm")
+    parser.add_argument("--modes", default="distill",
+                        help="comma list of transfer modes per cache: distill, copy (copy also caches the val split)")
     args = parser.parse_args(argv)
+    modes = parse_modes(args.modes)
     student = STUDENT if not args.student_arg else [STUDENT[0], STUDENT[1]] + [
         x for kv in args.student_arg for x in ("--student-arg", kv)]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -106,26 +144,31 @@ def main(argv: list[str] | None = None) -> None:
         started = time.perf_counter()
         attncache("precompute", "--data", args.data, "--out", str(cache), "--teacher", args.teacher, "--views",
                   str(args.views), "--recipe", args.recipe, "--encoding", enc, "--workers", args.workers, "--quiet",
-                  "--ray", args.ray, *(["--heads", heads] if heads else []))
+                  "--ray", args.ray, *(["--heads", heads] if heads else []),
+                  *(["--layers", args.layers] if args.layers else []))
         info = json.loads(attncache("inspect", str(cache), "--json"))
         caches[spec] = {"path": str(cache), "bytes_per_sample": info["bytes_per_sample"], "heads": heads,
                         "precompute_s": round(time.perf_counter() - started, 1)}
+        if "copy" in modes:
+            val = args.out / cache_name(spec, "val")
+            attncache("precompute", "--data", args.val, "--out", str(val), "--teacher", args.teacher, "--views", "1",
+                      "--recipe", "eval", "--encoding", enc, "--workers", args.workers, "--quiet", "--ray", args.ray,
+                      *(["--heads", heads] if heads else []), *(["--layers", args.layers] if args.layers else []))
+            caches[spec]["eval_path"] = str(val)
         print(f"cache {spec}: {info['bytes_per_sample']:,.0f} bytes per sample-view", flush=True)
     arms = {} if args.no_scratch else {"scratch": ["--mode", "scratch", "--recipe", args.recipe]}
     for spec, c in caches.items():
-        arms[f"distill {spec}"] = ["--mode", "distill", "--cache", c["path"], "--distill-weight", args.distill_weight]
-        if args.layers:
-            arms[f"distill {spec}"] += ["--layers", args.layers]
-        if c["heads"]:
-            arms[f"distill {spec}"] += ["--heads", c["heads"]]
+        for mode in modes:
+            arms[f"{mode} {spec}"] = arm_args(mode, c, args.layers, args.distill_weight)
     runs = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         for arm, extra in arms.items():
             out = args.out / run_name(arm, seed)
             started = time.perf_counter()
+            evaluation = [] if "--eval-cache" in extra else ["--eval-data", args.val]
             summary = json.loads(attncache("train", "--data", args.data, *student, "--out", str(out), "--epochs",
                                            str(args.epochs), "--batch-size", str(args.batch_size), "--lr", args.lr,
-                                           "--warmup-epochs", "1", "--seed", str(seed), "--eval-data", args.val,
+                                           "--warmup-epochs", "1", "--seed", str(seed), *evaluation,
                                            "--workers", args.workers, "--threads", args.threads, "--quiet", "--json",
                                            *extra).splitlines()[-1])
             transfer = transfer_losses(out)
@@ -144,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     (args.out / "students.json").write_text(json.dumps(report, indent=1))
     lines = ["| arm | top-1 mean | std | runs | cache bytes per sample-view |", "|---|---:|---:|---|---:|"]
     for arm, row in table.items():
-        spec = arm.removeprefix("distill ")
+        spec = arm.partition(" ")[2]
         size = f"{caches[spec]['bytes_per_sample']:,.0f}" if spec in caches else "-"
         lines.append(f"| {arm} | {row['mean']:.2f} | {row['std']:.2f} | "
                      f"{', '.join(f'{a:.2f}' for a in row['runs'])} | {size} |")

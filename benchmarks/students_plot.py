@@ -52,17 +52,18 @@ def finished_runs(dirs: list[Path], caches: dict[str, dict]) -> list[dict]:
             if not evals:
                 continue
             transfer = record["transfer"]
-            if transfer["mode"] == "scratch":
+            mode = transfer["mode"]
+            if mode == "scratch":
                 arm, enc = "scratch", None
             else:
                 enc = caches[os.path.realpath(transfer["cache"])]["encoding"]
-                arm = f"distill {enc}"
+                arm = f"{mode} {enc}"
             seed = record["run"]["seed"]
             if (arm, seed) in seen:
                 continue
             seen.add((arm, seed))
             losses = [r["transfer"] for r in rows if r.get("transfer") is not None]
-            runs.append({"arm": arm, "encoding": enc, "seed": seed, "top1": evals[-1]["eval"]["top1"],
+            runs.append({"arm": arm, "mode": mode, "encoding": enc, "seed": seed, "top1": evals[-1]["eval"]["top1"],
                          "steps": evals[-1]["step"], "threads": record["run"]["threads"], "dir": str(run),
                          "transfer_first_last": [round(losses[0], 4), round(losses[-1], 4)] if losses else None})
     return runs
@@ -76,7 +77,7 @@ def points(runs: list[dict], caches: dict[str, dict]) -> list[dict]:
         mine = sorted((r for r in runs if r["arm"] == arm), key=lambda r: r["seed"])
         accs = [r["top1"] for r in mine]
         enc = mine[0]["encoding"]
-        rows.append({"arm": arm, "encoding": enc, "bytes_per_sample": size.get(enc) if enc else None,
+        rows.append({"arm": arm, "mode": mine[0]["mode"], "encoding": enc, "bytes_per_sample": size.get(enc) if enc else None,
                      "mean": statistics.mean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                      "seeds": [r["seed"] for r in mine], "top1": accs, "steps": sorted({r["steps"] for r in mine}),
                      "threads": sorted({r["threads"] for r in mine}),
@@ -89,37 +90,71 @@ def within_noise(row: dict, reference: dict) -> bool:
     return abs(row["mean"] - reference["mean"]) <= max(row["std"], reference["std"])
 
 
-def pick(rows: list[dict]) -> dict | None:
-    """The smallest distilled arm within seed noise of exact:fp16 (None without that arm)."""
-    reference = next((r for r in rows if r["encoding"] == REFERENCE), None)
+def reference_of(rows: list[dict], mode: str) -> dict | None:
+    """The exact:fp16 arm of a transfer mode: each mode's arms are measured against their own."""
+    return next((r for r in rows if r["encoding"] == REFERENCE and r["mode"] == mode), None)
+
+
+def modes_of(rows: list[dict]) -> list[str]:
+    return list(dict.fromkeys(r["mode"] for r in rows if r["encoding"]))
+
+
+def pick(rows: list[dict], mode: str = "distill") -> dict | None:
+    """The smallest arm of a transfer mode within seed noise of that mode's exact:fp16 (None without it)."""
+    reference = reference_of(rows, mode)
     if reference is None:
         return None
-    fits = [r for r in rows if r["encoding"] and within_noise(r, reference)]
+    fits = [r for r in rows if r["encoding"] and r["mode"] == mode and within_noise(r, reference)]
     return min(fits, key=lambda r: r["bytes_per_sample"])
 
 
+def pick_all(rows: list[dict]) -> dict | None:
+    """The smallest encoding within seed noise of exact:fp16 in every transfer mode measured: what a
+    default must satisfy (None when some mode has no exact:fp16 arm)."""
+    modes = modes_of(rows)
+    references = {m: reference_of(rows, m) for m in modes}
+    if not modes or None in references.values():
+        return None
+    by_enc = {}
+    for r in rows:
+        if r["encoding"]:
+            by_enc.setdefault(r["encoding"], {})[r["mode"]] = r
+    fits = [arms[modes[0]] for arms in by_enc.values()
+            if all(m in arms and within_noise(arms[m], references[m]) for m in modes)]
+    return min(fits, key=lambda r: r["bytes_per_sample"]) if fits else None
+
+
 def table(rows: list[dict]) -> str:
-    reference = next((r for r in rows if r["encoding"] == REFERENCE), None)
     seeds = max((r["seeds"] for r in rows), key=len)
     lines = ["| arm | bytes / sample-view | x smaller than exact:fp16 | "
              + " | ".join(f"seed {s}" for s in seeds) + " | mean | std | mean - exact:fp16 | within noise "
              "| per seed - exact:fp16 (paired: same seed, same batches) |",
              "|---|---:|---:|" + "---:|" * len(seeds) + "---:|---:|---:|---|---|"]
-    for r in sorted(rows, key=lambda r: -(r["bytes_per_sample"] or float("inf"))):
+    modes = modes_of(rows)
+    for r in sorted(rows, key=lambda r: (modes.index(r["mode"]) if r["mode"] in modes else -1,
+                                         -(r["bytes_per_sample"] or float("inf")))):
+        # scratch is compared with the first mode's exact:fp16, a transfer arm with its own mode's
+        reference = reference_of(rows, r["mode"] if r["encoding"] else (modes or ["distill"])[0])
         size = f"{r['bytes_per_sample']:,.0f}" if r["bytes_per_sample"] else "-"
         ratio = (f"{reference['bytes_per_sample'] / r['bytes_per_sample']:.1f}"
                  if reference and r["bytes_per_sample"] else "-")
         diff = f"{r['mean'] - reference['mean']:+.2f}" if reference else "-"
         noise = ("yes" if within_noise(r, reference) else "no") if reference else "-"
-        name = f"`{r['encoding']}`" if r["encoding"] else r["arm"]
+        name = (f"{r['mode']} `{r['encoding']}`" if len(modes) > 1 else f"`{r['encoding']}`") if r["encoding"] \
+            else r["arm"]
         ref = dict(zip(reference["seeds"], reference["top1"])) if reference else {}
         paired = " ".join(f"{a - ref[seed]:+.2f}" for seed, a in zip(r["seeds"], r["top1"]) if seed in ref) or "-"
         lines.append(f"| {name} | {size} | {ratio} | " + " | ".join(f"{a:.2f}" for a in r["top1"])
                      + f" | {r['mean']:.2f} | {r['std']:.2f} | {diff} | {noise} | {paired} |")
-    chosen = pick(rows)
-    if chosen:
-        lines += ["", f"Smallest within seed noise of {REFERENCE} (|mean difference| <= the larger std): "
-                      f"`{chosen['encoding']}`, {chosen['bytes_per_sample']:,.0f} bytes per sample-view."]
+    for mode in modes:
+        chosen = pick(rows, mode)
+        if chosen:
+            lines += ["", f"Smallest within seed noise of {REFERENCE}" + (f" ({mode})" if len(modes) > 1 else "")
+                      + f" (|mean difference| <= the larger std): `{chosen['encoding']}`, "
+                      f"{chosen['bytes_per_sample']:,.0f} bytes per sample-view."]
+    if len(modes) > 1 and (both := pick_all(rows)):
+        lines += ["", f"Smallest within seed noise in every mode ({', '.join(modes)}): `{both['encoding']}`, "
+                      f"{both['bytes_per_sample']:,.0f} bytes per sample-view."]
     return "\n".join(lines) + "\n"
 
 
@@ -132,24 +167,31 @@ def plot(rows: list[dict], title: str, out: Path) -> None:
     from attncache.pipeline._util import atomic
 
     fig, ax = plt.subplots(figsize=(12, 5.6))
-    reference = next((r for r in rows if r["encoding"] == REFERENCE), None)
     scratch = next((r for r in rows if r["arm"] == "scratch"), None)
-    if reference:
-        ax.axhspan(reference["mean"] - reference["std"], reference["mean"] + reference["std"], color="tab:blue",
-                   alpha=0.15, label=f"{REFERENCE} mean ± std")
-        ax.axhline(reference["mean"], color="tab:blue", lw=1)
+    colours = {"distill": ("tab:blue", "o"), "copy": ("tab:green", "s"), "copy_q": ("tab:purple", "^")}
+    modes = modes_of(rows)
     if scratch:
         ax.axhline(scratch["mean"], color="tab:red", ls="--", lw=1.2,
                    label=f"scratch (no teacher) {scratch['mean']:.1f} ± {scratch['std']:.1f}")
-    distilled = sorted((r for r in rows if r["encoding"]), key=lambda r: r["bytes_per_sample"])
-    ax.errorbar([r["bytes_per_sample"] for r in distilled], [r["mean"] for r in distilled],
-                yerr=[r["std"] for r in distilled], fmt="o", color="black", capsize=4, ms=5,
-                label="distilled students, mean ± std")
     key = []  # points sit close on a log axis: each is numbered, the numbers are keyed beside the axes
-    for i, r in enumerate(distilled, 1):
-        ax.annotate(str(i), (r["bytes_per_sample"], r["mean"] + r["std"]), fontsize=8, ha="center",
-                    xytext=(0, 4), textcoords="offset points")
-        key.append(f"{i}  {r['encoding'].replace('@', ' heads ')}  ({r['bytes_per_sample']:,.0f} B)")
+    encodings = sorted({r["encoding"] for r in rows if r["encoding"]},
+                       key=lambda e: next(r["bytes_per_sample"] for r in rows if r["encoding"] == e))
+    for i, enc in enumerate(encodings, 1):
+        size = next(r["bytes_per_sample"] for r in rows if r["encoding"] == enc)
+        key.append(f"{i}  {enc.replace('@', ' heads ')}  ({size:,.0f} B)")
+    for mode in modes:
+        colour, marker = colours.get(mode, ("black", "o"))
+        reference = reference_of(rows, mode)
+        if reference:
+            ax.axhspan(reference["mean"] - reference["std"], reference["mean"] + reference["std"], color=colour,
+                       alpha=0.12, label=f"{mode} {REFERENCE} mean ± std")
+            ax.axhline(reference["mean"], color=colour, lw=1)
+        mine = sorted((r for r in rows if r["encoding"] and r["mode"] == mode), key=lambda r: r["bytes_per_sample"])
+        ax.errorbar([r["bytes_per_sample"] for r in mine], [r["mean"] for r in mine], yerr=[r["std"] for r in mine],
+                    fmt=marker, color=colour, capsize=4, ms=5, label=f"{mode} students, mean ± std")
+        for r in mine:
+            ax.annotate(str(encodings.index(r["encoding"]) + 1), (r["bytes_per_sample"], r["mean"] + r["std"]),
+                        fontsize=8, ha="center", xytext=(0, 4), textcoords="offset points")
     ax.text(1.02, 1.0, "\n".join(key), transform=ax.transAxes, fontsize=8, va="top", family="monospace")
     ax.set_xscale("log")
     ax.set(xlabel="cache bytes per sample-view (log)", ylabel="student val top-1 (%)", title=title)
@@ -179,11 +221,13 @@ def main(argv: list[str] | None = None) -> None:
     seeds = max(len(r["seeds"]) for r in rows)
     title = args.title or f"students vs cache bytes: {seeds} seeds, {', '.join(map(str, steps))} steps"
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    chosen = pick(rows)
+    chosen = pick_all(rows)
     args.out.with_suffix(".json").write_text(json.dumps(
         {"dirs": [str(d) for d in args.dirs], "rule":
-         "smallest encoding with |mean - exact:fp16 mean| <= max(std, exact:fp16 std)",
-         "chosen": chosen and chosen["encoding"], "points": rows, "runs": runs}, indent=1))
+         "smallest encoding with |mean - exact:fp16 mean| <= max(std, exact:fp16 std) in every transfer mode",
+         "chosen": chosen and chosen["encoding"],
+         "chosen_per_mode": {m: (c := pick(rows, m)) and c["encoding"] for m in modes_of(rows)},
+         "points": rows, "runs": runs}, indent=1))
     args.out.with_suffix(".md").write_text(table(rows))
     plot(rows, title, args.out.with_suffix(".png"))
     print(table(rows), end="")

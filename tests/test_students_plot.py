@@ -2,6 +2,8 @@
 head-subset arms (`ENC@H+H`) and their cache names."""
 import json
 
+import pytest
+
 from attncache.benchmarks import students, students_plot
 
 
@@ -10,7 +12,7 @@ TOPS = {"scratch": [51.0, 53.0, 52.0], "exact:fp16": [54.0, 55.0, 56.0], "lowran
 BYTES = {"exact:fp16": 91388, "lowrank:r=8:int8": 6128, "lowrank:r=2:int8": 2412, "lowrank:r=8:int8@0": 3064}
 
 
-def fake_study(root, arms, seeds, with_report=True):
+def fake_study(root, arms, seeds, with_report=True, mode="distill", tops=TOPS):
     """A `bench students` --out dir as the bench leaves it: caches in students.json, one run-*/ per arm and seed."""
     root.mkdir(parents=True, exist_ok=True)
     caches = {}
@@ -21,13 +23,13 @@ def fake_study(root, arms, seeds, with_report=True):
         (root / "students.json").write_text(json.dumps({"caches": caches}))
     for arm in arms:
         for seed in seeds:
-            run = root / f"run-{arm.replace(':', '_')}-s{seed}"
+            run = root / f"run-{mode}-{arm.replace(':', '_')}-s{seed}"
             run.mkdir()
             transfer = {"mode": "scratch", "cache": None} if arm == "scratch" else {
-                "mode": "distill", "cache": caches[arm]["path"]}
+                "mode": mode, "cache": caches[arm]["path"]}
             (run / "student.json").write_text(json.dumps({"transfer": transfer, "run": {"seed": seed, "threads": 1}}))
             lines = [{"step": 10, "transfer": 8.0}, {"step": 192, "transfer": 6.0},
-                     {"step": 192, "eval": {"top1": TOPS[arm][seed]}}]
+                     {"step": 192, "eval": {"top1": tops[arm][seed]}}]
             (run / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     return root
 
@@ -40,7 +42,7 @@ def two_studies(tmp_path):
     c = fake_study(tmp_path / "c", ["lowrank:r=8:int8@0"], [0, 1, 2])
     cut = a / "run-cut-s2"
     cut.mkdir()
-    (cut / "student.json").write_text((a / "run-scratch-s0" / "student.json").read_text())
+    (cut / "student.json").write_text((a / "run-distill-scratch-s0" / "student.json").read_text())
     (cut / "metrics.jsonl").write_text('{"step": 10, "loss": 1.0}\n')
     return [a, b, c]
 
@@ -82,3 +84,57 @@ def test_a_head_subset_arm_names_its_heads_for_precompute_and_train_and_its_own_
     assert students.run_name("distill lowrank:r=8:int8@0", 1) == "run-distill-lowrank_r8_int8-heads0-s1"
     assert students.run_name("distill lowrank:r=8:int4:scale=token", 2) == "run-distill-lowrank_r8_int4_scaletoken-s2"
     assert students.run_name("scratch", 0) == "run-scratch-s0"
+
+
+COPY_TOPS = {"exact:fp16": [60.0, 61.0, 62.0], "lowrank:r=8:int8": [60.0, 61.5, 61.0],
+             "lowrank:r=2:int8": [57.0, 58.0, 56.0]}
+
+
+def test_copy_arms_are_measured_against_copy_exact_fp16_and_a_default_must_fit_every_mode(tmp_path):
+    """r=2 is within seed noise of exact:fp16 for distilled students and 4 points under it for copy
+    students: each mode's own pick differs, and the one for every mode is the larger r=8."""
+    tops = dict(TOPS, **{"lowrank:r=2:int8": [54.0, 55.0, 56.5]})
+    d = fake_study(tmp_path / "d", ["scratch", "exact:fp16", "lowrank:r=8:int8", "lowrank:r=2:int8"], [0, 1, 2],
+                   tops=tops)
+    c = fake_study(tmp_path / "c", ["exact:fp16", "lowrank:r=8:int8", "lowrank:r=2:int8"], [0, 1, 2], mode="copy",
+                   tops=COPY_TOPS)
+    caches = students_plot.caches_of([d, c])
+    rows = students_plot.points(students_plot.finished_runs([d, c], caches), caches)
+    by_arm = {r["arm"]: r for r in rows}
+    assert set(by_arm) == {"scratch", "distill exact:fp16", "distill lowrank:r=8:int8", "distill lowrank:r=2:int8",
+                           "copy exact:fp16", "copy lowrank:r=8:int8", "copy lowrank:r=2:int8"}
+    assert by_arm["copy exact:fp16"]["top1"] == [60.0, 61.0, 62.0] and by_arm["copy exact:fp16"]["mode"] == "copy"
+    assert students_plot.pick(rows, "distill")["encoding"] == "lowrank:r=2:int8"
+    assert students_plot.pick(rows, "copy")["encoding"] == "lowrank:r=8:int8"
+    assert students_plot.pick_all(rows)["encoding"] == "lowrank:r=8:int8"
+    students_plot.main([str(d), str(c), "--out", str(tmp_path / "fig" / "s")])
+    saved = json.loads((tmp_path / "fig" / "s.json").read_text())
+    assert saved["chosen"] == "lowrank:r=8:int8"
+    assert saved["chosen_per_mode"] == {"distill": "lowrank:r=2:int8", "copy": "lowrank:r=8:int8"}
+    md = (tmp_path / "fig" / "s.md").read_text()
+    # a copy arm's difference is to copy exact:fp16 (61.0), not to distill's (55.0)
+    assert "| copy `lowrank:r=2:int8` | 2,412 | 37.9 | 57.00 | 58.00 | 56.00 | 57.00 | 1.00 | -4.00 | no |" in md
+    assert md.rstrip().endswith("Smallest within seed noise in every mode (distill, copy): `lowrank:r=8:int8`, "
+                                "6,128 bytes per sample-view.")
+
+
+def test_a_mode_without_its_exact_fp16_arm_chooses_nothing(tmp_path):
+    d = fake_study(tmp_path / "d", ["exact:fp16", "lowrank:r=8:int8"], [0, 1, 2])
+    c = fake_study(tmp_path / "c", ["lowrank:r=8:int8"], [0, 1, 2], mode="copy", tops=COPY_TOPS)
+    caches = students_plot.caches_of([d, c])
+    rows = students_plot.points(students_plot.finished_runs([d, c], caches), caches)
+    assert students_plot.pick(rows, "copy") is None and students_plot.pick_all(rows) is None
+
+
+def test_copy_arms_train_with_the_eval_cache_of_the_val_split_and_modes_are_checked():
+    cache = {"path": "c.zarr", "eval_path": "c-val.zarr", "heads": "0,2"}
+    assert students.arm_args("copy", cache, None, "3.0") == ["--mode", "copy", "--cache", "c.zarr", "--eval-cache",
+                                                             "c-val.zarr", "--heads", "0,2"]
+    assert students.arm_args("distill", cache, "0:3", "3.0") == ["--mode", "distill", "--cache", "c.zarr",
+                                                                 "--distill-weight", "3.0", "--layers", "0:3",
+                                                                 "--heads", "0,2"]
+    assert students.cache_name("lowrank:r=2:int4@0+1", "val") == "cache-lowrank_r2_int4-heads0+1-val.zarr"
+    assert students.parse_modes("distill, copy,copy") == ["distill", "copy"]
+    for bad in ("", "copy,finetune", ","):
+        with pytest.raises(SystemExit, match="--modes"):
+            students.parse_modes(bad)
