@@ -2,8 +2,9 @@
 
 The pins written in the tests were made on the project's first machine kind; machine_pins.json adds
 the bits measured on other kinds (2026-12-02: an AMD EPYC with AVX-512, where MKL's float64 LAPACK,
-the fixture teacher's weights and the optimiser's float work end in other bits), keyed by what
-/proc/cpuinfo says the CPU is; only bits that differ from the first kind's are kept. Every comparison
+the fixture teacher's weights and the optimiser's float work end in other bits; an AMD EPYC with
+AVX2 only, where the old default store's factor bytes do), keyed by what /proc/cpuinfo says the CPU
+is and its widest vector ISA; only bits that differ from the first kind's are kept. Every comparison
 is bit-exact against a measured result. To pin a new kind, run the pinned tests once on it with
 ATTNCACHE_RECORD_MACHINE_PINS=1: each new result is written and its test fails (a recording run is
 never green), so the file changes only by a reviewed commit, as the first kind's pins did.
@@ -26,7 +27,11 @@ def _cpu() -> str:
             fields.setdefault(k.strip(), v.strip())
     except OSError:
         pass
-    return f"{fields.get('vendor_id', '?')} {fields.get('model name', '?')}"
+    # a virtual machine may name only the brand ("AMD EPYC") for CPUs of several generations whose
+    # kernels differ; the widest vector ISA tells them apart (MKL dispatches on it)
+    flags = set(fields.get("flags", "").split())
+    isa = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "other"
+    return f"{fields.get('vendor_id', '?')} {fields.get('model name', '?')} {isa}"
 
 
 KEY = f"{platform.machine()} {_cpu()}"
