@@ -21,7 +21,7 @@ class Precompute:
     views: int = 1
     recipe: str = "train"
     layers: str | None = None
-    encoding: str = "lowrank:r=8:int8"
+    encoding: str = "lowrank:r=2:int4"
     compression: str = "zstd:3"
     batch_size: int = 64
     workers: int = 2
@@ -81,7 +81,7 @@ class Plan:
     """pipeline.tools.plan.PlanConfig."""
     views: int = 1
     layers: str | None = None
-    encoding: str = "lowrank:r=8:int8"
+    encoding: str = "lowrank:r=2:int4"
     compression: str = "zstd:3"
     compression_factor: str = "none"
     recipe: str = "train"
@@ -106,7 +106,7 @@ class Repro:
     jobs: int = 1
     batch_size: int = 128
     lr: float = 2e-3
-    encoding: str = "lowrank:r=8:int8"
+    encoding: str = "lowrank:r=2:int4"
     device: str = "cpu"
 
 

@@ -31,7 +31,7 @@ def base():
 
 def test_help_lists_every_option_with_its_default():
     text = CliRunner().invoke(cli, ["plan", "--help"]).output
-    assert "Usage:" in text and "default: lowrank:r=8:int8" in text and "default: zstd:3" in text
+    assert "Usage:" in text and "default: lowrank:r=2:int4" in text and "default: zstd:3" in text
     for option in ("--samples", "--views", "--layers", "--heads", "--encoding", "--compression-factor", "--mode",
                    "--images-per-s", "--recipe", "--key-bytes", "--batch-size", "--measure-batches", "--threads",
                    "--device", "--json"):
@@ -152,7 +152,8 @@ def test_default_layers_are_precomputes_all_but_the_last_three_and_plan_says_so(
     args = [*[a if a != "depth=4" else f"depth={depth}" for a in TINY], "--samples", 10, "--images-per-s", 5]
     p = _json(*args)
     assert p["layers"] == layers and "default 0:-3" in p["layers_source"] and "--layers :" in p["layers_source"]
-    assert p["factor_bytes_per_sample"] == 2 * len(layers) * 4 * 17 * (8 + 2)  # the default lowrank:r=8:int8
+    # the default lowrank:r=2:int4: a (token, head) row of each factor is 2 int4 values (1 byte) and an fp16 scale
+    assert p["factor_bytes_per_sample"] == 2 * len(layers) * 4 * 17 * (1 + 2)
     assert f"layers {layers} (default 0:-3" in _plan(*args).stdout
     given = _json(*args, "--layers", ":")
     assert given["layers"] == list(range(depth)) and given["layers_source"] == "given: --layers :"

@@ -381,12 +381,14 @@ def _views_sha256(store) -> str:
 
 def test_every_layer_store_is_byte_identical_to_the_old_default_and_the_default_is_0_to_minus_3(tmp_path):
     """Default layers: all but the last 3 (those a default student transfers), and their factors are
-    the every-layer store's first slots exactly; `layers=":"` writes the old default store's bytes."""
+    the every-layer store's first slots exactly; `layers=":"` with `lowrank:r=8:int8` (the default
+    encoding until 2026-12-02) writes the old default store's bytes."""
     from attncache.pipeline.studies.synth import SynthConfig, synth_dataset
 
     info = synth_dataset(tmp_path / "d", num_train=0, num_val=64, config=SynthConfig(image_size=32, num_classes=4),
                          shard_size=64, seed=0)
-    job = dict(data=(info["val"],), teacher=DEEP_TEACHER, views=1, batch_size=32, workers=0, threads=1, progress=False)
+    job = dict(data=(info["val"],), teacher=DEEP_TEACHER, views=1, batch_size=32, workers=0, threads=1, progress=False,
+               encoding="lowrank:r=8:int8")
     run_precompute(PrecomputeConfig(out=str(tmp_path / "all.zarr"), layers=":", **job))
     run_precompute(PrecomputeConfig(out=str(tmp_path / "default.zarr"), **job))
     every, default = CacheStore.open(tmp_path / "all.zarr"), CacheStore.open(tmp_path / "default.zarr")

@@ -47,7 +47,7 @@ class ReproConfig:
     batch_size: int = 128
     lr: float = 2e-3
     distill_weight: float = 3.0
-    encoding: str = "lowrank:r=8:int8"
+    encoding: str = "lowrank:r=2:int4"
     groups: tuple[str, ...] = ("main", "teachers", "views", "layers", "heads", "shift")
     device: str = "cpu"
     workers: int = 1
