@@ -1,7 +1,7 @@
 """Student accuracy at equal steps: scratch against attention distillation from caches, several seeds.
 
     .venv/bin/attncache bench students --data 'DIR/train-{000000..000007}.tar' --val DIR/val-000000.tar \\
-        --teacher TEACHER_DIR --out OUT [--encodings exact:fp16,lowrank:r=8:int8] [--seeds 0,1,2] \\
+        --teacher TEACHER_DIR --out OUT [--encodings exact:fp16,lowrank:r=2:int4] [--seeds 0,1,2] \\
         [--epochs 5] [--views 2] [--modes distill,copy] [--recipe 'rrc(scale=(0.35,1.0))|flip|normalize'] [--student-arg K=V ...]
 
 Precomputes one cache per encoding (reused when present: precompute resumes), then trains, for each
@@ -15,8 +15,9 @@ distilled run the transfer loss of its first and last logged steps (did distilla
 `--modes distill,copy` adds, per cache, copy students (`train --mode copy`: the student's transferred
 layers use the decoded teacher maps in their forward, so the encoding error enters the forward, not
 only a loss). A copy student is evaluated with the teacher's maps of the val images too: per encoding
-the bench precomputes an eval cache of the val split (`--recipe eval`, one view, same layers and
-heads) and passes it as `train --eval-cache`.
+the bench precomputes an eval cache of the val split (`--recipe eval`, one view, precompute's
+default layers, as the train cache) and passes it as `train --eval-cache`. Copy modes transfer whole
+layers, so a head-subset arm (`@H+H`) with `--modes ...copy...` is refused before any work.
 
 A head subset is an encoding with `@HEADS` (heads joined by '+'): `lowrank:r=8:int8@0+2` caches only
 heads 0 and 2 (`precompute --heads 0,2`, so its bytes are those of the subset) and its students
@@ -34,6 +35,9 @@ import time
 from pathlib import Path
 
 from attncache.benchmarks import HelpFormatter
+from attncache.cli.defaults import Precompute  # the help's defaults, without importing torch
+
+DEFAULT_ENCODING = Precompute.encoding
 
 BIN = Path(sys.executable).parent
 STUDENT = ["--student", "vit_tiny_patch16_224", "--student-arg", "img_size=32", "--student-arg", "patch_size=4",
@@ -111,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val", required=True, help="val shards")
     parser.add_argument("--teacher", required=True, help="teacher name or directory")
     parser.add_argument("--out", required=True, type=Path, help="directory for caches, runs and the report")
-    parser.add_argument("--encodings", default="exact:fp16,lowrank:r=8:int8",
+    parser.add_argument("--encodings", default=f"exact:fp16,{DEFAULT_ENCODING}",
                         help="comma list of encodings, one cache each; ENC@H+H caches and transfers heads H only")
     parser.add_argument("--seeds", default="0,1,2", help="comma list of seeds")
     parser.add_argument("--epochs", type=int, default=5, help="epochs per student")
@@ -119,7 +123,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=128, help="student batch size")
     parser.add_argument("--lr", default="2e-3", help="peak learning rate")
     parser.add_argument("--distill-weight", default="3.0", help="weight of the attention loss")
-    parser.add_argument("--layers", default=None, help="Transferred layers [default: trainer's, all but last 3].")
+    parser.add_argument("--layers", default=None,
+                        help="Transferred layers, given to `train` (caches hold precompute's default layers, all but "
+                             "the last 3) [default: trainer's, all but last 3].")
     parser.add_argument("--recipe", default="rrc(scale=(0.35,1.0))|flip|normalize",
                         help="augmentation recipe of caches and scratch students")
     parser.add_argument("--workers", default="1", help="loader workers")
@@ -133,6 +139,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="comma list of transfer modes per cache: distill, copy (copy also caches the val split)")
     args = parser.parse_args(argv)
     modes = parse_modes(args.modes)
+    if "copy" in modes and (subsets := [e for e in args.encodings.split(",") if "@" in e]):
+        raise SystemExit(f"--modes copy: copy students transfer whole layers; drop the head-subset arms "
+                         f"{', '.join(subsets)} or run them with --modes distill")
     student = STUDENT if not args.student_arg else [STUDENT[0], STUDENT[1]] + [
         x for kv in args.student_arg for x in ("--student-arg", kv)]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -144,8 +153,7 @@ def main(argv: list[str] | None = None) -> None:
         started = time.perf_counter()
         attncache("precompute", "--data", args.data, "--out", str(cache), "--teacher", args.teacher, "--views",
                   str(args.views), "--recipe", args.recipe, "--encoding", enc, "--workers", args.workers, "--quiet",
-                  "--ray", args.ray, *(["--heads", heads] if heads else []),
-                  *(["--layers", args.layers] if args.layers else []))
+                  "--ray", args.ray, *(["--heads", heads] if heads else []))
         info = json.loads(attncache("inspect", str(cache), "--json"))
         caches[spec] = {"path": str(cache), "bytes_per_sample": info["bytes_per_sample"], "heads": heads,
                         "precompute_s": round(time.perf_counter() - started, 1)}
@@ -153,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
             val = args.out / cache_name(spec, "val")
             attncache("precompute", "--data", args.val, "--out", str(val), "--teacher", args.teacher, "--views", "1",
                       "--recipe", "eval", "--encoding", enc, "--workers", args.workers, "--quiet", "--ray", args.ray,
-                      *(["--heads", heads] if heads else []), *(["--layers", args.layers] if args.layers else []))
+                      *(["--heads", heads] if heads else []))
             caches[spec]["eval_path"] = str(val)
         print(f"cache {spec}: {info['bytes_per_sample']:,.0f} bytes per sample-view", flush=True)
     arms = {} if args.no_scratch else {"scratch": ["--mode", "scratch", "--recipe", args.recipe]}

@@ -5,13 +5,15 @@
 Reads the runs of one or more `attncache bench students` --out directories from their own files
 (each run-*/: student.json, metrics.jsonl; a run cut before its evaluation is left out) and the
 caches' bytes from their students.json, so several invocations (more seeds, more arms) make one
-table. Writes STEM.png (mean +- sample std over seeds per distilled arm against its cache's bytes
-per sample-view, log x; the exact:fp16 arm as a horizontal band, scratch as a line), STEM.json (the
-points and every run) and STEM.md (the table, every seed). A separate script so the plot can be
-redrawn from finished studies without re-running them.
+table. Writes STEM.png (mean +- sample std over seeds per transfer arm against its cache's bytes
+per sample-view, log x, one colour per transfer mode; each mode's exact:fp16 arm as a horizontal
+band, scratch as a line), STEM.json (the points and every run) and STEM.md (the table, every seed).
+A separate script so the plot can be redrawn from finished studies without re-running them.
 
 The rule that picks an encoding, printed under the table: the smallest cache whose students are
-within seed noise of exact:fp16, |mean difference| <= the larger of the two sample stds.
+within seed noise of exact:fp16 of the same transfer mode, |mean difference| <= the larger of the
+two sample stds; with several modes, also the smallest within noise in every mode (what a default
+must satisfy). Bytes are looked up by encoding name: join only directories of one teacher.
 """
 from __future__ import annotations
 
@@ -95,8 +97,14 @@ def reference_of(rows: list[dict], mode: str) -> dict | None:
     return next((r for r in rows if r["encoding"] == REFERENCE and r["mode"] == mode), None)
 
 
+ORDER = ("distill", "copy", "copy_q", "copy_k", "distill_q", "distill_k")
+
+
 def modes_of(rows: list[dict]) -> list[str]:
-    return list(dict.fromkeys(r["mode"] for r in rows if r["encoding"]))
+    """The transfer modes of the rows, distill first (scratch is compared with the first one's
+    exact:fp16), whatever order the run directories were read in."""
+    found = set(r["mode"] for r in rows if r["encoding"])
+    return sorted(found, key=lambda m: (ORDER.index(m) if m in ORDER else len(ORDER), m))
 
 
 def pick(rows: list[dict], mode: str = "distill") -> dict | None:

@@ -106,7 +106,7 @@ for _name, _module, _summary in (
         ("precompute-profile", "attncache.benchmarks.precompute_profile", "Where precompute time goes, per stage."),
         ("compression", "attncache.benchmarks.compression", "Bytes saved against CPU seconds spent, per compressor and encoding."),
         ("train", "attncache.benchmarks.train", "Student steps/s: scratch, distill from the cache, distill online."),
-        ("students", "attncache.benchmarks.students", "Student accuracy: scratch against distillation per encoding, seeds."),
+        ("students", "attncache.benchmarks.students", "Student accuracy: scratch against distilled (and copy) students per encoding, seeds."),
         ("students-plot", "attncache.benchmarks.students_plot", "Student top-1 against cache bytes, from a `bench students` directory."),
         ("loader", "attncache.benchmarks.loader", "Images/s one loader worker delivers (decode, replay, factor reads), 32 and 224 px."),
         ("compare-embedded", "attncache.benchmarks.compare_embedded", "The README's compare figure from real runs on the embedded data.")):

@@ -46,7 +46,8 @@ class Fidelity:
 # pipeline.tools.fidelity.DEFAULT_GRID
 FIDELITY_GRID = ("exact:fp16", "exact:fp8", "exact:int8", "exact:int4", "lowrank:r=32:fp16", "lowrank:r=32:int8",
                  "lowrank:r=16:fp16", "lowrank:r=16:int8", "lowrank:r=8:fp16", "lowrank:r=8:int8", "lowrank:r=4:fp16",
-                 "lowrank:r=4:int8", "lowrank:r=16:fp8", "lowrank:r=16:int4", "lowrank:r=8:fp8", "lowrank:r=8:int4")
+                 "lowrank:r=4:int8", "lowrank:r=16:fp8", "lowrank:r=16:int4", "lowrank:r=8:fp8", "lowrank:r=8:int4",
+                 "lowrank:r=2:int4")
 
 
 @dataclass(frozen=True)

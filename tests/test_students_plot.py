@@ -128,8 +128,8 @@ def test_a_mode_without_its_exact_fp16_arm_chooses_nothing(tmp_path):
 
 def test_copy_arms_train_with_the_eval_cache_of_the_val_split_and_modes_are_checked():
     cache = {"path": "c.zarr", "eval_path": "c-val.zarr", "heads": "0,2"}
-    assert students.arm_args("copy", cache, None, "3.0") == ["--mode", "copy", "--cache", "c.zarr", "--eval-cache",
-                                                             "c-val.zarr", "--heads", "0,2"]
+    assert students.arm_args("copy", dict(cache, heads=None), "0:3", "3.0") == [
+        "--mode", "copy", "--cache", "c.zarr", "--eval-cache", "c-val.zarr", "--layers", "0:3"]
     assert students.arm_args("distill", cache, "0:3", "3.0") == ["--mode", "distill", "--cache", "c.zarr",
                                                                  "--distill-weight", "3.0", "--layers", "0:3",
                                                                  "--heads", "0,2"]
@@ -138,3 +138,24 @@ def test_copy_arms_train_with_the_eval_cache_of_the_val_split_and_modes_are_chec
     for bad in ("", "copy,finetune", ","):
         with pytest.raises(SystemExit, match="--modes"):
             students.parse_modes(bad)
+
+
+def test_copy_with_a_head_subset_arm_is_refused_before_any_cache_is_made(tmp_path):
+    with pytest.raises(SystemExit, match="copy students transfer whole layers.*lowrank:r=8:int8@0"):
+        students.main(["--data", "x.tar", "--val", "v.tar", "--teacher", "t", "--out", str(tmp_path / "o"),
+                       "--modes", "distill,copy", "--encodings", "exact:fp16,lowrank:r=8:int8@0"])
+    assert not (tmp_path / "o").exists()
+
+
+def test_one_directory_of_both_modes_compares_scratch_with_distill_exact_fp16(tmp_path):
+    """run-copy-* sorts before run-distill-*: the mode order is distill first all the same."""
+    d = fake_study(tmp_path / "d", ["scratch", "exact:fp16", "lowrank:r=8:int8"], [0, 1, 2])
+    fake_study(tmp_path / "c", ["exact:fp16", "lowrank:r=8:int8"], [0, 1, 2], mode="copy", tops=COPY_TOPS)
+    for run in (tmp_path / "c").glob("run-*"):
+        run.rename(d / run.name)
+    caches = students_plot.caches_of([d, tmp_path / "c"])
+    rows = students_plot.points(students_plot.finished_runs([d], caches), caches)
+    assert students_plot.modes_of(rows) == ["distill", "copy"]
+    md = students_plot.table(rows)
+    assert "| scratch | - | - | 51.00 | 53.00 | 52.00 | 52.00 | 1.00 | -3.00 | no |" in md
+    assert md.index("distill `exact:fp16`") < md.index("copy `exact:fp16`")
