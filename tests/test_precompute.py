@@ -171,6 +171,25 @@ def test_resume_with_other_settings_is_refused_naming_the_field(synth_data, tmp_
         run_precompute(_config(synth_data["val"], tmp_path / "x.zarr", seed=1))
 
 
+def test_a_store_of_the_old_default_encoding_rerun_with_the_new_default_says_how_to_resume(synth_data, tmp_path):
+    """lowrank:r=8:int8 was the default until 2026-12-02: re-running such a store's command without
+    --encoding is refused, names the flag that resumes it, and leaves every byte as it was."""
+    out = tmp_path / "old.zarr"
+    run_precompute(_config(synth_data["val"], out, views=1))
+    before = _all_files(out)
+    rerun = dict(_config(synth_data["val"], out, views=1).__dict__)
+    del rerun["encoding"]  # the user's command gave none: the default now is another encoding
+    with pytest.raises(StoreError, match=r"encoding: store has .*To resume this store, give --encoding "
+                                         r"lowrank:r=8:int8\. Use another --out"):
+        run_precompute(PrecomputeConfig(**rerun))
+    assert _all_files(out) == before
+    with pytest.raises(StoreError) as other:  # more than the encoding differs: no --encoding hint
+        run_precompute(_config(synth_data["val"], out, views=1, encoding="exact:fp16", seed=1))
+    assert "To resume" not in str(other.value)
+    resumed = run_precompute(_config(synth_data["val"], out, views=1))  # the hint's command: resumes, writes nothing
+    assert resumed.units_processed == 0 and resumed.units_already_done > 0 and _all_files(out) == before
+
+
 def test_unknown_schema_version_and_invalid_metadata_raise_clear_errors(synth_data, tmp_path):
     out = tmp_path / "m.zarr"
     run_precompute(_config(synth_data["val"], out, views=1))

@@ -30,7 +30,12 @@ def require_same_job(path: str, old: dict, new: dict) -> None:
         diffs.append("dataset")
     if diffs:
         detail = "; ".join(f"{f}: store has {_short(old.get(f))}, this run has {_short(new.get(f))}" for f in diffs)
-        raise StoreError(f"{redact(path)} holds a different cache ({detail}). Use another --out, or delete the store.")
+        # a store made under an earlier default encoding is resumed by naming it: say how
+        resume = (f" To resume this store, give --encoding {old['encoding']['spec']}."
+                  if diffs == ["encoding"] and isinstance(old.get("encoding"), dict) and old["encoding"].get("spec")
+                  else "")
+        raise StoreError(f"{redact(path)} holds a different cache ({detail}).{resume} Use another --out, or delete "
+                         "the store.")
 
 
 def _short(value) -> str:
