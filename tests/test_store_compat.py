@@ -73,6 +73,7 @@ def test_a_store_made_before_the_restructure_opens_resumes_verifies_and_trains_i
     _run(["data", "synth", data, "--num-train", 64, "--num-val", 16, "--image-size", 32, "--shard-size", 16,
           "--seed", 3])
     job = ["precompute", "--data", data / "train-{000000..000003}.tar", *TEACHER, "--views", 2, "--layers", ":",
+           "--encoding", "lowrank:r=8:int8",  # the old tree's default; both trees are given it (the default changed)
            "--batch-size", 16, "--workers", 0, "--threads", 1, "--ray", "none", "--quiet"]
     _run([*job, "--out", tmp_path / "old.zarr"], old_tree=old)
     _run([*job, "--out", tmp_path / "new.zarr"])
