@@ -35,9 +35,7 @@ import time
 from pathlib import Path
 
 from attncache.benchmarks import HelpFormatter
-from attncache.cli.defaults import Precompute  # the help's defaults, without importing torch
-
-DEFAULT_ENCODING = Precompute.encoding
+from attncache.pipeline.encodings.default import DEFAULT_ENCODING  # imports nothing: the help stays torch-free
 
 BIN = Path(sys.executable).parent
 STUDENT = ["--student", "vit_tiny_patch16_224", "--student-arg", "img_size=32", "--student-arg", "patch_size=4",

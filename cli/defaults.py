@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from attncache.pipeline._util.runtime import default_threads
+from attncache.pipeline.encodings.default import DEFAULT_ENCODING  # imports nothing
 
 
 @dataclass(frozen=True)
@@ -21,7 +22,7 @@ class Precompute:
     views: int = 1
     recipe: str = "train"
     layers: str | None = None
-    encoding: str = "lowrank:r=2:int4"
+    encoding: str = DEFAULT_ENCODING
     compression: str = "zstd:3"
     batch_size: int = 64
     workers: int = 2
@@ -82,7 +83,7 @@ class Plan:
     """pipeline.tools.plan.PlanConfig."""
     views: int = 1
     layers: str | None = None
-    encoding: str = "lowrank:r=2:int4"
+    encoding: str = DEFAULT_ENCODING
     compression: str = "zstd:3"
     compression_factor: str = "none"
     recipe: str = "train"
@@ -107,7 +108,7 @@ class Repro:
     jobs: int = 1
     batch_size: int = 128
     lr: float = 2e-3
-    encoding: str = "lowrank:r=2:int4"
+    encoding: str = DEFAULT_ENCODING
     device: str = "cpu"
 
 

@@ -6,18 +6,11 @@ Parsing goes through `registry`; importing the family modules here registers eve
 from __future__ import annotations
 
 from attncache.pipeline.encodings import exact, lowrank  # noqa: F401  (they register "exact", "lowrank")
+from attncache.pipeline.encodings.default import DEFAULT_ENCODING  # precompute's and plan's; why: `default`
 from attncache.pipeline.encodings.protocol import Encoding
 from attncache.pipeline.encodings.registry import parse
 
 __all__ = ["DEFAULT_ENCODING", "Encoding", "encoding_from_json", "parse_encoding"]
-
-# The default of `precompute` and `plan`, chosen by students, not by KL alone (BENCHMARKS.md, "Which
-# encoding" and the students-against-bytes probes): the smallest encoding whose students were within
-# seed noise of exact:fp16 on both probed teachers (head dim 64 and 24, distilled) and with copied
-# maps (d = 24), over 3 seeds each. It is 42.5x smaller than exact:fp16 on a 197-token ViT-S (`plan`)
-# and 2.04 TB for the ViT-L / ImageNet-1K plan with 4 views (lowrank:r=8:int8, the default until
-# 2026-12-02, was 12.8x and 6.79 TB). Old stores name their encoding in their metadata and still read.
-DEFAULT_ENCODING = "lowrank:r=2:int4"
 
 
 def parse_encoding(spec: str) -> Encoding:

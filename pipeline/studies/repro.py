@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from attncache.pipeline._util import atomic
+from attncache.pipeline.encodings.default import DEFAULT_ENCODING
 from attncache.pipeline.studies.pretrain import TINY_VIT
 
 RECIPE = "rrc(scale=(0.35,1.0))|flip|normalize"
@@ -47,7 +48,7 @@ class ReproConfig:
     batch_size: int = 128
     lr: float = 2e-3
     distill_weight: float = 3.0
-    encoding: str = "lowrank:r=2:int4"
+    encoding: str = DEFAULT_ENCODING
     groups: tuple[str, ...] = ("main", "teachers", "views", "layers", "heads", "shift")
     device: str = "cpu"
     workers: int = 1

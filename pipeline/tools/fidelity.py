@@ -37,7 +37,7 @@ from attncache.pipeline.teacher.model import Teacher, TeacherConfig, resolve_hea
 DEFAULT_GRID = ("exact:fp16", "exact:fp8", "exact:int8", "exact:int4",
                 *(f"lowrank:r={r}:{q}" for r in (32, 16, 8, 4) for q in ("fp16", "int8")),
                 *(f"lowrank:r={r}:{q}" for r in (16, 8) for q in ("fp8", "int4")),
-                "lowrank:r=2:int4")  # the default encoding (pipeline/encodings/spec.py): check it on your teacher
+                "lowrank:r=2:int4")  # the default encoding (pipeline/encodings/default.py): check it on your teacher
 REFERENCE = "exact:fp16"
 RANDOM_WEIGHTS_WARNING = ("teacher has RANDOM weights: its attention is near-uniform, so every encoding looks "
                           "better than on a trained teacher; use these KL figures for bytes and speed only")
