@@ -22,6 +22,12 @@ layers, so a head-subset arm (`@H+H`) with `--modes ...copy...` is refused befor
 A head subset is an encoding with `@HEADS` (heads joined by '+'): `lowrank:r=8:int8@0+2` caches only
 heads 0 and 2 (`precompute --heads 0,2`, so its bytes are those of the subset) and its students
 transfer only those heads (`train --heads 0,2`). `bench students-plot OUT` draws top-1 against bytes.
+
+A second invocation into the same --out (more seeds, other encodings or modes) adds its runs to the
+report there, whose caches and runs of earlier invocations stay (a re-run arm and seed replaces its
+own record); one whose shared settings (data, val, teacher, epochs, views, batch size, lr, distill
+weight, layers, recipe, student) differ is refused before any work. Encodings, seeds and modes are
+checked before any cache is built.
 """
 from __future__ import annotations
 
@@ -64,6 +70,61 @@ def cache_name(spec: str, split: str = "train") -> str:
     enc, _, heads = spec.partition("@")
     return (f"cache-{enc.replace(':', '_').replace('=', '')}" + (f"-heads{heads}" if heads else "")
             + ("-val" if split == "val" else "") + ".zarr")
+
+
+def parse_encodings(text: str) -> list[str]:
+    """'exact:fp16, lowrank:r=4x6,16x6:int8' -> ['exact:fp16', 'lowrank:r=4x6,16x6:int8']: items are
+    trimmed, a piece that does not start with a letter continues the previous item's rank schedule
+    (`r=4,8` and `r=4x6,16x6`), and an item given twice is refused, before any cache is built."""
+    items: list[str] = []
+    for piece in (p.strip() for p in text.split(",")):
+        if not piece:
+            continue
+        if items and not piece[0].isalpha():
+            items[-1] += "," + piece
+        else:
+            items.append(piece)
+    if twice := sorted({e for e in items if items.count(e) > 1}):
+        raise SystemExit(f"--encodings: {', '.join(twice)} given twice")
+    return items
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0,1,2' -> [0, 1, 2]; a non-integer, a seed outside train's 0..2**32-1, a repeated seed or an
+    empty list is refused before any cache is built."""
+    seeds = []
+    for item in (s.strip() for s in text.split(",")):
+        try:
+            seed = int(item)
+        except ValueError:
+            raise SystemExit(f"--seeds: {text!r}: {item!r} is not an integer; give e.g. 0,1,2") from None
+        if not 0 <= seed < 2 ** 32:
+            raise SystemExit(f"--seeds: {seed} is outside 0..4294967295 (train's --seed range)")
+        if seed in seeds:
+            raise SystemExit(f"--seeds: {seed} given twice (one run per arm and seed)")
+        seeds.append(seed)
+    return seeds
+
+
+# The settings every run of one --out shares: a second invocation into the same --out (more seeds,
+# other arms, another mode) must not mix students of another recipe into one table.
+SHARED = ("data", "val", "teacher", "epochs", "views", "batch_size", "lr", "distill_weight", "layers", "recipe",
+          "student_arg")
+
+
+def earlier_report(out: Path, args: argparse.Namespace) -> dict:
+    """The students.json of an earlier invocation into this --out (empty when none), refused when it
+    was made with other shared settings."""
+    path = out / "students.json"
+    if not path.exists():
+        return {"caches": {}, "runs": []}
+    report = json.loads(path.read_text())
+    before, now = report.get("args", {}), {k: str(v) for k, v in vars(args).items()}
+    if differ := [k for k in SHARED if before.get(k) != now[k]]:
+        raise SystemExit(f"{path}: an earlier `bench students` into this --out used other settings ("
+                         + "; ".join(f"--{k.replace('_', '-')} {before.get(k)} there, {now[k]} now" for k in differ)
+                         + "): give another --out, or the same settings")
+    return report
 
 
 def parse_modes(text: str) -> list[str]:
@@ -114,8 +175,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--teacher", required=True, help="teacher name or directory")
     parser.add_argument("--out", required=True, type=Path, help="directory for caches, runs and the report")
     parser.add_argument("--encodings", default=f"exact:fp16,{DEFAULT_ENCODING}",
-                        help="comma list of encodings, one cache each; ENC@H+H caches and transfers heads H only")
-    parser.add_argument("--seeds", default="0,1,2", help="comma list of seeds")
+                        help="comma list of encodings, one cache each (a rank schedule such as lowrank:r=4x6,16x6:int8 keeps "
+                             "its commas); ENC@H+H caches and transfers heads H only")
+    parser.add_argument("--seeds", default="0,1,2", help="comma list of distinct seeds, each 0..2**32-1")
     parser.add_argument("--epochs", type=int, default=5, help="epochs per student")
     parser.add_argument("--views", type=int, default=2, help="cached views per cache")
     parser.add_argument("--batch-size", type=int, default=128, help="student batch size")
@@ -137,13 +199,17 @@ def main(argv: list[str] | None = None) -> None:
                         help="comma list of transfer modes per cache: distill, copy (copy also caches the val split)")
     args = parser.parse_args(argv)
     modes = parse_modes(args.modes)
-    if "copy" in modes and (subsets := [e for e in args.encodings.split(",") if "@" in e]):
+    encodings = parse_encodings(args.encodings)
+    seeds = parse_seeds(args.seeds)
+    if not encodings and args.no_scratch:
+        raise SystemExit("nothing to run: --encodings is empty and --no-scratch drops the scratch arm")
+    if "copy" in modes and (subsets := [e for e in encodings if "@" in e]):
         raise SystemExit(f"--modes copy: copy students transfer whole layers; drop the head-subset arms "
                          f"{', '.join(subsets)} or run them with --modes distill")
     student = STUDENT if not args.student_arg else [STUDENT[0], STUDENT[1]] + [
         x for kv in args.student_arg for x in ("--student-arg", kv)]
+    earlier = earlier_report(args.out, args)
     args.out.mkdir(parents=True, exist_ok=True)
-    encodings = [e for e in args.encodings.split(",") if e]
     caches = {}
     for spec in encodings:
         enc, heads = parse_arm(spec)
@@ -166,8 +232,14 @@ def main(argv: list[str] | None = None) -> None:
     for spec, c in caches.items():
         for mode in modes:
             arms[f"{mode} {spec}"] = arm_args(mode, c, args.layers, args.distill_weight)
-    runs = []
-    for seed in [int(s) for s in args.seeds.split(",")]:
+    # an earlier invocation's caches and runs stay (students-plot finds each run's cache here); a run of
+    # this invocation replaces the earlier record of its arm and seed. The report is rewritten whole
+    # (atomically) after the caches and after every run, so a killed invocation leaves one that names
+    # every cache its finished runs used.
+    caches = {**earlier["caches"], **caches}
+    runs = list(earlier["runs"])
+    save_report(args, caches, runs)
+    for seed in seeds:
         for arm, extra in arms.items():
             out = args.out / run_name(arm, seed)
             started = time.perf_counter()
@@ -178,27 +250,45 @@ def main(argv: list[str] | None = None) -> None:
                                            "--workers", args.workers, "--threads", args.threads, "--quiet", "--json",
                                            *extra).splitlines()[-1])
             transfer = transfer_losses(out)
+            runs = [r for r in runs if (r["arm"], r["seed"]) != (arm, seed)]
             runs.append({"arm": arm, "seed": seed, "top1": summary["eval"]["top1"], "steps": summary["steps"],
                          "seconds": round(time.perf_counter() - started, 1), "transfer_first_last": transfer,
                          "finished_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
                          "load_1min": round(os.getloadavg()[0], 2)})
             print(f"seed {seed} {arm}: top1 {summary['eval']['top1']:.2f} ({summary['steps']} steps, transfer loss "
                   f"{transfer})", flush=True)
+            save_report(args, caches, runs)
+    print(report_table(caches, runs))
+
+
+def save_report(args: argparse.Namespace, caches: dict, runs: list[dict]) -> None:
+    """students.json (settings, caches, runs, per-arm table) and students.md, each written whole."""
+    from attncache.pipeline._util import atomic
+
+    table = arm_table(runs)
+    atomic.write_json(args.out / "students.json", {"args": {k: str(v) for k, v in vars(args).items()},
+                                                   "caches": caches, "runs": runs, "table": table})
+    atomic.write_text(args.out / "students.md", report_table(caches, runs) + "\n")
+
+
+def arm_table(runs: list[dict]) -> dict:
+    """Per arm: mean and sample std of top-1 over its seeds, and each seed's top-1 in seed order."""
     table = {}
-    for arm in arms:
-        accs = [r["top1"] for r in runs if r["arm"] == arm]
+    for arm in dict.fromkeys(r["arm"] for r in runs):
+        accs = [r["top1"] for r in sorted(runs, key=lambda r: r["seed"]) if r["arm"] == arm]
         table[arm] = {"mean": statistics.mean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
                       "runs": accs}
-    report = {"args": {k: str(v) for k, v in vars(args).items()}, "caches": caches, "runs": runs, "table": table}
-    (args.out / "students.json").write_text(json.dumps(report, indent=1))
+    return table
+
+
+def report_table(caches: dict, runs: list[dict]) -> str:
     lines = ["| arm | top-1 mean | std | runs | cache bytes per sample-view |", "|---|---:|---:|---|---:|"]
-    for arm, row in table.items():
+    for arm, row in arm_table(runs).items():
         spec = arm.partition(" ")[2]
         size = f"{caches[spec]['bytes_per_sample']:,.0f}" if spec in caches else "-"
         lines.append(f"| {arm} | {row['mean']:.2f} | {row['std']:.2f} | "
                      f"{', '.join(f'{a:.2f}' for a in row['runs'])} | {size} |")
-    (args.out / "students.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

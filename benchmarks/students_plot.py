@@ -58,7 +58,11 @@ def finished_runs(dirs: list[Path], caches: dict[str, dict]) -> list[dict]:
             if mode == "scratch":
                 arm, enc = "scratch", None
             else:
-                enc = caches[os.path.realpath(transfer["cache"])]["encoding"]
+                known = caches.get(os.path.realpath(transfer["cache"]))
+                if known is None:
+                    raise SystemExit(f"{run}: its cache {transfer['cache']} is named by no students.json of "
+                                     f"{', '.join(map(str, dirs))}: give the `bench students` directory that built it")
+                enc = known["encoding"]
                 arm = f"{mode} {enc}"
             seed = record["run"]["seed"]
             if (arm, seed) in seen:
@@ -133,7 +137,9 @@ def pick_all(rows: list[dict]) -> dict | None:
 
 
 def table(rows: list[dict]) -> str:
-    seeds = max((r["seeds"] for r in rows), key=len)
+    """The markdown table, one column per seed of any arm ("-" where an arm lacks that seed), and the
+    rule's picks, or why a mode has none."""
+    seeds = sorted({s for r in rows for s in r["seeds"]})
     lines = ["| arm | bytes / sample-view | x smaller than exact:fp16 | "
              + " | ".join(f"seed {s}" for s in seeds) + " | mean | std | mean - exact:fp16 | within noise "
              "| per seed - exact:fp16 (paired: same seed, same batches) |",
@@ -152,11 +158,15 @@ def table(rows: list[dict]) -> str:
             else r["arm"]
         ref = dict(zip(reference["seeds"], reference["top1"])) if reference else {}
         paired = " ".join(f"{a - ref[seed]:+.2f}" for seed, a in zip(r["seeds"], r["top1"]) if seed in ref) or "-"
-        lines.append(f"| {name} | {size} | {ratio} | " + " | ".join(f"{a:.2f}" for a in r["top1"])
+        mine = dict(zip(r["seeds"], r["top1"]))
+        lines.append(f"| {name} | {size} | {ratio} | " + " | ".join(f"{mine[s]:.2f}" if s in mine else "-" for s in seeds)
                      + f" | {r['mean']:.2f} | {r['std']:.2f} | {diff} | {noise} | {paired} |")
     for mode in modes:
         chosen = pick(rows, mode)
-        if chosen:
+        if reference_of(rows, mode) is None:
+            lines += ["", f"No pick{f' ({mode})' if len(modes) > 1 else ''}: no {REFERENCE} arm of {mode} to "
+                          "measure the others against."]
+        elif chosen:
             lines += ["", f"Smallest within seed noise of {REFERENCE}" + (f" ({mode})" if len(modes) > 1 else "")
                       + f" (|mean difference| <= the larger std): `{chosen['encoding']}`, "
                       f"{chosen['bytes_per_sample']:,.0f} bytes per sample-view."]
@@ -225,6 +235,8 @@ def main(argv: list[str] | None = None) -> None:
     caches = caches_of(args.dirs)
     runs = finished_runs(args.dirs, caches)
     rows = points(runs, caches)
+    if not rows:
+        raise SystemExit(f"no finished run (run-*/ with an evaluation) under {', '.join(map(str, args.dirs))}")
     steps = sorted({s for r in rows for s in r["steps"]})
     seeds = max(len(r["seeds"]) for r in rows)
     title = args.title or f"students vs cache bytes: {seeds} seeds, {', '.join(map(str, steps))} steps"

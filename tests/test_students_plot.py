@@ -1,6 +1,7 @@
 """`bench students-plot`: the points, the seed-noise rule and the files it writes; `bench students`'
 head-subset arms (`ENC@H+H`) and their cache names."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -159,3 +160,99 @@ def test_one_directory_of_both_modes_compares_scratch_with_distill_exact_fp16(tm
     md = students_plot.table(rows)
     assert "| scratch | - | - | 51.00 | 53.00 | 52.00 | 52.00 | 1.00 | -3.00 | no |" in md
     assert md.index("distill `exact:fp16`") < md.index("copy `exact:fp16`")
+
+
+def test_encodings_are_trimmed_keep_their_rank_schedules_and_are_given_once():
+    assert students.parse_encodings(" lowrank:r=2:int4 , exact:fp16,") == ["lowrank:r=2:int4", "exact:fp16"]
+    assert students.parse_encodings("exact:fp16,lowrank:r=4x6,16x6:int8,lowrank:r=4,8") == [
+        "exact:fp16", "lowrank:r=4x6,16x6:int8", "lowrank:r=4,8"]
+    assert students.parse_encodings("") == []
+    with pytest.raises(SystemExit, match="exact:fp16 given twice"):
+        students.parse_encodings("exact:fp16, exact:fp16")
+
+
+@pytest.mark.parametrize("text, why", [("", "is not an integer"), ("0,x", "'x' is not an integer"),
+                                       ("-1", "outside 0..4294967295"), (str(2 ** 32), "outside"),
+                                       ("0,1,0", "0 given twice")])
+def test_bad_seeds_are_refused_before_any_cache_is_made(tmp_path, text, why):
+    with pytest.raises(SystemExit, match=why):
+        students.main(["--data", "x.tar", "--val", "v.tar", "--teacher", "t", "--out", str(tmp_path / "o"),
+                       "--seeds", text])
+    assert not (tmp_path / "o").exists()
+    assert students.parse_seeds(" 2, 0 ") == [2, 0]
+
+
+def fake_attncache(calls):
+    """Stands in for the `attncache` subprocesses of `bench students`: precompute makes the cache dir,
+    inspect reports its bytes, train leaves the run files students-plot reads and prints its summary."""
+    def run(*args):
+        calls.append(args)
+        command = args[0]
+        if command == "precompute":
+            (Path(args[args.index("--out") + 1])).mkdir(parents=True, exist_ok=True)
+            return ""
+        if command == "inspect":
+            return json.dumps({"bytes_per_sample": 1000 + len(args[1])})
+        out = Path(args[args.index("--out") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        mode = args[args.index("--mode") + 1]
+        cache = args[args.index("--cache") + 1] if "--cache" in args else None
+        seed = int(args[args.index("--seed") + 1])
+        top1 = 50.0 + seed + (len(cache) % 7 if cache else 0)
+        (out / "student.json").write_text(json.dumps({"transfer": {"mode": mode, "cache": cache},
+                                                      "run": {"seed": seed, "threads": 1}}))
+        (out / "metrics.jsonl").write_text(json.dumps({"step": 4, "eval": {"top1": top1}}) + "\n")
+        return json.dumps({"eval": {"top1": top1}, "steps": 4})
+    return run
+
+
+def test_a_second_invocation_into_the_same_out_keeps_the_first_ones_caches_and_runs(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(students, "attncache", fake_attncache(calls))
+    out = tmp_path / "o"
+    common = ["--data", "x.tar", "--val", "v.tar", "--teacher", "t", "--out", str(out), "--seeds", "0,1"]
+    students.main([*common, "--encodings", "exact:fp16,lowrank:r=8:int8"])
+    students.main([*common, "--encodings", "exact:fp16,lowrank:r=2:int4", "--no-scratch", "--modes", "copy"])
+    report = json.loads((out / "students.json").read_text())
+    assert set(report["caches"]) == {"exact:fp16", "lowrank:r=8:int8", "lowrank:r=2:int4"}
+    assert sorted({r["arm"] for r in report["runs"]}) == [
+        "copy exact:fp16", "copy lowrank:r=2:int4", "distill exact:fp16", "distill lowrank:r=8:int8", "scratch"]
+    assert len(report["runs"]) == 10 and set(report["table"]["scratch"]["runs"]) == {50.0, 51.0}
+    # every run directory of both invocations is plotted with its own cache's bytes
+    students_plot.main([str(out), "--out", str(tmp_path / "fig" / "s")])
+    saved = json.loads((tmp_path / "fig" / "s.json").read_text())
+    assert len(saved["runs"]) == 10 and len(saved["points"]) == 5
+    assert saved["chosen_per_mode"]["copy"] is not None and saved["chosen_per_mode"]["distill"] is not None
+
+
+def test_an_invocation_with_other_shared_settings_into_the_same_out_is_refused(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(students, "attncache", fake_attncache(calls))
+    out = tmp_path / "o"
+    common = ["--data", "x.tar", "--val", "v.tar", "--teacher", "t", "--out", str(out), "--seeds", "0"]
+    students.main([*common, "--encodings", "exact:fp16"])
+    before, made = (out / "students.json").read_bytes(), len(calls)
+    with pytest.raises(SystemExit, match=r"--epochs 5 there, 9 now.*give another --out"):
+        students.main([*common, "--encodings", "exact:fp16", "--epochs", "9"])
+    assert (out / "students.json").read_bytes() == before and len(calls) == made
+
+
+def test_arms_of_other_seed_sets_keep_their_seed_columns_and_a_mode_without_reference_says_so(tmp_path):
+    d = fake_study(tmp_path / "d", ["exact:fp16", "lowrank:r=8:int8"], [0, 1, 2])
+    c = fake_study(tmp_path / "c", ["lowrank:r=8:int8"], [1, 2], mode="copy", tops=COPY_TOPS)
+    caches = students_plot.caches_of([d, c])
+    rows = students_plot.points(students_plot.finished_runs([d, c], caches), caches)
+    md = students_plot.table(rows).splitlines()
+    assert len({line.count("|") for line in md if line.startswith("|")}) == 1  # every row has every column
+    assert "| copy `lowrank:r=8:int8` | 6,128 | - | - | 61.50 | 61.00 |" in "\n".join(md)
+    assert "No pick (copy): no exact:fp16 arm of copy to measure the others against." in md
+
+
+def test_the_plot_refuses_runs_whose_cache_no_report_names_and_dirs_without_runs(tmp_path):
+    d = fake_study(tmp_path / "d", ["exact:fp16"], [0], with_report=False)
+    with pytest.raises(SystemExit, match="named by no students.json"):
+        students_plot.main([str(d), "--out", str(tmp_path / "s")])
+    (tmp_path / "e").mkdir()
+    with pytest.raises(SystemExit, match="no finished run"):
+        students_plot.main([str(tmp_path / "e"), "--out", str(tmp_path / "s")])
+    assert not (tmp_path / "s.png").exists()
