@@ -54,7 +54,7 @@ def repro(out, scale, seeds, views, student_epochs, teacher_epochs, supervised_e
     About 60-80 minutes on 2 CPU cores with the defaults (measured: see RESULTS.md); everything is
     resumable, so an interrupted study picks up where it stopped.
     """
-    from attncache.pipeline.studies.repro import ReproConfig, run_study
+    from attncache.pipeline.studies.repro import ReproConfig, StudyConflict, run_study
     from attncache.pipeline.studies.repro_report import write_results
 
     chosen = tuple(g for g in groups.split(",") if g.strip())
@@ -67,7 +67,10 @@ def repro(out, scale, seeds, views, student_epochs, teacher_epochs, supervised_e
                       groups=tuple(dict.fromkeys(("main", *chosen))), device=device, threads=threads)
     if not cfg.seeds or not cfg.views:
         raise click.BadParameter("--seeds and --views need at least one value each")
-    report = run_study(cfg)
+    try:
+        report = run_study(cfg)
+    except StudyConflict as conflict:
+        raise click.ClickException(str(conflict)) from None
     results = Path(results_path) if results_path else Path(out) / "RESULTS.md"
     figures = Path(figures_dir) if figures_dir else Path(out) / "figures"
     figures.mkdir(parents=True, exist_ok=True)

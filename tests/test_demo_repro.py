@@ -62,3 +62,47 @@ def test_repro_at_the_smallest_scale_writes_results_and_resumes_without_retraini
     rerun = json.loads((tmp_path / "r" / "results.json").read_text())
     assert not [c for c in rerun["commands"] if c["step"].startswith(("train", "teacher", "ensemble"))]
     assert [r["top1"] for r in rerun["results"]] == [r["top1"] for r in report["results"]]
+
+
+def test_a_study_cache_of_another_encoding_is_refused_not_trained_from(synth_data, tmp_path, monkeypatch):
+    """A study begun under the old default (lowrank:r=8:int8), re-run for more seeds under the new one:
+    its finished caches would be trained from while the report names the new encoding. `repro`
+    refuses, names the --encoding that resumes the study, runs nothing and changes no byte."""
+    from attncache.pipeline.precompute.job import PrecomputeConfig
+    from attncache.pipeline.precompute.local import run_precompute
+    from attncache.pipeline.studies import repro
+    from attncache.pipeline.teacher.model import TeacherConfig
+
+    teacher = TeacherConfig("vit_tiny_patch16_224", (("depth", 3), ("embed_dim", 48), ("img_size", 32),
+                                                     ("num_heads", 3), ("patch_size", 8)), random_init=True, seed=0)
+    paths = repro.Paths(tmp_path / "study")
+    store = paths.cache("mae-train")
+    run_precompute(PrecomputeConfig(data=(synth_data["val"],), out=str(store), teacher=teacher, views=1,
+                                    encoding="lowrank:r=8:int8", batch_size=32, workers=0, threads=1, progress=False))
+    before = {p: p.read_bytes() for p in sorted(store.rglob("*")) if p.is_file()}
+    calls = []
+    monkeypatch.setattr(repro, "attncache", lambda log, step, args, quiet=False: calls.append(args) or "")
+    cfg = repro.ReproConfig(out=str(tmp_path / "study"))
+    assert cfg.encoding == "lowrank:r=2:int4"
+    with pytest.raises(repro.StudyConflict, match=r"cache mae-train holds lowrank:r=8:int8, this run asks for "
+                                                  r"lowrank:r=2:int4: resume the study with `attncache repro --out "
+                                                  r".* --encoding lowrank:r=8:int8`"):
+        repro.make_cache(cfg, paths, repro.Log(), "mae-train", Path("t"), synth_data["val"], 1, "eval", cfg.encoding)
+    assert calls == [] and {p: p.read_bytes() for p in sorted(store.rglob("*")) if p.is_file()} == before
+    # with the encoding it holds: finished, nothing to run; asked for more views: precompute grows it
+    old = repro.ReproConfig(out=str(tmp_path / "study"), encoding="lowrank:r=8:int8")
+    repro.make_cache(old, paths, repro.Log(), "mae-train", Path("t"), synth_data["val"], 1, "eval", old.encoding)
+    assert calls == []
+    repro.make_cache(old, paths, repro.Log(), "mae-train", Path("t"), synth_data["val"], 2, "eval", old.encoding)
+    assert len(calls) == 1 and calls[0][calls[0].index("--views") + 1] == "2"
+
+
+def test_repro_prints_a_study_conflict_in_one_line(tmp_path, monkeypatch):
+    from attncache.pipeline.studies import repro
+
+    def conflict(cfg):
+        raise repro.StudyConflict("study/caches/mae-train.zarr: this study's cache mae-train holds X")
+    monkeypatch.setattr(repro, "run_study", conflict)
+    result = CliRunner().invoke(cli, ["repro", "--out", str(tmp_path / "s")])
+    assert result.exit_code == 1 and result.output.strip() == (
+        "Error: study/caches/mae-train.zarr: this study's cache mae-train holds X")

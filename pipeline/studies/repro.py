@@ -209,21 +209,41 @@ def make_cache(cfg: ReproConfig, paths: Paths, log: Log, name: str, teacher: Pat
             "--recipe", recipe, "--encoding", encoding, "--ray", "none", "--device", cfg.device, "--workers", "1", "--quiet", *_threads(cfg)]
     if layers:
         args += ["--layers", layers]
-    if not _complete(out):  # an unfinished store resumes unit by unit
-        attncache(log, f"cache {name}", args)
+    stored = _stored(out)
+    if stored is not None and _canonical(stored["encoding"]) != _canonical(encoding):
+        # a finished cache of another encoding would be trained from while the report names this one
+        # (a study begun before the default changed, re-run for more seeds): refuse before any work
+        hint = (f"resume the study with `attncache repro --out {cfg.out} --encoding {stored['encoding']}` (and the "
+                "other options it was begun with), or give another --out" if encoding == cfg.encoding
+                else "give another --out")
+        raise StudyConflict(f"{out}: this study's cache {name} holds {stored['encoding']}, this run asks for "
+                            f"{encoding}: {hint}")
+    if stored is None or stored["units_done"] != stored["units_total"] or stored["views"] < views:
+        attncache(log, f"cache {name}", args)  # an unfinished store resumes unit by unit, fewer views grow
     return out
 
 
-def _complete(store: Path) -> bool:
+class StudyConflict(Exception):
+    """The study directory holds work of other settings than this run's; nothing was run for it."""
+
+
+def _canonical(spec: str) -> str:
+    from attncache.pipeline.encodings.spec import parse_encoding
+
+    return parse_encoding(spec).spec
+
+
+def _stored(store: Path) -> dict | None:
+    """`inspect` of an existing store, None where there is none or it is damaged (precompute then
+    says what is wrong, or starts it)."""
     from attncache.pipeline.store.checks import inspect_store
 
     if not (store / "zarr.json").is_file():
-        return False
+        return None
     try:
-        info = inspect_store(str(store))
-    except Exception:  # a damaged store: let precompute say what is wrong
-        return False
-    return info["units_done"] == info["units_total"]
+        return inspect_store(str(store))
+    except Exception:
+        return None
 
 
 def train_arm(cfg: ReproConfig, paths: Paths, log: Log, arm: Arm, seed: int, data: dict) -> dict:
