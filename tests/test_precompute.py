@@ -422,3 +422,23 @@ def test_every_layer_store_is_byte_identical_to_the_old_default_and_the_default_
         pytest.skip(f"the byte pin was recorded with torch {OLD_DEFAULT_PIN['torch']} (cache id includes it)")
     check("precompute/old_default_cache_id", every.meta["cache_id"], OLD_DEFAULT_PIN["cache_id"])  # the teacher's digest is in it
     check("precompute/old_default_views_sha256", _views_sha256(tmp_path / "all.zarr"), OLD_DEFAULT_PIN["views_sha256"])
+
+
+def test_a_store_resumed_at_another_thread_count_or_grown_under_the_new_default_says_which_flags(synth_data,
+                                                                                                 tmp_path):
+    """The thread count defaults to the machine's cores, the encoding to a release's choice: a re-run
+    on another machine, or one that grows an old-default store by a view, names every flag that
+    resumes it; the hinted command grows the store; a refused run changes no byte."""
+    out = tmp_path / "t.zarr"
+    run_precompute(_config(synth_data["val"], out, views=1, threads=1))
+    before = _all_files(out)
+    with pytest.raises(StoreError, match=r"To resume this store, give --threads 1\. Use another --out"):
+        run_precompute(_config(synth_data["val"], out, views=1, threads=2))
+    rerun = dict(_config(synth_data["val"], out, views=2, threads=2).__dict__)
+    del rerun["encoding"]  # the default, now lowrank:r=2:int4
+    with pytest.raises(StoreError, match=r"To resume this store, give --encoding lowrank:r=8:int8 --threads 1 "
+                                         r"\(and the --views you ask for: the store grows\)\."):
+        run_precompute(PrecomputeConfig(**rerun))
+    assert _all_files(out) == before
+    grown = run_precompute(_config(synth_data["val"], out, views=2, threads=1))
+    assert grown.units_processed > 0 and inspect_store(str(out))["views"] == 2

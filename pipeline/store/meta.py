@@ -30,12 +30,35 @@ def require_same_job(path: str, old: dict, new: dict) -> None:
         diffs.append("dataset")
     if diffs:
         detail = "; ".join(f"{f}: store has {_short(old.get(f))}, this run has {_short(new.get(f))}" for f in diffs)
-        # a store made under an earlier default encoding is resumed by naming it: say how
-        resume = (f" To resume this store, give --encoding {old['encoding']['spec']}."
-                  if diffs == ["encoding"] and isinstance(old.get("encoding"), dict) and old["encoding"].get("spec")
-                  else "")
-        raise StoreError(f"{redact(path)} holds a different cache ({detail}).{resume} Use another --out, or delete "
-                         "the store.")
+        raise StoreError(f"{redact(path)} holds a different cache ({detail}).{_resume_hint(old, new, diffs)} Use "
+                         "another --out, or delete the store.")
+
+
+# compute settings a user gives as flags, whose defaults can move under a store: the thread count
+# follows the machine's cores, the batch size a release's default
+_COMPUTE_FLAGS = (("threads", "--threads"), ("batch_size", "--batch-size"))
+
+
+def _resume_hint(old: dict, new: dict, diffs: list[str]) -> str:
+    """The flags that resume the store, where only settings with a flag differ (and views, which a
+    resume grows): a store made under an earlier default encoding, or at another machine's default
+    thread count. None where the teacher, data, recipe, seed, layers, heads, compression, device or
+    torch version differ: that is another job, not a default that moved."""
+    flags = []
+    if "encoding" in diffs:
+        spec = old["encoding"].get("spec") if isinstance(old.get("encoding"), dict) else None
+        if not spec:
+            return ""
+        flags.append(f"--encoding {spec}")
+    if "compute" in diffs:
+        before, now = old.get("compute") or {}, new.get("compute") or {}
+        if any(before.get(k) != now.get(k) for k in set(before) | set(now) if k not in dict(_COMPUTE_FLAGS)):
+            return ""
+        flags += [f"{flag} {before[key]}" for key, flag in _COMPUTE_FLAGS if before.get(key) != now.get(key)]
+    if not flags or set(diffs) - {"encoding", "compute", "views"}:
+        return ""
+    grow = " (and the --views you ask for: the store grows)" if "views" in diffs else ""
+    return f" To resume this store, give {' '.join(flags)}{grow}."
 
 
 def _short(value) -> str:
