@@ -42,7 +42,7 @@ _COMPUTE_FLAGS = (("threads", "--threads"), ("batch_size", "--batch-size"))
 def _resume_hint(old: dict, new: dict, diffs: list[str]) -> str:
     """The flags that resume the store, where only settings with a flag differ (and views, which a
     resume grows): a store made under an earlier default encoding, or at another machine's default
-    thread count. None where the teacher, data, recipe, seed, layers, heads, compression, device or
+    thread count. No hint where the teacher, data, recipe, seed, layers, heads, compression, device or
     torch version differ: that is another job, not a default that moved."""
     flags = []
     if "encoding" in diffs:
