@@ -112,14 +112,22 @@ SHARED = ("data", "val", "teacher", "epochs", "views", "batch_size", "lr", "dist
           "student_arg")
 
 
+def settings(args: argparse.Namespace) -> dict[str, str]:
+    """The invocation's options as the report records them (and a later invocation compares them)."""
+    return {k: str(v) for k, v in vars(args).items()}
+
+
 def earlier_report(out: Path, args: argparse.Namespace) -> dict:
     """The students.json of an earlier invocation into this --out (empty when none), refused when it
     was made with other shared settings."""
     path = out / "students.json"
     if not path.exists():
         return {"caches": {}, "runs": []}
-    report = json.loads(path.read_text())
-    before, now = report.get("args", {}), {k: str(v) for k, v in vars(args).items()}
+    try:
+        report = json.loads(path.read_text())
+    except ValueError as bad:  # written whole by this bench: an edit or another tool cut it
+        raise SystemExit(f"{path}: not a `bench students` report ({bad}): restore it, or give another --out") from None
+    before, now = report.get("args", {}), settings(args)
     if differ := [k for k in SHARED if before.get(k) != now[k]]:
         raise SystemExit(f"{path}: an earlier `bench students` into this --out used other settings ("
                          + "; ".join(f"--{k.replace('_', '-')} {before.get(k)} there, {now[k]} now" for k in differ)
@@ -266,8 +274,8 @@ def save_report(args: argparse.Namespace, caches: dict, runs: list[dict]) -> Non
     from attncache.pipeline._util import atomic
 
     table = arm_table(runs)
-    atomic.write_json(args.out / "students.json", {"args": {k: str(v) for k, v in vars(args).items()},
-                                                   "caches": caches, "runs": runs, "table": table})
+    atomic.write_json(args.out / "students.json", {"args": settings(args), "caches": caches, "runs": runs,
+                                                   "table": table})
     atomic.write_text(args.out / "students.md", report_table(caches, runs) + "\n")
 
 

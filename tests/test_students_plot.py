@@ -206,11 +206,16 @@ def fake_attncache(calls):
     return run
 
 
-def test_a_second_invocation_into_the_same_out_keeps_the_first_ones_caches_and_runs(tmp_path, monkeypatch):
+def faked_bench(tmp_path, monkeypatch, seeds):
+    """`bench students` with its subprocesses stood in for: (calls made, --out, the common options)."""
     calls = []
     monkeypatch.setattr(students, "attncache", fake_attncache(calls))
     out = tmp_path / "o"
-    common = ["--data", "x.tar", "--val", "v.tar", "--teacher", "t", "--out", str(out), "--seeds", "0,1"]
+    return calls, out, ["--data", "x.tar", "--val", "v.tar", "--teacher", "t", "--out", str(out), "--seeds", seeds]
+
+
+def test_a_second_invocation_into_the_same_out_keeps_the_first_ones_caches_and_runs(tmp_path, monkeypatch):
+    calls, out, common = faked_bench(tmp_path, monkeypatch, "0,1")
     students.main([*common, "--encodings", "exact:fp16,lowrank:r=8:int8"])
     students.main([*common, "--encodings", "exact:fp16,lowrank:r=2:int4", "--no-scratch", "--modes", "copy"])
     report = json.loads((out / "students.json").read_text())
@@ -226,10 +231,7 @@ def test_a_second_invocation_into_the_same_out_keeps_the_first_ones_caches_and_r
 
 
 def test_an_invocation_with_other_shared_settings_into_the_same_out_is_refused(tmp_path, monkeypatch):
-    calls = []
-    monkeypatch.setattr(students, "attncache", fake_attncache(calls))
-    out = tmp_path / "o"
-    common = ["--data", "x.tar", "--val", "v.tar", "--teacher", "t", "--out", str(out), "--seeds", "0"]
+    calls, out, common = faked_bench(tmp_path, monkeypatch, "0")
     students.main([*common, "--encodings", "exact:fp16"])
     before, made = (out / "students.json").read_bytes(), len(calls)
     with pytest.raises(SystemExit, match=r"--epochs 5 there, 9 now.*give another --out"):
@@ -256,3 +258,13 @@ def test_the_plot_refuses_runs_whose_cache_no_report_names_and_dirs_without_runs
     with pytest.raises(SystemExit, match="no finished run"):
         students_plot.main([str(tmp_path / "e"), "--out", str(tmp_path / "s")])
     assert not (tmp_path / "s.png").exists()
+
+
+def test_a_cut_report_in_the_out_is_refused_in_one_line_and_left_as_it_is(tmp_path, monkeypatch):
+    calls, out, common = faked_bench(tmp_path, monkeypatch, "0")
+    students.main([*common, "--encodings", "exact:fp16"])
+    cut = (out / "students.json").read_bytes()[:40]
+    (out / "students.json").write_bytes(cut)
+    with pytest.raises(SystemExit, match=r"students.json: not a `bench students` report .*give another --out"):
+        students.main([*common, "--encodings", "exact:fp16"])
+    assert (out / "students.json").read_bytes() == cut
