@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from attncache.benchmarks import HelpFormatter
+from attncache.pipeline._util.runtime import keep_freed_memory
 
 from attncache.pipeline.encodings.spec import DEFAULT_ENCODING
 from attncache.pipeline.precompute.job import PrecomputeConfig, build_job
@@ -133,6 +134,7 @@ def _print_tables(result: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     torch.set_num_threads(args.threads)
+    kept = keep_freed_memory()  # before the first bare forward: both sides of every ratio run with it
     work = Path(tempfile.mkdtemp(prefix="attncache-bench-"))
     try:
         info = synth_dataset(work / "data", num_train=args.images, num_val=1,
@@ -142,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
         result = {"teacher": args.teacher, "model_args": dict(teacher_cfg.model_args), "tokens": teacher.num_tokens,
                   "layers": teacher.num_layers, "heads": teacher.num_heads, "head_dim": teacher.head_dim,
                   "batch_size": args.batch_size, "threads": args.threads, "workers": args.workers,
-                  "images": args.images, "default_encoding": DEFAULT_ENCODING}
+                  "images": args.images, "default_encoding": DEFAULT_ENCODING, "malloc_keeps_freed_memory": kept}
         result.update(measure_throughput(args, work, info, teacher_cfg, teacher))
         result["sizes"] = [] if args.no_sizes else measure_sizes(args, work, teacher_cfg)
         if args.json is None:

@@ -20,8 +20,8 @@ from attncache.pipeline.encodings.protocol import ArraySpec, Encoding, check_sig
 from attncache.pipeline.encodings.spec import parse_encoding
 from attncache.pipeline.store.layout import factor_arrays
 
-from tests.assets.encoding_pins import PLATFORM, SPECS, fingerprint
-from tests.assets.machine_pins import check
+from tests.assets.encoding_pins import PLATFORM, SPECS, eigh_form, fingerprint, pinned_form
+from tests.assets.machine_pins import KEY as MACHINE, check
 
 PINNED = json.loads((Path(__file__).parent / "assets" / "encoding_pins.json").read_text())
 PINS = PINNED["pins"]
@@ -35,14 +35,14 @@ def test_the_pins_cover_every_spec_form_and_were_made_before_the_refactor():
 
 @pytest.mark.parametrize("spec", SPECS)
 def test_metadata_text_cache_id_and_array_specs_are_the_pinned_bytes(spec):
-    got, pin = fingerprint(spec), PINS[spec]
+    got, pin = pinned_form(fingerprint(eigh_form(spec)), spec), PINS[spec]
     for field in ("spec", "serves_qk", "json", "cache_id", "arrays"):
         assert got[field] == pin[field], field
 
 
 @pytest.mark.parametrize("spec", SPECS)
 def test_encoded_and_decoded_arrays_are_the_pinned_bits(spec):
-    got, pin = fingerprint(spec), PINS[spec]
+    got, pin = pinned_form(fingerprint(eigh_form(spec)), spec), PINS[spec]
     if spec.strip().startswith("exact"):
         assert got["encoded"] == pin["encoded"]
     if PLATFORM != PINNED["platform"]:
@@ -105,7 +105,46 @@ def test_a_kind_is_known_only_by_registering(monkeypatch):
 
 def test_the_shipped_grammar_reads_as_before():
     assert registry.kinds() == ("exact", "lowrank")
-    # issue 14 added the scale part (shared_scales.py); every form before it reads as it did (pins above)
+    # issue 14 added the scale part (shared_scales.py), issue 18 the fit part (fit.py); every form before
+    # them reads as it did (pins above, under fit=eigh)
     assert registry.grammar() == ("exact[:fp16|fp32|bf16|int8|int4|fp8]  or  lowrank:r=RANKS[:fp16|fp32|bf16|int8|"
-                                  "int4|fp8][:scale=token|row-pow2|token-pow2], RANKS = R (every layer) or R,R,... "
+                                  "int4|fp8][:scale=token|row-pow2|token-pow2][:fit=eigh], RANKS = R (every layer) or R,R,... "
                                   "(one per cached layer; RxK repeats R K times)")
+
+
+SUBSPACE_PINNED = json.loads((Path(__file__).parent / "assets" / "subspace_pins.json").read_text())
+
+
+@pytest.mark.parametrize("spec", list(SUBSPACE_PINNED["pins"]))
+def test_the_subspace_fitters_stores_are_their_pinned_bytes_and_name_their_fitter(spec):
+    """New low-rank stores (the subspace fitter, the default): the JSON names the fitter, so their cache
+    id is never an eigh store's, and the factors are the bits pinned when the fitter became the default."""
+    got, pin = fingerprint(spec), SUBSPACE_PINNED["pins"][spec]
+    for field in ("spec", "serves_qk", "json", "cache_id", "arrays"):
+        assert got[field] == pin[field], field
+    assert json.loads(got["json"])["fitter"] == "subspace"
+    assert got["cache_id"] != pinned_form(fingerprint(eigh_form(spec)), spec)["cache_id"]
+    if (PLATFORM, MACHINE) != (SUBSPACE_PINNED["platform"], SUBSPACE_PINNED["machine"]):
+        pytest.skip(f"factor bits pinned on {SUBSPACE_PINNED['machine']} ({SUBSPACE_PINNED['platform']}), this is "
+                    f"{MACHINE} ({PLATFORM})")
+    assert [got["encoded"], got["decoded"]] == [pin["encoded"], pin["decoded"]]
+
+
+def test_a_store_json_without_a_fitter_is_read_as_the_eigh_fitters_and_an_unknown_fitter_reads_but_fits_nothing():
+    from attncache.pipeline._util.spec_error import SpecError as Refused
+    from attncache.pipeline.encodings.fit import EIGH, SUBSPACE
+    from attncache.pipeline.encodings.spec import encoding_from_json
+
+    old = json.loads(PINS["lowrank:r=8:int8"]["json"])  # a store written before the key existed
+    assert "fitter" not in old and encoding_from_json(old).fitter == EIGH
+    assert encoding_from_json(old).spec == "lowrank:r=8:int8:fit=eigh"
+    assert encoding_from_json(old).to_json() == old  # so a resume under fit=eigh matches its metadata
+    new = parse_encoding("lowrank:r=8:int8")
+    assert new.fitter == SUBSPACE and encoding_from_json(new.to_json()) == new
+    future = dict(new.to_json(), fitter="lanczos-v9")
+    enc = encoding_from_json(future)
+    q, k = torch.randn(1, 1, 2, 17, 16), torch.randn(1, 1, 2, 17, 16)
+    arrays = new.encode(q, k, 0.25)
+    assert torch.equal(enc.decode_logits(arrays, 0.25), new.decode_logits(arrays, 0.25))  # reads
+    with pytest.raises(Refused, match="fitter 'lanczos-v9'.*not add to it"):
+        enc.encode(q, k, 0.25)

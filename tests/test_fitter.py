@@ -1,22 +1,25 @@
-"""The candidate low-rank fitter (`fit_subspace`, issue 18 item 2) against the float64 eigh every store
-uses: fidelity per rank within a stated tolerance, bits fixed across runs and thread counts, and the
-stores' fitter untouched (its default path is what tests/test_encoding_pins.py pins)."""
+"""The low-rank fitters (pipeline/encodings/fit.py, issue 18 item 2): the subspace fitter new stores use
+against the float64 eigh every earlier store used: fidelity per rank within a stated tolerance, the same
+bits across runs and thread counts, the edges (fewer tokens than columns, zero and constant inputs,
+huge and tiny values) finite and no worse than the eigh, and each spec fitted by the fitter it names."""
 import pytest
 import torch
 
-from attncache.pipeline.encodings.fit import _top_singular, fit_factors
-from attncache.benchmarks.fit_subspace import top_singular_subspace
+from attncache.pipeline.encodings.fit import EIGH, SUBSPACE, fit_factors
+from attncache.pipeline.encodings.finite import NonFiniteValues
 from attncache.pipeline.encodings.kl import attention_kl, exact_logits
 from attncache.pipeline.encodings.spec import parse_encoding
 
 from attncache.benchmarks.fitter import low_rank_plus_noise
 
-# measured (BENCHMARKS.md, "Low-rank fitter"): the subspace fit's KL is at most 0.2 % above the eigh's
-KL_TOLERANCE = 1.01
+# measured (BENCHMARKS.md, "Low-rank fitter"): the subspace fit's KL is within 0.01 % of the eigh's on
+# trained teachers at every rank below d - 6; 0.1 % leaves room for other BLAS builds' rounding
+KL_TOLERANCE = 1.001
 
 
-def kl(q, k, scale, rank, top):
-    a, b = fit_factors(q, k, scale, rank, top)
+def kl(q, k, scale, rank, fitter):
+    a, b = fit_factors(q, k, scale, rank, fitter)
+    assert torch.isfinite(a).all() and torch.isfinite(b).all()
     return float(attention_kl(exact_logits(q, k, scale), a @ b.transpose(-1, -2)).mean())
 
 
@@ -25,22 +28,68 @@ def noisy_qk():
     return low_rank_plus_noise(2, 2, 3, 33, 32, rank=6, noise=0.3)
 
 
-@pytest.mark.parametrize("rank", [2, 4, 8, 32])
+@pytest.mark.parametrize("rank", [1, 2, 4, 6, 8, 32])  # d = 32: the subspace path up to r = 6
 def test_subspace_kl_is_the_eighs_within_tolerance_on_low_rank_plus_noise(noisy_qk, rank):
     q, k = noisy_qk
-    old, new = kl(q, k, 32 ** -0.5, rank, None), kl(q, k, 32 ** -0.5, rank, top_singular_subspace)
+    old, new = kl(q, k, 32 ** -0.5, rank, EIGH), kl(q, k, 32 ** -0.5, rank, SUBSPACE)
     assert new <= old * KL_TOLERANCE + 1e-12, (rank, old, new)
 
 
-def test_subspace_kl_is_the_eighs_within_tolerance_on_trained_attention(trained_teacher_dir, synth_data):
+def test_on_a_trained_teachers_small_heads_the_subspace_fitter_is_the_eigh(trained_teacher_dir, synth_data):
+    """d = 16 (the fixture teacher): p = r + 6 > 0.4 d at every rank, where the full eigh is faster
+    (measured), so new stores of such teachers hold the eigh's factors; d = 64 teachers take the
+    subspace path (tests below, BENCHMARKS.md for a trained d = 64 teacher)."""
     from conftest import load_split
     from attncache.pipeline.teacher.model import Teacher, TeacherConfig
 
     teacher = Teacher(TeacherConfig(str(trained_teacher_dir)))
     q, k = teacher.capture(load_split(synth_data["val"])[0][:8], tuple(range(teacher.num_layers)))
-    for rank in (2, 4, 8, q.shape[-1]):  # d = 16: from r = 8 on the subspace fit is the eigh itself
-        old, new = kl(q, k, teacher.scale, rank, None), kl(q, k, teacher.scale, rank, top_singular_subspace)
-        assert new <= old * KL_TOLERANCE + 1e-12, (rank, old, new)
+    for rank in (1, 2, 8):
+        new, old = fit_factors(q, k, teacher.scale, rank, SUBSPACE), fit_factors(q, k, teacher.scale, rank, EIGH)
+        assert all(torch.equal(x, y) for x, y in zip(new, old)), rank
+
+
+def decaying_qk(b=2, layers=2, heads=3, tokens=65, dim=64, seed=7):
+    """Q/K whose logits have a trained teacher's kind of spectrum: singular values falling
+    geometrically (0.6 per direction), plus a little noise, and a shared key offset."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(b, layers, heads, dim, dim, generator=g)
+    spectrum = 0.6 ** torch.arange(dim, dtype=torch.float32)
+    q = (torch.randn(b, layers, heads, tokens, dim, generator=g) * spectrum) @ mix
+    k = (torch.randn(b, layers, heads, tokens, dim, generator=g) * spectrum) @ mix + 3.0
+    return q + 0.01 * torch.randn(q.shape, generator=g), k
+
+
+@pytest.mark.parametrize("rank", [1, 2, 4, 8, 16])
+def test_subspace_kl_is_the_eighs_within_tolerance_on_a_decaying_spectrum_at_d_64(rank):
+    q, k = decaying_qk()
+    old, new = kl(q, k, 64 ** -0.5, rank, EIGH), kl(q, k, 64 ** -0.5, rank, SUBSPACE)
+    assert new <= old * KL_TOLERANCE + 1e-12, (rank, old, new)
+
+
+def test_the_subspace_path_is_taken_below_the_crossover_and_gives_other_bits_than_the_eigh():
+    q, k = decaying_qk()
+    for rank in (2, 19):  # p = 25 <= 0.4 * 64
+        a, _ = fit_factors(q, k, 64 ** -0.5, rank, SUBSPACE)
+        assert not torch.equal(a, fit_factors(q, k, 64 ** -0.5, rank, EIGH)[0]), rank
+    a, _ = fit_factors(q, k, 64 ** -0.5, 20, SUBSPACE)  # p = 26: the eigh
+    assert torch.equal(a, fit_factors(q, k, 64 ** -0.5, 20, EIGH)[0])
+
+
+def test_subspace_recovers_the_exact_top_pairs_of_a_product_with_a_clear_gap():
+    """Q K^T with singular values 9, 7, 5, 3 and the rest 0.1: A B^T is the truncated SVD's rank-4 product."""
+    g = torch.Generator().manual_seed(0)
+    n, d = 80, 64
+    u, _ = torch.linalg.qr(torch.randn(3, n, d, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(3, n, d, generator=g, dtype=torch.float64))
+    v = v - v.mean(dim=-2, keepdim=True)  # centred K leaves it alone
+    values = torch.cat([torch.tensor([9.0, 7.0, 5.0, 3.0]), torch.full((d - 4,), 0.1)]).double()
+    q, k = (u * values)[:, None, None].float(), v[:, None, None].float()
+    a, b = fit_factors(q, k, 1.0, 4, SUBSPACE)
+    m = (q.double() @ (k.double() - k.double().mean(-2, keepdim=True)).transpose(-1, -2))
+    uu, ss, vvh = torch.linalg.svd(m)
+    best = uu[..., :4] * ss[..., None, :4] @ vvh[..., :4, :]
+    assert torch.allclose((a @ b.transpose(-1, -2)).double(), best, atol=1e-4)
 
 
 def fits_at(thread_counts, fit):
@@ -61,41 +110,120 @@ def same_bits(outs) -> bool:
     return all(torch.equal(x, y) for (out, _) in outs[1:] for x, y in zip(outs[0][0], out))
 
 
-def test_subspace_fit_is_bit_identical_across_runs_and_thread_counts(noisy_qk):
+@pytest.mark.parametrize("fitter", [SUBSPACE, EIGH], ids=["subspace", "eigh"])
+def test_each_fitter_is_bit_identical_across_runs_and_thread_counts_and_gives_the_count_back(noisy_qk, fitter):
     q, k = noisy_qk
-    assert same_bits(fits_at((2, 2, 1), lambda: fit_factors(q, k, 32 ** -0.5, 4, top_singular_subspace)))
-
-
-def test_subspace_solves_the_top_pairs_of_a_core_with_a_clear_gap():
-    g = torch.Generator().manual_seed(0)
-    basis, _ = torch.linalg.qr(torch.randn(3, 24, 24, generator=g, dtype=torch.float64))
-    values = torch.cat([torch.tensor([9.0, 7.0, 5.0, 3.0]), torch.full((20,), 0.1)]).double()
-    core = basis * values @ basis.transpose(-1, -2)
-    (top, sing), (ref_top, ref_sing) = top_singular_subspace(core, 4), _top_singular(core, 4)
-    assert torch.allclose(sing, ref_sing, atol=1e-10)
-    assert torch.allclose((top * ref_top).sum(-2).abs(), torch.ones(3, 4, dtype=torch.float64), atol=1e-8)
-
-
-def test_stores_keep_the_eigh_fitter():
-    """The encoding calls `fit_factors` with its default: the subspace fit writes no store."""
-    q, k = low_rank_plus_noise(1, 1, 2, 17, 16)
-    a, b = parse_encoding("lowrank:r=4:fp32").factorize(q, k, 0.25)
-    ref_a, ref_b = fit_factors(q, k, 0.25, 4, _top_singular)
-    assert torch.equal(a, ref_a) and torch.equal(b, ref_b)
-
-
-def test_the_stores_fitter_gives_the_same_bits_at_every_thread_count_and_gives_the_count_back(noisy_qk):
-    """The d x d LAPACK work runs on one thread whatever the caller set (`one_cpu_thread`): the
-    factors are the same bits at 1 and 2 threads, and the caller's count is back afterwards, also
-    when the fit refuses a Gram matrix that overflowed float32."""
-    from attncache.pipeline.encodings.finite import NonFiniteValues
-
-    q, k = noisy_qk
-    outs = fits_at((2, 1, 2), lambda: fit_factors(q, k, 32 ** -0.5, 4))
+    outs = fits_at((2, 1, 2), lambda: fit_factors(q, k, 32 ** -0.5, 4, fitter))
     assert [after for _, after in outs] == [2, 1, 2]
     assert same_bits(outs)
 
     def refused():
         with pytest.raises(NonFiniteValues):
-            fit_factors(q * 1e30, k, 32 ** -0.5, 4)
+            fit_factors(q * 1e30, k, 32 ** -0.5, 4, fitter)
     assert [after for _, after in fits_at((2,), refused)] == [2]
+
+
+def test_a_sample_fits_to_the_same_bits_whatever_batch_it_is_in(noisy_qk):
+    """A unit's last batch is shorter, and Ray and local runs batch alike only by construction: the
+    factors of a sample must not depend on its batch neighbours."""
+    q, k = noisy_qk
+    whole = fit_factors(q, k, 32 ** -0.5, 4)
+    alone = fit_factors(q[1:], k[1:], 32 ** -0.5, 4)
+    assert all(torch.equal(w[1:], a) for w, a in zip(whole, alone))
+
+
+def edge_inputs():
+    g = torch.Generator().manual_seed(3)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    return {
+        "one token": (r(1, 1, 2, 1, 32), r(1, 1, 2, 1, 32)),
+        "fewer tokens than columns": (r(1, 1, 2, 5, 32), r(1, 1, 2, 5, 32)),
+        "zero Q": (torch.zeros(1, 1, 2, 17, 32), r(1, 1, 2, 17, 32)),
+        "constant K (zero once centred)": (r(1, 1, 2, 17, 32), torch.ones(1, 1, 2, 17, 32) * 3),
+        "identical tokens": (r(1, 1, 2, 1, 32).expand(1, 1, 2, 17, 32).contiguous(), r(1, 1, 2, 17, 32)),
+        "rank-1 product": (r(1, 1, 2, 17, 1) * r(1, 1, 2, 1, 32), r(1, 1, 2, 17, 32)),
+        "huge": (r(1, 1, 2, 17, 32) * 1e15, r(1, 1, 2, 17, 32) * 1e3),
+        "tiny": (r(1, 1, 2, 17, 32) * 1e-20, r(1, 1, 2, 17, 32)),
+    }
+
+
+@pytest.mark.parametrize("case", list(edge_inputs()))
+@pytest.mark.parametrize("rank", [1, 2, 6])  # d = 32: the subspace path up to r = 6
+def test_the_edges_give_finite_factors_no_worse_than_the_eighs(case, rank):
+    q, k = edge_inputs()[case]
+    old, new = kl(q, k, 32 ** -0.5, rank, EIGH), kl(q, k, 32 ** -0.5, rank, SUBSPACE)
+    assert new <= old * KL_TOLERANCE + 1e-6, (case, old, new)
+
+
+def test_each_spec_is_fitted_by_the_fitter_it_names():
+    q, k = low_rank_plus_noise(1, 1, 2, 17, 32)
+    for spec, fitter in (("lowrank:r=4:fp32", SUBSPACE), ("lowrank:r=4:fp32:fit=subspace", SUBSPACE),
+                         ("lowrank:r=4:fp32:fit=eigh", EIGH)):
+        a, b = parse_encoding(spec).factorize(q, k, 0.25)
+        ref_a, ref_b = fit_factors(q, k, 0.25, 4, fitter)
+        assert torch.equal(a, ref_a) and torch.equal(b, ref_b), spec
+    a, _ = parse_encoding("lowrank:r=4:fp32:fit=eigh").factorize(q, k, 0.25)
+    assert not torch.equal(a, parse_encoding("lowrank:r=4:fp32").factorize(q, k, 0.25)[0])
+
+
+def test_an_unknown_fit_is_refused_in_one_line_naming_the_grammar():
+    from attncache.pipeline._util.spec_error import SpecError
+
+    with pytest.raises(SpecError, match=r"unknown part 'fit=lanczos'.*\[:fit=eigh\]"):
+        parse_encoding("lowrank:r=4:int8:fit=lanczos")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_the_finite_check_finds_every_inf_and_nan_and_passes_sums_that_only_overflow(dtype):
+    """`require_finite` screens by per-(sample, layer) sums: a sum that overflows on finite values (large
+    activations) must pass, and one inf or NaN anywhere must be found at its (sample, layer)."""
+    from attncache.pipeline.encodings.finite import require_finite
+
+    big = torch.full((3, 4, 5, 6), torch.finfo(dtype).max / 2, dtype=dtype)  # every sum overflows
+    require_finite("big", big)
+    require_finite("empty", torch.zeros(0, 4, 5, dtype=dtype))
+    for value in (float("inf"), float("-inf"), float("nan")):
+        for where in ((0, 0, 0, 0), (2, 3, 4, 5), (1, 2, 0, 3)):
+            x = big.clone()
+            x[where] = value
+            with pytest.raises(NonFiniteValues) as raised:
+                require_finite("x", x)
+            assert (raised.value.sample, raised.value.layer) == where[:2], (value, where)
+
+
+def test_the_subspace_fitter_is_what_storage_schema_readme_says():
+    """storage_schema/README.md describes the fitter for writers of other tools: this follows its text
+    alone, in numpy float64, one head at a time, and gets the same factors (up to BLAS rounding)."""
+    import math
+
+    import numpy as np
+
+    q_t, k_t = decaying_qk(b=1, layers=1, heads=2)
+    scale, r = 64 ** -0.5, 4
+    a_t, b_t = fit_factors(q_t, k_t, scale, r)
+    d, p = 64, r + 6
+    primes = [n for n in range(2, 200) if all(n % m for m in range(2, math.isqrt(n) + 1))][:p]
+    start = np.array([[math.fmod((i + 1) * math.sqrt(primes[j]), 1.0) - 0.5 for j in range(p)] for i in range(d)])
+    for h in range(2):
+        q = q_t[0, 0, h].double().numpy()
+        k = k_t[0, 0, h].double().numpy()
+        k_c = k - k.mean(axis=0, keepdims=True)
+        g_q = (q_t[0, 0, h].T @ q_t[0, 0, h]).double().numpy()  # float32 Gram matrices, as written
+        kc32 = (k_t[0, 0, h] - k_t[0, 0, h].mean(0, keepdim=True))
+        g_k = (kc32.T @ kc32).double().numpy()
+        r_q = np.linalg.cholesky(g_q + 1e-7 * np.trace(g_q) * np.eye(d)).T
+        s = r_q @ g_k @ r_q.T
+        x = s @ start
+        for _ in range(6):
+            x = s @ np.linalg.qr(x)[0]
+        basis = np.linalg.qr(x)[0]
+        lam, vec = np.linalg.eigh(basis.T @ s @ basis)
+        t = basis @ vec[:, ::-1][:, :r]
+        sing = scale * np.sqrt(np.clip(lam[::-1][:r], 0, None))
+        a = q @ np.linalg.solve(r_q, t * np.sqrt(sing))
+        b = k_c @ (r_q.T @ t * (scale / np.sqrt(sing)))
+        # singular vectors are defined up to sign: compare the products, and each column up to sign
+        np.testing.assert_allclose(a_t[0, 0, h].double().numpy() @ b_t[0, 0, h].double().numpy().T, a @ b.T,
+                                   rtol=1e-4, atol=1e-4 * np.abs(a @ b.T).max())
+        signs = np.sign((a_t[0, 0, h].double().numpy() * a).sum(0))
+        np.testing.assert_allclose(a_t[0, 0, h].double().numpy(), a * signs, rtol=1e-3, atol=1e-4 * np.abs(a).max())

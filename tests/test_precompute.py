@@ -23,7 +23,7 @@ from attncache.pipeline.store.checks import inspect_store, verify_store
 from attncache.pipeline.store.meta import StoreError
 from attncache.pipeline.teacher.model import Teacher, TeacherConfig
 
-from tests.assets.machine_pins import check
+from tests.assets.machine_pins import KEY as MACHINE, check
 from attncache.pipeline.tools.recompute import recompute_check
 from attncache.storage_schema import SchemaError
 
@@ -188,6 +188,24 @@ def test_a_store_of_the_old_default_encoding_rerun_with_the_new_default_says_how
     assert "To resume" not in str(other.value)
     resumed = run_precompute(_config(synth_data["val"], out, views=1))  # the hint's command: resumes, writes nothing
     assert resumed.units_processed == 0 and resumed.units_already_done > 0 and _all_files(out) == before
+
+
+def test_a_store_fitted_by_the_eigh_rerun_under_todays_fitter_is_refused_naming_fit_eigh(synth_data, tmp_path):
+    """Every low-rank store before 2026-12-03 was fitted by the full eigh, and its metadata names no
+    fitter: re-running its command (same spec) is refused, bytes unchanged, naming the spec that
+    resumes it; that command resumes it and writes nothing, and the store reads as an eigh store."""
+    out = tmp_path / "eigh.zarr"
+    run_precompute(_config(synth_data["val"], out, views=1, encoding="lowrank:r=8:int8:fit=eigh"))
+    meta = CacheStore.open(out).meta
+    assert "fitter" not in meta["encoding"] and meta["encoding"]["spec"] == "lowrank:r=8:int8"  # as before
+    before = _all_files(out)
+    with pytest.raises(StoreError, match=r"encoding: store has .*To resume this store, give --encoding "
+                                         r"lowrank:r=8:int8:fit=eigh\. Use another --out"):
+        run_precompute(_config(synth_data["val"], out, views=1, encoding="lowrank:r=8:int8"))
+    assert _all_files(out) == before
+    resumed = run_precompute(_config(synth_data["val"], out, views=1, encoding="lowrank:r=8:int8:fit=eigh"))
+    assert resumed.units_processed == 0 and resumed.units_already_done > 0 and _all_files(out) == before
+    assert CacheStore.open(out).encoding.spec == "lowrank:r=8:int8:fit=eigh"
 
 
 def test_unknown_schema_version_and_invalid_metadata_raise_clear_errors(synth_data, tmp_path):
@@ -383,6 +401,11 @@ def test_a_glob_that_matches_nothing_is_one_line_naming_it_and_creates_nothing(t
 OLD_DEFAULT_PIN = {"torch": "2.14.1+cu130", "layers": [0, 1, 2, 3],
                    "cache_id": "7ca158e0d9fcecd57c74ce957b51e48811a4b521df6cb3714f47858de5768070",
                    "views_sha256": "b8fe53f89fe63bd29bdc8c071d6cadb23d213a92be5a1af81299680e8cf2b526"}
+# made when the subspace fitter became the default (2026-12-03), on the one machine kind that has run it
+SUBSPACE_VIEWS_PIN = {"machine": "x86_64 AuthenticAMD AMD EPYC avx2",
+                      "views_sha256": "1d4a849aa5a552adebe3043ac68d01b8ae5cb56b7ec44fb87628891b06b915bf"}
+WIDE_HEAD_TEACHER = TeacherConfig("vit_tiny_patch16_224", (("depth", 2), ("embed_dim", 128), ("img_size", 32),
+                                                           ("num_heads", 2), ("patch_size", 8)), random_init=True, seed=0)
 DEEP_TEACHER = TeacherConfig("vit_tiny_patch16_224", (("depth", 4), ("embed_dim", 64), ("img_size", 32),
                                                       ("num_heads", 4), ("patch_size", 8)), random_init=True, seed=0)
 
@@ -400,14 +423,16 @@ def _views_sha256(store) -> str:
 
 def test_every_layer_store_is_byte_identical_to_the_old_default_and_the_default_is_0_to_minus_3(tmp_path):
     """Default layers: all but the last 3 (those a default student transfers), and their factors are
-    the every-layer store's first slots exactly; `layers=":"` with `lowrank:r=8:int8` (the default
-    encoding until 2026-12-02) writes the old default store's bytes."""
+    the every-layer store's first slots exactly; `layers=":"` with `lowrank:r=8:int8:fit=eigh` (the
+    default encoding until 2026-12-02, fitted as every store was until the subspace fitter) writes the
+    old default store's bytes, and the same spec with today's fitter writes its own pinned bytes under
+    another cache id."""
     from attncache.pipeline.studies.synth import SynthConfig, synth_dataset
 
     info = synth_dataset(tmp_path / "d", num_train=0, num_val=64, config=SynthConfig(image_size=32, num_classes=4),
                          shard_size=64, seed=0)
     job = dict(data=(info["val"],), teacher=DEEP_TEACHER, views=1, batch_size=32, workers=0, threads=1, progress=False,
-               encoding="lowrank:r=8:int8")
+               encoding="lowrank:r=8:int8:fit=eigh")
     run_precompute(PrecomputeConfig(out=str(tmp_path / "all.zarr"), layers=":", **job))
     run_precompute(PrecomputeConfig(out=str(tmp_path / "default.zarr"), **job))
     every, default = CacheStore.open(tmp_path / "all.zarr"), CacheStore.open(tmp_path / "default.zarr")
@@ -422,6 +447,17 @@ def test_every_layer_store_is_byte_identical_to_the_old_default_and_the_default_
         pytest.skip(f"the byte pin was recorded with torch {OLD_DEFAULT_PIN['torch']} (cache id includes it)")
     check("precompute/old_default_cache_id", every.meta["cache_id"], OLD_DEFAULT_PIN["cache_id"])  # the teacher's digest is in it
     check("precompute/old_default_views_sha256", _views_sha256(tmp_path / "all.zarr"), OLD_DEFAULT_PIN["views_sha256"])
+    # head dim 64 (ViT-S/B/L's), where r = 8 takes the subspace path; at this teacher's d = 16 it is the eigh
+    wide = dict(job, encoding="lowrank:r=8:int8", teacher=WIDE_HEAD_TEACHER)
+    run_precompute(PrecomputeConfig(out=str(tmp_path / "new.zarr"), layers=":", **wide))
+    run_precompute(PrecomputeConfig(out=str(tmp_path / "eigh.zarr"), layers=":", **dict(wide, encoding="lowrank:r=8:int8:fit=eigh")))
+    new, eigh = CacheStore.open(tmp_path / "new.zarr"), CacheStore.open(tmp_path / "eigh.zarr")
+    assert new.meta["encoding"]["fitter"] == "subspace" and "fitter" not in eigh.meta["encoding"]
+    assert new.meta["cache_id"] != eigh.meta["cache_id"]
+    assert not np.array_equal(new.group["views/0/factors/a"][:], eigh.group["views/0/factors/a"][:])
+    if MACHINE != SUBSPACE_VIEWS_PIN["machine"]:
+        pytest.skip(f"the subspace store's bytes were pinned on {SUBSPACE_VIEWS_PIN['machine']}, this is {MACHINE}")
+    assert _views_sha256(tmp_path / "new.zarr") == SUBSPACE_VIEWS_PIN["views_sha256"]
 
 
 def test_a_store_resumed_at_another_thread_count_or_grown_under_the_new_default_says_which_flags(synth_data,

@@ -111,3 +111,21 @@ def test_write_replace_puts_the_whole_file_and_leaves_no_temp(tmp_path, root):
     files.write_replace("views/0/a/c/0", b"new")
     assert files.read("views/0/a/c/0") == b"new" and files.size("views/0/a/c/0") == 3
     assert files.local_files() == (["views/0/a/c/0"] if files.local else [])
+
+
+def test_all_fill_answers_as_the_whole_comparison_whatever_the_strided_sample_sees():
+    """`all_fill` looks at a strided sample first: a block whose only non-fill value sits between the
+    sampled positions must still count as holding data (else zarr would be told to write no file)."""
+    import numpy as np
+
+    from attncache.pipeline.store.layout import all_fill
+
+    for dtype, fill in ((np.float16, 0), (np.int8, 0), (np.int64, -1), (np.uint8, 0)):
+        block = np.full((4, 3, 5000), fill, dtype=dtype)
+        assert all_fill(block, fill)
+        for where in ((0, 0, 1), (3, 2, 4999), (2, 1, 2500)):  # none of them a multiple of the stride
+            other = block.copy()
+            other[where] = 1
+            assert not all_fill(other, fill), (dtype, where)
+    assert all_fill(np.zeros((0, 3)), 0)
+    assert all_fill(np.array(["", ""], dtype=object), "") and not all_fill(np.array(["", "k"], dtype=object), "")

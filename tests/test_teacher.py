@@ -61,8 +61,10 @@ def test_captured_qk_reproduce_the_attention_output_through_the_projection(arch)
     seen = {}
     h1 = attn.qkv.register_forward_hook(lambda m, i, o: seen.__setitem__("qkv", o.clone()))
     h2 = attn.register_forward_hook(lambda m, i, o: seen.__setitem__("out", o.clone()))
-    q, k = teacher.capture(x, (layer,))
+    with torch.inference_mode():  # the capture stops before the output: a full forward makes it
+        teacher.model.forward_features(x)
     h1.remove(), h2.remove()
+    q, k = teacher.capture(x, (layer,))
     B, N = x.shape[0], teacher.num_tokens
     v = seen["qkv"].reshape(B, N, 3, teacher.num_heads, teacher.head_dim).permute(2, 0, 3, 1, 4)[2]
     probs = ((q[:, 0] * teacher.scale) @ k[:, 0].transpose(-1, -2)).softmax(-1)
@@ -157,19 +159,21 @@ def _full_forward_capture(teacher, x, layers):
 @pytest.mark.parametrize("arch, layers", [("vit_cls", (0, 1)), ("vit_regs", (1,)), ("deit_distilled", (0,)),
                                           ("vit_qk_norm", (2, 0)), ("eva_no_rope", (0,))])
 def test_capture_stops_after_the_last_cached_layer_with_bit_identical_factors(arch, layers):
-    """Blocks after the last selected layer, the last block's MLP, the final norm and the head never
-    run, and Q/K of the selected layers are bit-identical to those of a full forward."""
+    """Blocks after the last selected layer, the last block's attention projection and MLP, the final
+    norm and the head never run, and Q/K of the selected layers are bit-identical to those of a full
+    forward."""
     teacher = _teacher(*ARCHS[arch])
     x = _images(teacher)
     ran = {}
     last = max(layers)
     watched = [(f"block{i}", b) for i, b in enumerate(teacher.model.blocks)] + [
-        ("mlp_last", teacher.model.blocks[last].mlp), ("norm", teacher.model.norm)]
+        ("mlp_last", teacher.model.blocks[last].mlp), ("norm", teacher.model.norm),
+        ("proj_last", teacher.model.blocks[last].attn.proj), ("k_norm_last", teacher.model.blocks[last].attn.k_norm)]
     handles = [m.register_forward_hook(lambda mod, i, o, n=n: ran.__setitem__(n, ran.get(n, 0) + 1)) for n, m in watched]
     q, k = teacher.capture(x, layers)
     for h in handles:
         h.remove()
-    assert {n: c for n, c in ran.items()} == {f"block{i}": 1 for i in range(last)}
+    assert {n: c for n, c in ran.items()} == {**{f"block{i}": 1 for i in range(last)}, "k_norm_last": 1}
     ref_q, ref_k = _full_forward_capture(teacher, x, layers)
     assert torch.equal(q, ref_q) and torch.equal(k, ref_k)
     q_all, k_all = teacher.capture(x, tuple(range(teacher.num_layers)))

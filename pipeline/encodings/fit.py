@@ -1,18 +1,83 @@
-"""The best rank-r fit of scale * Q (K - mean_tokens K)^T as A B^T, A and B of shape (N, r).
+"""The best rank-r fit of scale * Q (K - mean_tokens K)^T as A B^T, A and B of shape (N, r), by one of
+two fitters. Which one wrote a store is in its encoding's JSON (`fitter`, absent meaning `EIGH`, the
+first), so a resumed store never mixes them, and `lowrank:...:fit=eigh` writes the older stores' bytes.
 
 Centring K removes a per-row constant from the logits, which softmax ignores, and shrinks the dynamic
-range that a quantised row codec must cover. Q and centred K are whitened (Cholesky of their Gram
-matrices, standing in for QR), the top-r singular pairs of the small d x d core are taken, and sqrt(S)
-is split to both sides so A and B have similar ranges.
+range that a quantised row codec must cover. Both fitters start from the d x d Gram matrices of Q and
+centred K (with the final A = Q W_a, B = K W_b the only N x d work) and split sqrt(S) to both sides so
+A and B have similar ranges.
+
+- `SUBSPACE` (new stores): one Cholesky (of Q's side), then block subspace iteration with p = r + 6
+  columns on the whitened d x d matrix, Householder QR between steps, and Rayleigh-Ritz on p x p. Why:
+  `EIGH` solves all d directions whatever r, and that eigh was 40 % of a default precompute unit on
+  CPU; this fit solves only the top p for the same KL (BENCHMARKS.md, "Low-rank fitter").
+- `EIGH` (every store before it): Cholesky whitening of both sides and a full float64 eigh of the
+  d x d core.
 """
 from __future__ import annotations
 
-from typing import Callable
+import functools
+import math
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from attncache.pipeline._util.runtime import one_cpu_thread
+from attncache.pipeline._util.spec_error import SpecError
 from attncache.pipeline.encodings.finite import NonFiniteValues, first_bad, require_finite
+
+Weights = tuple[torch.Tensor, torch.Tensor]  # W_a, W_b (d, r) float32: A = Q W_a, B = K_centred W_b
+
+
+class Fitter(Protocol):
+    name: str  # the spec's `fit=` and the encoding JSON's "fitter"
+
+    def weights(self, gram_q: torch.Tensor, gram_k: torch.Tensor, scale: float, rank: int) -> Weights:
+        """W_a, W_b from the float32 Gram matrices Q^T Q and K_c^T K_c [..., d, d]."""
+        ...
+
+
+def fit_factors(q_BLHNd: torch.Tensor, k_BLHNd: torch.Tensor, scale: float, rank: int,
+                fitter: Fitter | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 factors A, B [B, L, H, N, rank] (`fitter` defaults to `SUBSPACE`, what new stores use).
+
+    The N x d work runs in float32 on every thread; the d x d work in float64 (it is small, and
+    ill-conditioned Gram matrices need the digits), its batched LAPACK calls on one CPU thread
+    (`one_cpu_thread`: thousands of tiny calls). Each matrix's BLAS and LAPACK call is the same
+    sequential code at any thread count, so the factors are the same bits at every count."""
+    q = q_BLHNd.float()
+    k = k_BLHNd.float()
+    k = k - k.mean(dim=-2, keepdim=True)
+    gram_q, gram_k = q.transpose(-1, -2) @ q, k.transpose(-1, -2) @ k
+    w_a, w_b = (fitter or SUBSPACE).weights(gram_q, gram_k, scale, rank)
+    a, b = q @ w_a, k @ w_b
+    require_finite("low-rank factor a", a)
+    require_finite("low-rank factor b", b)
+    return a, b
+
+
+def _overflowed(gram: torch.Tensor) -> NonFiniteValues:
+    bad = ~torch.isfinite(gram).reshape(*gram.shape[:2], -1).all(dim=-1)
+    return NonFiniteValues("Q/K Gram matrix of the low-rank factorisation (float32 overflow)", *first_bad(bad))
+
+
+def _has_signal(gram_q: torch.Tensor, gram_k: torch.Tensor) -> torch.Tensor:
+    """[...] False where Q or centred K is all zeros (a zeroed head, a single token, constant keys):
+    the logits are then one constant per row, which softmax ignores, so every direction is dead. The
+    ridged Cholesky of a zero Gram matrix would otherwise scale noise by 1e154 into inf."""
+    trace_q = gram_q.diagonal(dim1=-2, dim2=-1).sum(-1)
+    trace_k = gram_k.diagonal(dim1=-2, dim2=-1).sum(-1)
+    return ((trace_q > 0) & (trace_k > 0)).unsqueeze(-1)
+
+
+def _split_root(sing: torch.Tensor, alive: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """sqrt(S) for A's side and 1 / sqrt(S) for B's, (..., 1, r), both zero on dead directions."""
+    root = torch.where(alive, sing, 1.0).sqrt()
+    return (root * alive).unsqueeze(-2), (alive / root).unsqueeze(-2)
+
+
+# ---------------------------------------------------------------------------------------------- EIGH
 
 
 def _cholesky_upper(gram: torch.Tensor) -> torch.Tensor:
@@ -42,6 +107,28 @@ def _cholesky_upper(gram: torch.Tensor) -> torch.Tensor:
     return factor
 
 
+def _cholesky_lower(gram: torch.Tensor) -> torch.Tensor:
+    """`_cholesky_upper`'s ridges, as the lower factor L = R^T: LAPACK's own triangle, so there is no
+    triangle to clear afterwards, and the ridge goes on the float64 copy itself (a fifth less time)."""
+    gram = gram.double()
+    trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-300)
+    ridged = gram.clone()
+    ridged.diagonal(dim1=-2, dim2=-1).add_((1e-7 * trace)[..., None])
+    factor, info = torch.linalg.cholesky_ex(ridged)
+    for ridge in (1e-6, 1e-5, 1e-4):
+        bad = info != 0
+        if not bad.any():
+            break
+        retry = gram[bad]
+        retry.diagonal(dim1=-2, dim2=-1).add_((ridge * trace[bad])[..., None])
+        factor[bad], info[bad] = torch.linalg.cholesky_ex(retry)
+    if (info != 0).any():  # after the ridges only a Gram matrix that overflowed float32 is left
+        bad = info != 0
+        raise NonFiniteValues("Q/K Gram matrix of the low-rank factorisation (float32 overflow)",
+                              *first_bad(bad.reshape(*bad.shape[:2], -1).any(dim=-1)))
+    return factor
+
+
 def _top_singular(core: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-`rank` left singular vectors (descending) and values of a batch of d x d matrices,
     from the eigendecomposition of core core^T (cheaper than an SVD); zero-padded past d."""
@@ -58,50 +145,109 @@ def _top_singular(core: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Te
     return top, sing
 
 
-TopSingular = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
-
-
-def fit_factors(q_BLHNd: torch.Tensor, k_BLHNd: torch.Tensor, scale: float, rank: int,
-                top_singular: TopSingular | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float32 factors A, B [B, L, H, N, rank].
-
-    `top_singular` (core, rank) -> (left vectors, values) solves the d x d core; every store so far
-    was written with the default, `_top_singular` (a full float64 eigh), and `benchmarks/fit_subspace.py` holds a
-    measured alternative that no store uses (BENCHMARKS.md, "Low-rank fitter").
-
-    Q = U_q R_q with R_q the Cholesky factor of the d x d Gram matrix (a QR without a per-matrix
+@dataclass(frozen=True)
+class EighFit:
+    """Q = U_q R_q with R_q the Cholesky factor of the d x d Gram matrix (a QR without a per-matrix
     LAPACK QR, which costs ~10x more on CPU), likewise centred K; the core scale * R_q R_k^T is
-    d x d and its top-r left singular vectors are the top eigenvectors of core core^T. The
-    N x d work runs in float32, the d x d work in float64 (it is small, and ill-conditioned
-    Gram matrices need the digits). A ridge (1e-7 of the trace, raised where needed) keeps Cholesky
-    defined when N < d, when centred K is rank-deficient, or when float32 rounding makes the Gram
-    matrix indefinite; it only tilts which rank-r subspace is chosen (at r = d the product is exact
-    regardless).
-    """
-    q = q_BLHNd.float()
-    k = k_BLHNd.float()
-    k = k - k.mean(dim=-2, keepdim=True)
-    gram_q, gram_k = q.transpose(-1, -2) @ q, k.transpose(-1, -2) @ k  # N x d work: every thread
-    with one_cpu_thread(q.device):  # thousands of tiny LAPACK calls: one thread (see one_cpu_thread)
-        w_a, w_b = _core_weights(gram_q, gram_k, scale, rank, top_singular or _top_singular)
-    a, b = q @ w_a, k @ w_b
-    require_finite("low-rank factor a", a)
-    require_finite("low-rank factor b", b)
-    return a, b
+    d x d and its top-r left singular vectors are the top eigenvectors of core core^T. A ridge (1e-7
+    of the trace, raised where needed) keeps Cholesky defined when N < d, when centred K is
+    rank-deficient, or when float32 rounding makes the Gram matrix indefinite; it only tilts which
+    rank-r subspace is chosen (at r = d the product is exact regardless)."""
+
+    name: str = "eigh"
+
+    def weights(self, gram_q: torch.Tensor, gram_k: torch.Tensor, scale: float, rank: int) -> Weights:
+        with one_cpu_thread(gram_q.device):  # as every EIGH store was written
+            return self._weights(gram_q, gram_k, scale, rank)
+
+    def _weights(self, gram_q: torch.Tensor, gram_k: torch.Tensor, scale: float, rank: int) -> Weights:
+        r_q = _cholesky_upper(gram_q)
+        r_k = _cholesky_upper(gram_k)
+        core = scale * r_q @ r_k.transpose(-1, -2)  # (d, d)
+        top, sing = _top_singular(core, rank)  # (d, r), (r,)
+        alive = sing > 1e-12 * sing[..., :1].clamp_min(1e-300)  # zero directions when N < r
+        # a zero Q or centred K gave inf factors here, and precompute refused them: zero factors instead
+        # (no stored byte changes, as no store could hold those)
+        signal = _has_signal(gram_q, gram_k)
+        alive = alive & signal
+        right = core.transpose(-1, -2) @ top / torch.where(alive, sing, 1.0).unsqueeze(-2)  # (d, r)
+        right = right * alive.unsqueeze(-2)
+        root = (sing.sqrt() * signal).unsqueeze(-2)  # x 1.0 where there is signal: the same bits
+        # A = U_q top sqrt(S) = Q R_q^{-1} top sqrt(S); B likewise with R_k and the right vectors
+        w_a = torch.linalg.solve_triangular(r_q, top * root, upper=True).float()
+        w_b = torch.linalg.solve_triangular(r_k, right * root, upper=True).float()
+        return w_a, w_b
 
 
-def _core_weights(gram_q: torch.Tensor, gram_k: torch.Tensor, scale: float, rank: int,
-                  top_singular: TopSingular) -> tuple[torch.Tensor, torch.Tensor]:
-    """The d x r maps W_a, W_b with A = Q W_a, B = K_centred W_b (float32), from the Gram matrices."""
-    r_q = _cholesky_upper(gram_q)
-    r_k = _cholesky_upper(gram_k)
-    core = scale * r_q @ r_k.transpose(-1, -2)  # (d, d)
-    top, sing = top_singular(core, rank)  # (d, r), (r,)
-    alive = sing > 1e-12 * sing[..., :1].clamp_min(1e-300)  # zero directions when N < r
-    right = core.transpose(-1, -2) @ top / torch.where(alive, sing, 1.0).unsqueeze(-2)  # (d, r)
-    right = right * alive.unsqueeze(-2)
-    root = sing.sqrt().unsqueeze(-2)
-    # A = U_q top sqrt(S) = Q R_q^{-1} top sqrt(S); B likewise with R_k and the right vectors
-    w_a = torch.linalg.solve_triangular(r_q, top * root, upper=True).float()
-    w_b = torch.linalg.solve_triangular(r_k, right * root, upper=True).float()
-    return w_a, w_b
+# ---------------------------------------------------------------------------------------------- SUBSPACE
+
+
+@functools.lru_cache(maxsize=16)
+def _start_block(d: int, p: int) -> torch.Tensor:
+    """The fixed d x p start of the iteration, float64 on the CPU: a quasi-random (Weyl) sequence
+    frac((i + 1) sqrt(prime_j)) - 1/2, the same numbers on every machine and torch version, no RNG.
+    The iteration only needs a start not orthogonal to the top subspace, which data never arranges."""
+    primes = [n for n in range(2, 64 * p) if all(n % m for m in range(2, math.isqrt(n) + 1))][:p]
+    i = torch.arange(1, d + 1, dtype=torch.float64)[:, None]
+    alpha = torch.tensor(primes, dtype=torch.float64).sqrt()[None, :]
+    return torch.frac(i * alpha) - 0.5
+
+
+@dataclass(frozen=True)
+class SubspaceFit:
+    """Q = U_q R_q as in `EIGH` (its ridged Cholesky of G_q), so M M^T = U_q (scale^2 S) U_q^T with
+    S = R_q G_k R_q^T (d x d, symmetric): the top-r eigenvectors T of S give U = U_q T, A = Q R_q^{-1} T
+    sqrt(Sigma) and B = M^T U Sigma^{-1/2} = K_c (scale R_q^T T Sigma^{-1/2}), so K needs no Cholesky.
+    T comes from `steps` products X <- S Q(X) (Q(X): Householder QR, stable however far the columns'
+    scales drift apart) from `_start_block`, then the p x p Rayleigh-Ritz problem Q(X)^T S Q(X). A fixed
+    start and step count make the factors a pure function of the Gram matrices. Where p > 0.4 d (at
+    d = 64: r > 19; at d = 16: every r) the full eigh is faster, and exact: `EIGH`'s weights are used."""
+
+    name: str = "subspace"
+    steps: int = 6
+    extra: int = 6  # columns beyond r: the r-th pair converges as (lambda_{r+extra+1} / lambda_r)^steps
+
+    def weights(self, gram_q: torch.Tensor, gram_k: torch.Tensor, scale: float, rank: int) -> Weights:
+        d = gram_q.shape[-1]
+        p = rank + self.extra
+        if 5 * p > 2 * d:  # measured crossover (BENCHMARKS.md): past p = 0.4 d the QRs cost more than the eigh
+            return EIGH.weights(gram_q, gram_k, scale, rank)
+        if not torch.isfinite(gram_k).all():
+            raise _overflowed(gram_k)
+        one_thread = functools.partial(one_cpu_thread, gram_q.device)  # LAPACK only; matmuls on every thread
+        with one_thread():
+            r_q = _cholesky_lower(gram_q).transpose(-1, -2)  # refuses a G_q that overflowed float32
+        s_dd = r_q @ gram_k.double() @ r_q.transpose(-1, -2)
+        x = s_dd @ _start_block(d, p).to(s_dd.device)
+        for _ in range(self.steps):
+            with one_thread():
+                basis = torch.linalg.qr(x).Q
+            x = s_dd @ basis
+        with one_thread():
+            basis = torch.linalg.qr(x).Q  # (d, p), orthonormal
+            evals, evecs = torch.linalg.eigh(basis.transpose(-1, -2) @ s_dd @ basis)  # ascending
+        top = basis @ torch.flip(evecs[..., -rank:], dims=(-1,))  # (d, r)
+        lam = torch.flip(evals[..., -rank:], dims=(-1,)).clamp_min(0)
+        alive = (lam > 1e-24 * lam[..., :1].clamp_min(1e-300)) & _has_signal(gram_q, gram_k)  # as EIGH's
+        up, down = _split_root(scale * lam.sqrt(), alive)
+        with one_thread():
+            w_a = torch.linalg.solve_triangular(r_q, top * up, upper=True)
+        return w_a.float(), (r_q.transpose(-1, -2) @ (top * (scale * down))).float()
+
+
+@dataclass(frozen=True)
+class UnknownFit:
+    """A fitter named by a store that this version does not know: the store reads (decoding needs no
+    fitter), but nothing is fitted with it, so a resume cannot mix fitters."""
+
+    name: str
+
+    def weights(self, gram_q, gram_k, scale, rank) -> Weights:
+        raise SpecError(f"this store's factors were made by the low-rank fitter {self.name!r}, which this "
+                        f"attncache does not know (known: {', '.join(FITTERS)}): it can read the store, "
+                        "not add to it")
+
+
+EIGH = EighFit()
+SUBSPACE = SubspaceFit()
+FITTERS: dict[str, Fitter] = {f.name: f for f in (SUBSPACE, EIGH)}

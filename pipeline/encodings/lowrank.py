@@ -1,23 +1,24 @@
 """The `lowrank` family: factors A, B [L, H, N, r] with A B^T ~= scale Q (K - mean K)^T (see `fit`),
 through a row codec, with one rank for every layer or one per cached layer.
 
-Specs: `lowrank:r=RANKS[:fp16|fp32|bf16|int8|int4|fp8][:scale=token|row-pow2|token-pow2]`, RANKS = `R`
-or `R,R,...` (`RxK` repeats R K times); `scale=` picks cheaper scales for int8 / int4 / fp8 rows
-(`shared_scales.py`), `scale=row` (float16 per row) being the form without it. A schedule's arrays are [L, H, N, max(ranks)] so the layer axis stays what every reader
+Specs: `lowrank:r=RANKS[:fp16|fp32|bf16|int8|int4|fp8][:scale=token|row-pow2|token-pow2][:fit=eigh]`, RANKS =
+`R` or `R,R,...` (`RxK` repeats R K times); `scale=` picks cheaper scales for int8 / int4 / fp8 rows
+(`shared_scales.py`), `scale=row` (float16 per row) being the form without it; `fit=eigh` makes the
+factors as every store before the subspace fitter did (`fit.py`), `fit=subspace` being the form without it. A schedule's arrays are [L, H, N, max(ranks)] so the layer axis stays what every reader
 expects; layer l keeps its top ranks[l] singular pairs and zero columns after them. Zero columns decode
 to 0 under every row codec, so `a @ b^T` needs no per-layer logic, and zstd removes most of their bytes.
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from attncache.pipeline._util.spec_error import SpecError
 from attncache.pipeline.encodings.codecs import QUANTS, ROW_CODECS
-from attncache.pipeline.encodings.fit import fit_factors
+from attncache.pipeline.encodings.fit import EIGH, FITTERS, SUBSPACE, Fitter, UnknownFit, fit_factors
 from attncache.pipeline.encodings.protocol import ArraySpec, Encoding, check_signal
 from attncache.pipeline.encodings.registry import grammar, register
 from attncache.pipeline.encodings.rows import FloatRows, RowCodec
@@ -34,6 +35,7 @@ _FIRST_FORM_CODECS = ("fp16", "fp32", "int8", "bf16")
 class LowRankEncoding(Encoding):
     ranks: tuple[int, ...] = (16,)
     codec: RowCodec = FloatRows("fp16")
+    fitter: Fitter = SUBSPACE
     decodes = frozenset({"logits"})
     refusal = LOGIT_FACTORS_ONLY
 
@@ -47,7 +49,20 @@ class LowRankEncoding(Encoding):
 
     @property
     def spec(self) -> str:
+        fit = "" if self.fitter == SUBSPACE else f":fit={self.fitter.name}"
+        return self._stored_spec + fit
+
+    @property
+    def _stored_spec(self) -> str:
+        """The JSON's "spec": without the fitter, which has its own key (absent for `EIGH`, so its
+        stores keep the metadata bytes and cache id they always had)."""
         return f"lowrank:r={','.join(str(r) for r in self.ranks)}:{self.codec.name}"
+
+    def as_recorded(self, recorded: dict) -> "LowRankEncoding":
+        """This encoding with the fitter `recorded` (a store's encoding JSON) names: "fitter" absent
+        is `EIGH`, which wrote every store before the key existed; an unknown one reads but fits nothing."""
+        name = recorded.get("fitter", EIGH.name)
+        return replace(self, fitter=FITTERS.get(name) or UnknownFit(str(name)))
 
     @property
     def _first_form(self) -> bool:
@@ -77,7 +92,7 @@ class LowRankEncoding(Encoding):
     def factorize(self, q_BLHNd: torch.Tensor, k_BLHNd: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Float factors [B, L, H, N, max rank], each layer's columns past its rank zeroed. Truncating
         the top-r factorisation's columns is the rank-r factorisation: singular pairs are independent."""
-        a, b = fit_factors(q_BLHNd, k_BLHNd, scale, self.rank)
+        a, b = fit_factors(q_BLHNd, k_BLHNd, scale, self.rank, self.fitter)
         if self.is_schedule:
             ranks = torch.tensor(self.layer_ranks(a.shape[1]), device=a.device)
             keep_Lr = (torch.arange(self.rank, device=a.device) < ranks[:, None]).to(a.dtype)
@@ -96,14 +111,16 @@ class LowRankEncoding(Encoding):
         return a @ b.transpose(-1, -2)
 
     def to_json(self) -> dict:
+        fitted = {} if self.fitter == EIGH else {"fitter": self.fitter.name}  # the key is new: absent is EIGH
+        spec = self._stored_spec
         if self._first_form:
-            return {"kind": "lowrank", "rank": self.rank, "quant": self.codec.name, "spec": self.spec}
+            return {"kind": "lowrank", "rank": self.rank, "quant": self.codec.name, "spec": spec, **fitted}
         scheme = getattr(self.codec, "scheme", None)  # shared_scales.py: a new key, absent for per-row float16
         if scheme is not None:
             return {"kind": "lowrank", "rank": self.rank, "ranks": list(self.ranks), "quant": self.codec.quant,
-                    "scale": scheme, "spec": self.spec}
+                    "scale": scheme, "spec": spec, **fitted}
         return {"kind": "lowrank", "rank": self.rank, "ranks": list(self.ranks), "quant": self.codec.name,
-                "spec": self.spec}
+                "spec": spec, **fitted}
 
 
 def parse_ranks(spec: str, text: str) -> tuple[int, ...]:
@@ -121,10 +138,11 @@ def parse_ranks(spec: str, text: str) -> tuple[int, ...]:
     return tuple(ranks)
 
 
-@register("lowrank", grammar="lowrank:r=RANKS[:fp16|fp32|bf16|int8|int4|fp8][:scale=token|row-pow2|token-pow2], "
-                             "RANKS = R (every layer) or R,R,... (one per cached layer; RxK repeats R K times)")
+@register("lowrank", grammar="lowrank:r=RANKS[:fp16|fp32|bf16|int8|int4|fp8][:scale=token|row-pow2|token-pow2]"
+                             "[:fit=eigh], RANKS = R (every layer) or R,R,... (one per cached layer; RxK repeats R "
+                             "K times)")
 def parse_lowrank(spec: str, rest: list[str]) -> LowRankEncoding:
-    ranks, quant, scheme = None, "fp16", "row"
+    ranks, quant, scheme, fitter = None, "fp16", "row", SUBSPACE
     for part in rest:
         if part.startswith("r="):
             ranks = parse_ranks(spec, part[2:])
@@ -132,6 +150,8 @@ def parse_lowrank(spec: str, rest: list[str]) -> LowRankEncoding:
             quant = part
         elif part.startswith("scale=") and part[6:] in ("row", *SCHEMES):
             scheme = part[6:]
+        elif part.startswith("fit=") and part[4:] in FITTERS:
+            fitter = FITTERS[part[4:]]
         else:
             raise SpecError(f"bad encoding {spec!r}: unknown part {part!r} (expected r=RANKS or one of "
                              f"{', '.join(QUANTS)}; grammar: {grammar()})")
@@ -140,7 +160,7 @@ def parse_lowrank(spec: str, rest: list[str]) -> LowRankEncoding:
                          "or a schedule 'lowrank:r=4,4,8,8:int8'")
     codec = ROW_CODECS[quant]
     if scheme == "row":
-        return LowRankEncoding(ranks, codec)
+        return LowRankEncoding(ranks, codec, fitter)
     if not isinstance(codec, ScaledRows):
         raise SpecError(f"bad encoding {spec!r}: scale={scheme} needs scaled rows (int8, int4 or fp8), not {quant}")
-    return LowRankEncoding(ranks, shared_scale_rows(codec, scheme))
+    return LowRankEncoding(ranks, shared_scale_rows(codec, scheme), fitter)

@@ -68,6 +68,11 @@ class Encoding(Protocol):
         """The store's `encoding` metadata (part of the cache id): its keys and order are frozen."""
         ...
 
+    def as_recorded(self, recorded: dict) -> "Encoding":
+        """This encoding as the store JSON `recorded` (whose "spec" parsed to it) describes it: a family
+        whose JSON holds more than its spec (the low-rank fitter) puts that back here."""
+        return self
+
     @property
     def serves_qk(self) -> bool:
         return {"q", "k"} <= self.decodes

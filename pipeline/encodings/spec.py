@@ -22,4 +22,5 @@ def parse_encoding(spec: str) -> Encoding:
 
 
 def encoding_from_json(d: dict) -> Encoding:
-    return parse_encoding(d["spec"])
+    """The encoding a store's JSON records: its spec, and what the JSON holds beside it (`as_recorded`)."""
+    return parse_encoding(d["spec"]).as_recorded(d)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from attncache.pipeline._util.runtime import default_threads
+from attncache.pipeline._util.runtime import default_threads, keep_freed_memory
 from attncache.pipeline.augment.recipe import Recipe, parse_recipe
 from attncache.pipeline.data.binding import check_digests, check_members, check_sizes, match_urls
 from attncache.pipeline.data.shards import (DEFAULT_MAX_SAMPLE_BYTES, DatasetManifest, build_manifest,
@@ -159,6 +159,7 @@ def build_job(config: PrecomputeConfig, manifest: DatasetManifest | None = None,
         raise ValueError("--views must be at least 1")
     check_max_sample_bytes(config.max_sample_bytes)
     torch.set_num_threads(config.threads)
+    keep_freed_memory()
     if manifest is None:
         manifest = build_manifest(data_shards(config) if shards is None else shards, progress=config.progress,
                                   max_sample_bytes=config.max_sample_bytes)

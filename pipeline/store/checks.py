@@ -111,7 +111,8 @@ def inspect_store(path: str) -> dict:
         "path": redact(str(path)), "cache_id": meta["cache_id"], "schema_version": meta["schema_version"],
         "teacher": meta["teacher"]["name"], "teacher_weights_sha256": meta["teacher"]["weights_sha256"],
         "recipe": meta["recipe"]["spec"], "seed": meta["seed"], "views": meta["views"],
-        "encoding": meta["encoding"]["spec"], "compression": meta["compression"],
+        "encoding": store.encoding.spec,  # the spec that writes this store (`fit=eigh` for older ones)
+        "compression": meta["compression"],
         "layers": meta["layers"], "heads": meta["heads"], "tokens": meta["tokens"],
         "units_done": done, "units_total": len(store.units()), "samples_written": written,
         "samples_skipped": skipped, "bytes_on_disk": store.bytes_on_disk(), "factor_bytes": factor_bytes,

@@ -139,5 +139,11 @@ def parse_compression(spec: str) -> dict:
 
 
 def all_fill(block: np.ndarray, fill) -> bool:
-    """Whether a unit's block holds only fill values (zarr would then write no file at all)."""
-    return bool(np.all(block == fill)) if block.dtype != object else all(v == fill for v in block.ravel())
+    """Whether a unit's block holds only fill values (zarr would then write no file at all).
+
+    A factor block is tens of MB and almost never all fill: a strided sample of it answers first (a
+    fifth of a second less per exact unit), the whole comparison only when the sample is all fill."""
+    if block.dtype == object:
+        return all(v == fill for v in block.ravel())
+    flat = block.reshape(-1)
+    return bool(np.all(flat[::4099] == fill)) and bool(np.all(flat == fill))

@@ -5,6 +5,7 @@ import hashlib
 import json
 
 from attncache.pipeline.data.shards import redact
+from attncache.pipeline.encodings.spec import encoding_from_json
 
 META_ATTR = "attncache"
 
@@ -39,6 +40,17 @@ def require_same_job(path: str, old: dict, new: dict) -> None:
 _COMPUTE_FLAGS = (("threads", "--threads"), ("batch_size", "--batch-size"))
 
 
+def _recorded_spec(recorded) -> str | None:
+    """The spec that makes the encoding a store's JSON records, e.g. `lowrank:r=2:int4:fit=eigh` for a
+    store written before the subspace fitter (its JSON's "spec" alone would now mean that fitter)."""
+    if not isinstance(recorded, dict) or not recorded.get("spec"):
+        return None
+    try:
+        return encoding_from_json(recorded).spec
+    except ValueError:  # a spec this version cannot parse: no hint rather than a wrong one
+        return None
+
+
 def _resume_hint(old: dict, new: dict, diffs: list[str]) -> str:
     """The flags that resume the store, where only settings with a flag differ (and views, which a
     resume grows): a store made under an earlier default encoding, or at another machine's default
@@ -46,7 +58,7 @@ def _resume_hint(old: dict, new: dict, diffs: list[str]) -> str:
     torch version differ: that is another job, not a default that moved."""
     flags = []
     if "encoding" in diffs:
-        spec = old["encoding"].get("spec") if isinstance(old.get("encoding"), dict) else None
+        spec = _recorded_spec(old.get("encoding"))
         if not spec:
             return ""
         flags.append(f"--encoding {spec}")

@@ -25,6 +25,19 @@ SCALE = 16 ** -0.5
 PLATFORM = f"{platform.machine()} torch {torch.__version__.split('+')[0]}"
 
 
+def eigh_form(spec: str) -> str:
+    """The spec of the fitter every pinned store used: low-rank stores were fitted by the full eigh
+    until the subspace fitter became the default (`fit=eigh` names it; exact stores fit nothing).
+    The pins were made with the specs as written; this checks the same bytes under today's name."""
+    spec = spec.strip()
+    return spec if spec.startswith("exact") else spec + ":fit=eigh"
+
+
+def pinned_form(got: dict, spec: str) -> dict:
+    """`got` (a fingerprint of `eigh_form(spec)`) with its spec as the pins wrote it (no `fit=`)."""
+    return dict(got, spec=got["spec"].removesuffix(":fit=eigh"))
+
+
 def qk() -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1234)
     shape = (2, SHAPE["num_layers"], SHAPE["num_heads"], SHAPE["num_tokens"], SHAPE["head_dim"])
