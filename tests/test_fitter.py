@@ -166,11 +166,24 @@ def test_each_spec_is_fitted_by_the_fitter_it_names():
     assert not torch.equal(a, parse_encoding("lowrank:r=4:fp32").factorize(q, k, 0.25)[0])
 
 
-def test_an_unknown_fit_is_refused_in_one_line_naming_the_grammar():
+def test_an_unknown_fit_is_refused_in_one_line_naming_the_known_ones():
     from attncache.pipeline._util.spec_error import SpecError
 
-    with pytest.raises(SpecError, match=r"unknown part 'fit=lanczos'.*\[:fit=eigh\]"):
+    with pytest.raises(SpecError, match=r"unknown low-rank fitter 'lanczos' \(known: subspace, eigh; .*reads"):
         parse_encoding("lowrank:r=4:int8:fit=lanczos")
+    with pytest.raises(ValueError, match="own name"):  # other bits under the stores' name: refused
+        __import__("attncache.pipeline.encodings.fit", fromlist=["SubspaceFit"]).SubspaceFit(steps=3)
+
+
+def test_the_fit_runs_under_inference_mode_and_then_with_autograd():
+    """The start block is cached: made under inference mode first, it must still serve a later fit
+    whose inputs need gradients."""
+    q, k = decaying_qk(b=1, layers=1, heads=1, tokens=33, dim=48, seed=11)
+    with torch.inference_mode():
+        fit_factors(q, k, 0.1, 2)
+    a, b = fit_factors(q.requires_grad_(), k, 0.1, 2)
+    (a.sum() + b.sum()).backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -187,6 +187,11 @@ def _start_block(d: int, p: int) -> torch.Tensor:
     """The fixed d x p start of the iteration, float64 on the CPU: a quasi-random (Weyl) sequence
     frac((i + 1) sqrt(prime_j)) - 1/2, the same numbers on every machine and torch version, no RNG.
     The iteration only needs a start not orthogonal to the top subspace, which data never arranges."""
+    with torch.inference_mode(False):  # cached: an inference tensor could not meet autograd later
+        return _weyl_block(d, p)
+
+
+def _weyl_block(d: int, p: int) -> torch.Tensor:
     primes = [n for n in range(2, 64 * p) if all(n % m for m in range(2, math.isqrt(n) + 1))][:p]
     i = torch.arange(1, d + 1, dtype=torch.float64)[:, None]
     alpha = torch.tensor(primes, dtype=torch.float64).sqrt()[None, :]
@@ -206,6 +211,11 @@ class SubspaceFit:
     name: str = "subspace"
     steps: int = 6
     extra: int = 6  # columns beyond r: the r-th pair converges as (lambda_{r+extra+1} / lambda_r)^steps
+
+    def __post_init__(self):
+        # the name is what a store records: other steps or columns make other bits, so another name
+        if self.name == "subspace" and (self.steps, self.extra) != (6, 6):
+            raise ValueError("a SubspaceFit with other steps or columns than the stores' needs its own name")
 
     def weights(self, gram_q: torch.Tensor, gram_k: torch.Tensor, scale: float, rank: int) -> Weights:
         d = gram_q.shape[-1]

@@ -61,8 +61,8 @@ class LowRankEncoding(Encoding):
     def as_recorded(self, recorded: dict) -> "LowRankEncoding":
         """This encoding with the fitter `recorded` (a store's encoding JSON) names: "fitter" absent
         is `EIGH`, which wrote every store before the key existed; an unknown one reads but fits nothing."""
-        name = recorded.get("fitter", EIGH.name)
-        return replace(self, fitter=FITTERS.get(name) or UnknownFit(str(name)))
+        name = str(recorded.get("fitter", EIGH.name))
+        return replace(self, fitter=FITTERS.get(name) or UnknownFit(name))
 
     @property
     def _first_form(self) -> bool:
@@ -150,7 +150,11 @@ def parse_lowrank(spec: str, rest: list[str]) -> LowRankEncoding:
             quant = part
         elif part.startswith("scale=") and part[6:] in ("row", *SCHEMES):
             scheme = part[6:]
-        elif part.startswith("fit=") and part[4:] in FITTERS:
+        elif part.startswith("fit="):
+            if part[4:] not in FITTERS:
+                raise SpecError(f"bad encoding {spec!r}: unknown low-rank fitter {part[4:]!r} (known: "
+                                 f"{', '.join(FITTERS)}; a store that names another was made by another "
+                                 "attncache version: it reads, but cannot be added to)")
             fitter = FITTERS[part[4:]]
         else:
             raise SpecError(f"bad encoding {spec!r}: unknown part {part!r} (expected r=RANKS or one of "

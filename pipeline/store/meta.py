@@ -47,7 +47,7 @@ def _recorded_spec(recorded) -> str | None:
         return None
     try:
         return encoding_from_json(recorded).spec
-    except ValueError:  # a spec this version cannot parse: no hint rather than a wrong one
+    except (ValueError, TypeError):  # a spec this version cannot parse: no hint rather than a wrong one
         return None
 
 

@@ -140,8 +140,9 @@ class Teacher:
 
     def capture(self, images_BCHW: torch.Tensor, layers: tuple[int, ...],
                 heads: tuple[int, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Q and K of the chosen layers and heads, float32 [B, L, H, N, d] (see `_capture`, which
-        the self-check runs too, so it checks exactly this capture)."""
+        """Q and K of the chosen layers and heads, float32 [B, L, H, N, d] (see `_capture`). The
+        self-check runs the same hooks with the last layer's attention let through, so that its output
+        can be replayed; Q and K are made before that point, so it checks these values."""
         return self._capture(images_BCHW, layers, heads, through_attention=False)
 
     @torch.inference_mode()
