@@ -57,9 +57,11 @@ def fit_factors(q_BLHNd: torch.Tensor, k_BLHNd: torch.Tensor, scale: float, rank
     return a, b
 
 
-def _overflowed(gram: torch.Tensor) -> NonFiniteValues:
-    bad = ~torch.isfinite(gram).reshape(*gram.shape[:2], -1).all(dim=-1)
-    return NonFiniteValues("Q/K Gram matrix of the low-rank factorisation (float32 overflow)", *first_bad(bad))
+def _overflowed(bad: torch.Tensor) -> NonFiniteValues:
+    """The refusal for Gram matrices that overflowed float32, at the first (sample, layer) of `bad`
+    [B, L, ...] (one flag per Gram matrix)."""
+    return NonFiniteValues("Q/K Gram matrix of the low-rank factorisation (float32 overflow)",
+                           *first_bad(bad.reshape(*bad.shape[:2], -1).any(dim=-1)))
 
 
 def _has_signal(gram_q: torch.Tensor, gram_k: torch.Tensor) -> torch.Tensor:
@@ -81,51 +83,33 @@ def _split_root(sing: torch.Tensor, alive: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 def _cholesky_upper(gram: torch.Tensor) -> torch.Tensor:
-    """Upper Cholesky factor of Gram matrices with a small ridge, raised where float32 rounding
-    left a rank-deficient Gram matrix (N < d, centred K) slightly indefinite."""
+    """Upper Cholesky factor of Gram matrices (float64) with a small ridge (`_cholesky`): `EIGH`'s."""
+    return _cholesky(gram, upper=True)
+
+
+def _cholesky(gram: torch.Tensor, upper: bool) -> torch.Tensor:
+    """Cholesky factor of Gram matrices in float64 with a ridge of 1e-7 of the trace, raised to 1e-6,
+    1e-5, 1e-4 where float32 rounding left a rank-deficient Gram matrix (N < d, centred K) slightly
+    indefinite. The ridge is written on the diagonal alone: the same values as adding trace * I (off
+    the diagonal x + 0.0 == x) for a fifth of the time. `upper=False` is LAPACK's own triangle (no
+    triangle to clear afterwards); `SUBSPACE` takes it, `EIGH` the upper one its stores were made with."""
     gram = gram.double()
     trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-300)  # the ridges are fractions of it
 
     def ridged(g: torch.Tensor, t: torch.Tensor, ridge: float) -> torch.Tensor:
-        # g + ridge * trace * I, written on the diagonal alone: the same values as the full-matrix sum
-        # (off the diagonal x + 0.0 == x) for a fifth of the time of building trace * I
         out = g.clone()
         out.diagonal(dim1=-2, dim2=-1).add_((ridge * t)[..., None])
         return out
 
-    factor, info = torch.linalg.cholesky_ex(ridged(gram, trace, 1e-7), upper=True)
+    factor, info = torch.linalg.cholesky_ex(ridged(gram, trace, 1e-7), upper=upper)
     for ridge in (1e-6, 1e-5, 1e-4):
         bad = info != 0
         if not bad.any():
             break
-        retry, retry_info = torch.linalg.cholesky_ex(ridged(gram[bad], trace[bad], ridge), upper=True)
+        retry, retry_info = torch.linalg.cholesky_ex(ridged(gram[bad], trace[bad], ridge), upper=upper)
         factor[bad], info[bad] = retry, retry_info
     if (info != 0).any():  # after the ridges only a Gram matrix that overflowed float32 is left
-        bad = info != 0
-        raise NonFiniteValues("Q/K Gram matrix of the low-rank factorisation (float32 overflow)",
-                              *first_bad(bad.reshape(*bad.shape[:2], -1).any(dim=-1)))
-    return factor
-
-
-def _cholesky_lower(gram: torch.Tensor) -> torch.Tensor:
-    """`_cholesky_upper`'s ridges, as the lower factor L = R^T: LAPACK's own triangle, so there is no
-    triangle to clear afterwards, and the ridge goes on the float64 copy itself (a fifth less time)."""
-    gram = gram.double()
-    trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-300)
-    ridged = gram.clone()
-    ridged.diagonal(dim1=-2, dim2=-1).add_((1e-7 * trace)[..., None])
-    factor, info = torch.linalg.cholesky_ex(ridged)
-    for ridge in (1e-6, 1e-5, 1e-4):
-        bad = info != 0
-        if not bad.any():
-            break
-        retry = gram[bad]
-        retry.diagonal(dim1=-2, dim2=-1).add_((ridge * trace[bad])[..., None])
-        factor[bad], info[bad] = torch.linalg.cholesky_ex(retry)
-    if (info != 0).any():  # after the ridges only a Gram matrix that overflowed float32 is left
-        bad = info != 0
-        raise NonFiniteValues("Q/K Gram matrix of the low-rank factorisation (float32 overflow)",
-                              *first_bad(bad.reshape(*bad.shape[:2], -1).any(dim=-1)))
+        raise _overflowed(info != 0)
     return factor
 
 
@@ -222,11 +206,12 @@ class SubspaceFit:
         p = rank + self.extra
         if 5 * p > 2 * d:  # measured crossover (BENCHMARKS.md): past p = 0.4 d the QRs cost more than the eigh
             return EIGH.weights(gram_q, gram_k, scale, rank)
-        if not torch.isfinite(gram_k).all():
-            raise _overflowed(gram_k)
+        finite_k = torch.isfinite(gram_k).all(dim=-1).all(dim=-1)
+        if not finite_k.all():
+            raise _overflowed(~finite_k)
         one_thread = functools.partial(one_cpu_thread, gram_q.device)  # LAPACK only; matmuls on every thread
         with one_thread():
-            r_q = _cholesky_lower(gram_q).transpose(-1, -2)  # refuses a G_q that overflowed float32
+            r_q = _cholesky(gram_q, upper=False).transpose(-1, -2)  # refuses a G_q that overflowed float32
         s_dd = r_q @ gram_k.double() @ r_q.transpose(-1, -2)
         x = s_dd @ _start_block(d, p).to(s_dd.device)
         for _ in range(self.steps):
