@@ -34,6 +34,7 @@ from attncache.pipeline.encodings.spec import DEFAULT_ENCODING
 from attncache.pipeline.precompute.job import PrecomputeConfig, build_job
 from attncache.pipeline.precompute.local import run_precompute
 from attncache.pipeline.store.checks import inspect_store
+from attncache.pipeline.store.layout import compression_spec
 from attncache.pipeline.studies.synth import SynthConfig, synth_dataset
 from attncache.pipeline.teacher.model import Teacher, TeacherConfig, parse_model_args
 
@@ -57,7 +58,7 @@ def bare_forward_rate(teacher: Teacher, batch_size: int, batches: int) -> float:
     return batch_size * batches / (time.perf_counter() - started)
 
 
-def precompute_rate(data: str, out: Path, teacher_cfg: TeacherConfig, encoding: str, compression: str,
+def precompute_rate(data: str, out: Path, teacher_cfg: TeacherConfig, encoding: str, compression: str | None,
                     batch_size: int, workers: int, threads: int, layers: str | None) -> tuple[float, dict]:
     config = PrecomputeConfig(data=(data,), out=str(out), teacher=teacher_cfg, views=1, encoding=encoding,
                               compression=compression, batch_size=batch_size, workers=workers, threads=threads,
@@ -89,9 +90,9 @@ def measure_throughput(args, work: Path, info: dict, teacher_cfg: TeacherConfig,
     bare, rows = [], []
     for suffix, encoding, layers in THROUGHPUT_RUNS:
         bare.append(bare_forward_rate(teacher, args.batch_size, batches))
-        rate, stats = precompute_rate(info["train"], work / f"{suffix}.zarr", teacher_cfg, encoding, "zstd:3",
-                                      args.batch_size, args.workers, args.threads, layers)
-        rows.append({"run": suffix, "encoding": encoding, "compression": "zstd:3", "layers": stats["layers"],
+        rate, stats = precompute_rate(info["train"], work / f"{suffix}.zarr", teacher_cfg, encoding, None,
+                                      args.batch_size, args.workers, args.threads, layers)  # the encoding's compressor
+        rows.append({"run": suffix, "encoding": encoding, "compression": compression_spec(stats["compression"]), "layers": stats["layers"],
                      "images_per_s": rate, "bytes_per_sample": stats["bytes_per_sample"]})
     bare.append(bare_forward_rate(teacher, args.batch_size, batches))
     median = statistics.median(bare)

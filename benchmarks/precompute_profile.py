@@ -22,7 +22,8 @@ def main(argv: list[str] | None = None) -> None:
                                      description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--teacher", default="vit_small_patch16_224", help="timm teacher (random init, seeded)")
     parser.add_argument("--encoding", default="exact:fp16", help="encoding spec")
-    parser.add_argument("--compression", default="zstd:3", help="compressor of the factor arrays")
+    parser.add_argument("--compression", default=None,
+                        help="compressor of the factor arrays (default: the encoding's own, as precompute's)")
     parser.add_argument("--layers", default=None, help="layers to cache (default: precompute's, all but the last 3)")
     parser.add_argument("--batch-size", type=int, default=32, help="teacher batch size")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")

@@ -37,8 +37,8 @@ def bench() -> None:
                    f"{' '.join(defaults.FIDELITY_GRID)} (ranks above the head dim skipped); STORE mode the store's encoding "
                    "and exact:fp16].")
 @click.option("--compression", default=None, callback=P.compression_callback,
-              help="zstd[:LEVEL][:shuffle|bitshuffle] or none for stored bytes [default: zstd:3; STORE mode: the "
-                   "store's].")
+              help="zstd[:LEVEL][:shuffle|bitshuffle] or none for stored bytes [default: precompute's, "
+                   f"{defaults.COMPRESSION_HELP}; STORE mode: the store's].")
 @click.option("--batch-size", default=_DEFAULTS.batch_size, type=P.BATCH, help="Samples per encode / decode call (and teacher batch).")
 @click.option("--threads", default=_DEFAULTS.threads, type=P.THREADS, help="Torch intra-op threads.")
 @click.option("--device", default="cpu", help="Device of the teacher, encoding and decoding: cpu, cuda, ...")
@@ -75,7 +75,7 @@ def fidelity(store_or_teacher, teacher, model_args, checkpoint, random_init, see
             config = FidelityConfig(
                 teacher=make_teacher_config(store_or_teacher, model_args, checkpoint, random_init, seed, device),
                 data=tuple(data), samples=samples, recipe=recipe or "eval", seed=seed, layers=layers or ":",
-                heads=heads, encodings=specs, compression=compression or "zstd:3", batch_size=batch_size,
+                heads=heads, encodings=specs, compression=compression, batch_size=batch_size,
                 threads=threads)
             report = run_fidelity(config)
     except ValueError as exc:  # bad spec, rank above head dim, wrong weights, no samples

@@ -53,7 +53,9 @@ def make_teacher_config(teacher: str, model_args, checkpoint, random_init, seed,
 @click.option("--encoding", default=_DEFAULTS.encoding, callback=P.encoding_callback,
               help="exact[:fp16|fp32|bf16|int8|int4|fp8] or lowrank:r=RANKS[:fp16|fp32|bf16|int8|int4|fp8] "
                    "(RANKS: R, or one per cached layer); `bench fidelity` compares them.")
-@click.option("--compression", default=_DEFAULTS.compression, callback=P.compression_callback, help="zstd[:LEVEL][:shuffle|bitshuffle] or none.")
+@click.option("--compression", default=_DEFAULTS.compression, callback=P.compression_callback,
+              help=f"zstd[:LEVEL][:shuffle|bitshuffle] or none [default: {defaults.COMPRESSION_HELP}] (recorded: "
+                   "part of the cache id).")
 @click.option("--batch-size", default=_DEFAULTS.batch_size, type=P.BATCH, help="Teacher batch size (recorded: it fixes numerics).")
 @click.option("--workers", default=_DEFAULTS.workers, type=P.LOADER_WORKERS, help="Loader processes decoding and augmenting.")
 @click.option("--threads", default=_DEFAULTS.threads, type=P.THREADS,
@@ -178,11 +180,13 @@ def inspect(store, as_json, list_keys, view):
     if as_json:
         click.echo(json.dumps(info))
         return
-    for key in ("path", "teacher", "encoding", "recipe", "seed", "views", "layers", "heads", "tokens",
+    from attncache.pipeline.store.layout import compression_spec
+
+    for key in ("path", "teacher", "encoding", "compression", "recipe", "seed", "views", "layers", "heads", "tokens",
                 "units_done", "units_total", "samples_written", "samples_skipped", "bytes_on_disk",
                 "bytes_per_sample", "raw_fp32_map_bytes_per_sample", "ratio_to_raw_fp32_maps",
                 "fidelity_kl_per_layer", "compute"):
-        value = info[key]
+        value = compression_spec(info[key]) if key == "compression" else info[key]
         value = f"{value:,.1f}" if isinstance(value, float) else value
         click.echo(f"{key:>32}: {value}")
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from attncache.pipeline._util.runtime import default_threads
-from attncache.pipeline.encodings.default import DEFAULT_ENCODING  # imports nothing
+from attncache.pipeline.encodings.default import COMPRESSION_HELP, DEFAULT_ENCODING  # imports nothing
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,7 @@ class Precompute:
     recipe: str = "train"
     layers: str | None = None
     encoding: str = DEFAULT_ENCODING
-    compression: str = "zstd:3"
+    compression: str | None = None  # the encoding's own: COMPRESSION_HELP
     batch_size: int = 64
     workers: int = 2
     threads: int = field(default_factory=default_threads)
@@ -84,7 +84,7 @@ class Plan:
     views: int = 1
     layers: str | None = None
     encoding: str = DEFAULT_ENCODING
-    compression: str = "zstd:3"
+    compression: str | None = None  # the encoding's own: COMPRESSION_HELP
     compression_factor: str = "none"
     recipe: str = "train"
     key_bytes: int = 16

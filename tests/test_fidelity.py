@@ -61,6 +61,20 @@ def test_teacher_mode_reports_kl_bytes_and_speed_for_every_encoding(base_report)
     assert base_report["samples"] == 6 and base_report["tokens"] == n
 
 
+def test_each_encoding_is_stored_with_its_own_compressor_unless_one_is_given(synth_data):
+    """Without --compression the grid's bytes are what a precompute of each encoding would store: int4
+    rows with zstd:3:shuffle, exact:bf16 with zstd:1, the rest zstd:3 (pipeline/encodings/default.py)."""
+    grid = ["--encodings", "exact:bf16 lowrank:r=2:int4 lowrank:r=8:int8"]
+    own = _json(*RANDOM_TEACHER, "--data", synth_data["val"], "--samples", 4, *grid)
+    given = _json(*RANDOM_TEACHER, "--data", synth_data["val"], "--samples", 4, *grid, "--compression", "zstd:3")
+    assert own["compression"] == "each encoding's own default" and given["compression"] == "zstd:3"
+    assert [r["compression"] for r in own["results"]] == ["zstd:1", "zstd:3:shuffle", "zstd:3"]
+    assert [r["compression"] for r in given["results"]] == ["zstd:3"] * 3
+    own_bytes, given_bytes = ([r["bytes_per_sample"] for r in rep["results"]] for rep in (own, given))
+    assert own_bytes[2] == given_bytes[2] and own_bytes[1] != given_bytes[1]  # same compressor, same bytes
+    assert [r["kl_mean"] for r in own["results"]] == [r["kl_mean"] for r in given["results"]]
+
+
 def test_table_plot_and_random_weights_warning(synth_data, tmp_path):
     png = tmp_path / "frontier.png"
     result = _bench(*RANDOM_TEACHER, "--data", synth_data["val"], "--samples", 4, *FEW, "--out-png", png)
@@ -81,7 +95,8 @@ def test_stored_bytes_are_what_the_store_writes(synth_data, tmp_path):
     store = CacheStore.open(cfg.out)
     data = store.read_unit(0, 0)
     assert data.valid.all()
-    measured = sum(stored_bytes(data.factors, parse_compression("zstd:3")).values())
+    assert store.meta["compression"] == parse_compression("zstd:3:shuffle")  # int4 rows' own compressor
+    measured = sum(stored_bytes(data.factors, store.meta["compression"]).values())
     assert measured == store.unit_factor_bytes(store.units()[0])
 
 
@@ -162,7 +177,9 @@ def test_store_mode_scores_the_cached_bytes_against_the_re_run_teacher(trained_s
     assert all(c > e for c, e in zip(cached["kl_per_layer"], exact["kl_per_layer"]))
     info = json.loads(CliRunner().invoke(cli, ["inspect", str(trained_store), "--json"]).output)
     assert cached["bytes_per_sample"] == info["bytes_per_sample"]
-    assert report["compression"] == "zstd:3" and not report["random_init"]
+    # the store's own compressor, the one its encoding (int4 rows) gets by default
+    assert report["compression"] == cached["compression"] == fresh["compression"] == "zstd:3:shuffle"
+    assert exact["compression"] == "zstd:3:shuffle" and not report["random_init"]
     other = _json(trained_store, "--teacher", trained_teacher_dir, "--samples", 4, "--encodings", "exact:int8",
                   "--compression", "none")
     assert [r["encoding"] for r in other["results"]] == ["lowrank:r=2,4,4,8:int4 (store)", "exact:int8"]

@@ -20,6 +20,7 @@ from attncache.pipeline.precompute.job import OnBadSample, PrecomputeConfig, Too
 from attncache.pipeline.precompute.local import run_precompute
 from attncache.pipeline.store.cache import CacheStore
 from attncache.pipeline.store.checks import inspect_store, verify_store
+from attncache.pipeline.store.layout import parse_compression
 from attncache.pipeline.store.meta import StoreError
 from attncache.pipeline.teacher.model import Teacher, TeacherConfig
 
@@ -206,6 +207,63 @@ def test_a_store_fitted_by_the_eigh_rerun_under_todays_fitter_is_refused_naming_
     resumed = run_precompute(_config(synth_data["val"], out, views=1, encoding="lowrank:r=8:int8:fit=eigh"))
     assert resumed.units_processed == 0 and resumed.units_already_done > 0 and _all_files(out) == before
     assert CacheStore.open(out).encoding.spec == "lowrank:r=8:int8:fit=eigh"
+
+
+def test_each_encoding_gets_its_own_compressor_unless_one_is_given(synth_data, tmp_path):
+    """Without --compression a store records its encoding's compressor (pipeline/encodings/default.py):
+    zstd:3:shuffle for int4 low-rank rows, zstd:3 for int8 rows and exact:fp16; a given one wins."""
+    cases = [("lowrank:r=2:int4", None, "zstd:3:shuffle"), ("lowrank:r=8:int8", None, "zstd:3"),
+             ("exact:fp16", None, "zstd:3"), ("lowrank:r=2:int4", "zstd:3", "zstd:3")]
+    for i, (encoding, given, recorded) in enumerate(cases):
+        out = tmp_path / f"c{i}.zarr"
+        run_precompute(_config(synth_data["val"], out, views=1, encoding=encoding, compression=given))
+        store = CacheStore.open(out)
+        assert store.meta["compression"] == parse_compression(recorded), (encoding, given)
+        assert verify_store(out).ok
+    shuffled, plain = CacheStore.open(tmp_path / "c0.zarr"), CacheStore.open(tmp_path / "c3.zarr")
+    assert shuffled.meta["cache_id"] != plain.meta["cache_id"]  # the compressor is part of the id
+    one, other = shuffled.read_unit(0, 0), plain.read_unit(0, 0)
+    for name in one.factors:  # what a reader decodes does not depend on the compressor
+        np.testing.assert_array_equal(one.factors[name], other.factors[name])
+    # the recorded compressor is the one the shards went through (which saves more on ViT-S, BENCHMARKS.md)
+    assert shuffled.unit_factor_bytes(shuffled.units()[0]) != plain.unit_factor_bytes(plain.units()[0])
+    codecs = json.loads((tmp_path / "c0.zarr" / "views/0/factors/a/zarr.json").read_text())["codecs"]
+    assert '"shuffle": "shuffle"' in json.dumps(codecs) and '"cname": "zstd"' in json.dumps(codecs)
+
+
+def test_a_store_of_the_old_default_compressor_rerun_without_compression_says_how_to_resume(synth_data, tmp_path):
+    """Default int4 stores were zstd:3 until 2026-12-03: re-running such a store's command is refused
+    with every byte as it was, naming --compression zstd:3; that command resumes it and writes nothing.
+    The default store of 2026-12-02 (eigh-fitted, zstd:3) is told both flags."""
+    out = tmp_path / "old.zarr"
+    old = dict(views=1, encoding="lowrank:r=2:int4", compression="zstd:3")
+    run_precompute(_config(synth_data["val"], out, **old))
+    before = _all_files(out)
+    with pytest.raises(StoreError, match=r"compression: store has .*To resume this store, give --compression "
+                                         r"zstd:3\. Use another --out"):
+        run_precompute(_config(synth_data["val"], out, **dict(old, compression=None)))
+    assert _all_files(out) == before
+    resumed = run_precompute(_config(synth_data["val"], out, **old))
+    assert resumed.units_processed == 0 and resumed.units_already_done > 0 and _all_files(out) == before
+
+    eigh = tmp_path / "eigh.zarr"
+    run_precompute(_config(synth_data["val"], eigh, **dict(old, encoding="lowrank:r=2:int4:fit=eigh")))
+    before = _all_files(eigh)
+    with pytest.raises(StoreError, match=r"To resume this store, give --encoding lowrank:r=2:int4:fit=eigh "
+                                         r"--compression zstd:3\. Use another --out"):
+        run_precompute(_config(synth_data["val"], eigh, **dict(old, compression=None)))
+    assert _all_files(eigh) == before
+
+
+def test_a_resume_hint_names_no_compression_the_hinted_encoding_gets_by_default(synth_data, tmp_path):
+    """An int8 store (zstd:3, its encoding's default) re-run under the int4 default: the hint's
+    --encoding alone brings zstd:3 back, so it names no --compression."""
+    out = tmp_path / "int8.zarr"
+    run_precompute(_config(synth_data["val"], out, views=1))
+    rerun = dict(_config(synth_data["val"], out, views=1).__dict__)
+    del rerun["encoding"]
+    with pytest.raises(StoreError, match=r"shuffle.*To resume this store, give --encoding lowrank:r=8:int8\. "):
+        run_precompute(PrecomputeConfig(**rerun))
 
 
 def test_unknown_schema_version_and_invalid_metadata_raise_clear_errors(synth_data, tmp_path):

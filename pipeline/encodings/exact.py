@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from attncache.pipeline._util.spec_error import SpecError
+from attncache.pipeline.encodings.default import default_compression
 from attncache.pipeline.encodings.codecs import QUANTS, ROW_CODECS
 from attncache.pipeline.encodings.protocol import SIGNALS, ArraySpec, Encoding, check_signal
 from attncache.pipeline.encodings.registry import grammar, register
@@ -29,6 +30,10 @@ class ExactEncoding(Encoding):
     @property
     def spec(self) -> str:
         return f"exact:{self.codec.name}"
+
+    @property
+    def default_compression(self) -> str:
+        return default_compression("exact", self.codec.name)
 
     def array_specs(self, num_layers: int, num_heads: int, num_tokens: int, head_dim: int) -> list[ArraySpec]:
         if head_dim % self.codec.values_per_byte:

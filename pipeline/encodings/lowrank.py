@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from attncache.pipeline._util.spec_error import SpecError
+from attncache.pipeline.encodings.default import default_compression
 from attncache.pipeline.encodings.codecs import QUANTS, ROW_CODECS
 from attncache.pipeline.encodings.fit import EIGH, FITTERS, SUBSPACE, Fitter, UnknownFit, fit_factors
 from attncache.pipeline.encodings.protocol import ArraySpec, Encoding, check_signal
@@ -71,6 +72,10 @@ class LowRankEncoding(Encoding):
     @property
     def _rows(self) -> RowCodec:
         return FirstInt8Rows() if self._first_form and self.codec.name == "int8" else self.codec
+
+    @property
+    def default_compression(self) -> str:
+        return default_compression("lowrank", getattr(self.codec, "quant", self.codec.name))
 
     def layer_ranks(self, num_layers: int) -> tuple[int, ...]:
         if not self.is_schedule:

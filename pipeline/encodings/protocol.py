@@ -13,6 +13,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from attncache.pipeline.encodings.default import DEFAULT_COMPRESSION
+
 # What a consumer can ask an encoding to decode (`Encoding.decode(arrays, what, scale, device)`):
 # "logits" [B, L, H, N, N] = scale * Q K^T up to a per-row constant, "q" / "k" [B, L, H, N, d].
 SIGNALS = ("logits", "q", "k")
@@ -72,6 +74,11 @@ class Encoding(Protocol):
         """This encoding as the store JSON `recorded` (whose "spec" parsed to it) describes it: a family
         whose JSON holds more than its spec (the low-rank fitter) puts that back here."""
         return self
+
+    @property
+    def default_compression(self) -> str:
+        """The store's compressor when the user gives none (`default.default_compression`)."""
+        return DEFAULT_COMPRESSION
 
     @property
     def serves_qk(self) -> bool:

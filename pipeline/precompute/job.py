@@ -48,7 +48,7 @@ class PrecomputeConfig:
     layers: str | None = None  # None: the layers a default student transfers, all but the last 3 (`0:-3`)
     heads: str | None = None
     encoding: str = DEFAULT_ENCODING
-    compression: str = "zstd:3"
+    compression: str | None = None  # None: the encoding's own (`Encoding.default_compression`)
     batch_size: int = 64
     workers: int = 2
     threads: int = field(default_factory=default_threads)
@@ -133,7 +133,8 @@ def build_metadata(config: PrecomputeConfig, manifest: DatasetManifest, teacher:
         "tokens": {"count": teacher.num_tokens, "num_prefix_tokens": teacher.num_prefix_tokens,
                    "grid": list(teacher.grid)},
         "encoding": encoding.to_json(),
-        "compression": parse_compression(config.compression),
+        "compression": parse_compression(encoding.default_compression if config.compression is None
+                                         else config.compression),
         "dataset": dict(manifest.to_json(), fingerprint=manifest.fingerprint, slots_per_shard=slots,
                         num_slots=slots * len(manifest.shards)),
         "compute": {"batch_size": config.batch_size, "threads": config.threads, "device": config.teacher.device,

@@ -138,6 +138,13 @@ def parse_compression(spec: str) -> dict:
     return {"codec": "zstd", "level": level, "shuffle": shuffle}
 
 
+def compression_spec(compression: dict) -> str:
+    """The spec `parse_compression` turns into `compression` (a store's metadata), e.g. `zstd:3:shuffle`."""
+    if compression["codec"] == "none":
+        return "none"
+    return f"zstd:{compression['level']}" + {"none": "", "byte": ":shuffle", "bit": ":bitshuffle"}[compression["shuffle"]]
+
+
 def all_fill(block: np.ndarray, fill) -> bool:
     """Whether a unit's block holds only fill values (zarr would then write no file at all).
 

@@ -6,6 +6,7 @@ import json
 
 from attncache.pipeline.data.shards import redact
 from attncache.pipeline.encodings.spec import encoding_from_json
+from attncache.pipeline.store.layout import compression_spec, parse_compression
 
 META_ATTR = "attncache"
 
@@ -51,23 +52,46 @@ def _recorded_spec(recorded) -> str | None:
         return None
 
 
+def _recorded_compression(recorded) -> str | None:
+    """The `--compression` that makes the compression a store's JSON records (None: not one this version writes)."""
+    try:
+        spec = compression_spec(recorded)
+        return spec if parse_compression(spec) == recorded else None
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _recorded_default_compression(recorded) -> str | None:
+    """The compressor a store of the encoding `recorded` gets by default in this version."""
+    try:
+        return encoding_from_json(recorded).default_compression
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def _resume_hint(old: dict, new: dict, diffs: list[str]) -> str:
     """The flags that resume the store, where only settings with a flag differ (and views, which a
-    resume grows): a store made under an earlier default encoding, or at another machine's default
-    thread count. No hint where the teacher, data, recipe, seed, layers, heads, compression, device or
-    torch version differ: that is another job, not a default that moved."""
+    resume grows): a store made under an earlier default encoding or compressor, or at another
+    machine's default thread count. No hint where the teacher, data, recipe, seed, layers, heads,
+    device or torch version differ: that is another job, not a default that moved."""
     flags = []
     if "encoding" in diffs:
         spec = _recorded_spec(old.get("encoding"))
         if not spec:
             return ""
         flags.append(f"--encoding {spec}")
+    if "compression" in diffs:
+        spec = _recorded_compression(old.get("compression"))
+        if not spec:
+            return ""
+        if not ("encoding" in diffs and spec == _recorded_default_compression(old.get("encoding"))):
+            flags.append(f"--compression {spec}")  # not the default of the --encoding the hint names
     if "compute" in diffs:
         before, now = old.get("compute") or {}, new.get("compute") or {}
         if any(before.get(k) != now.get(k) for k in set(before) | set(now) if k not in dict(_COMPUTE_FLAGS)):
             return ""
         flags += [f"{flag} {before[key]}" for key, flag in _COMPUTE_FLAGS if before.get(key) != now.get(key)]
-    if not flags or set(diffs) - {"encoding", "compute", "views"}:
+    if not flags or set(diffs) - {"encoding", "compression", "compute", "views"}:
         return ""
     grow = " (and the --views you ask for: the store grows)" if "views" in diffs else ""
     return f" To resume this store, give {' '.join(flags)}{grow}."

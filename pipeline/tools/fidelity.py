@@ -31,7 +31,7 @@ from attncache.pipeline.encodings.kl import attention_kl, exact_logits
 from attncache.pipeline.encodings.spec import parse_encoding
 from attncache.pipeline.store import layout
 from attncache.pipeline.store.cache import CacheStore
-from attncache.pipeline.store.layout import factor_chunk_slots, parse_compression
+from attncache.pipeline.store.layout import compression_spec, factor_chunk_slots, parse_compression
 from attncache.pipeline.teacher.model import Teacher, TeacherConfig, resolve_heads, resolve_layers
 
 DEFAULT_GRID = ("exact:fp16", "exact:fp8", "exact:int8", "exact:int4",
@@ -39,6 +39,7 @@ DEFAULT_GRID = ("exact:fp16", "exact:fp8", "exact:int8", "exact:int4",
                 *(f"lowrank:r={r}:{q}" for r in (16, 8) for q in ("fp8", "int4")),
                 "lowrank:r=2:int4")  # the default encoding (pipeline/encodings/default.py): check it on your teacher
 REFERENCE = "exact:fp16"
+EACH_ENCODINGS_OWN = "each encoding's own default"
 RANDOM_WEIGHTS_WARNING = ("teacher has RANDOM weights: its attention is near-uniform, so every encoding looks "
                           "better than on a trained teacher; use these KL figures for bytes and speed only")
 
@@ -53,7 +54,7 @@ class FidelityConfig:
     layers: str = ":"
     heads: str | None = None
     encodings: tuple[str, ...] = ()  # () = DEFAULT_GRID, skipping entries that do not fit the teacher
-    compression: str = "zstd:3"
+    compression: str | None = None  # None: each encoding's own, as precompute would write it
     batch_size: int = 8
     threads: int = field(default_factory=default_threads)
 
@@ -155,9 +156,11 @@ def measure(encoding, cap: Captured, compression: dict, batch_size: int) -> dict
             "encode_samples_s": n / encode_s, "decode_samples_s": n / decode_s}
 
 
-def run_grid(cap: Captured, encodings: tuple[str, ...], compression: str, batch_size: int) -> tuple[list[dict], list[str]]:
-    """Rows for each encoding; with the default grid, entries that do not fit the teacher (rank above
-    the head dim) are skipped and named, while an explicit list fails on them."""
+def run_grid(cap: Captured, encodings: tuple[str, ...], compression: str | None,
+             batch_size: int) -> tuple[list[dict], list[str]]:
+    """Rows for each encoding, its bytes stored with `compression` (None: the encoding's own default,
+    what a precompute without --compression writes); with the default grid, entries that do not fit
+    the teacher (rank above the head dim) are skipped and named, while an explicit list fails on them."""
     chosen, notes = list(encodings or DEFAULT_GRID), []
     shape = tuple(cap.q.shape[1:])
     rows = []
@@ -170,7 +173,8 @@ def run_grid(cap: Captured, encodings: tuple[str, ...], compression: str, batch_
                 raise
             notes.append(f"skipped {spec}: {exc}")
             continue
-        rows.append(measure(encoding, cap, parse_compression(compression), batch_size))
+        used = encoding.default_compression if compression is None else compression
+        rows.append({**measure(encoding, cap, parse_compression(used), batch_size), "compression": used})
     _add_ratios(rows)
     return rows, notes
 
@@ -208,7 +212,8 @@ def _report(teacher: Teacher, layers, heads, cap: Captured, rows, notes, compres
             "weights_sha256": identity["weights_sha256"], "random_init": random_init,
             "warnings": [RANDOM_WEIGHTS_WARNING] if random_init else [],
             "samples": len(cap.keys), "layers": list(layers), "heads": list(heads),
-            "tokens": teacher.num_tokens, "head_dim": teacher.head_dim, "compression": compression,
+            "tokens": teacher.num_tokens, "head_dim": teacher.head_dim,
+            "compression": compression or EACH_ENCODINGS_OWN,
             "device": str(cap.q.device), "threads": threads, "batch_size": batch_size,
             "raw_fp32_map_bytes_per_sample": len(layers) * len(heads) * teacher.num_tokens ** 2 * 4,
             **extra, "notes": notes, "results": rows}
@@ -281,7 +286,7 @@ def run_store_fidelity(path: str, teacher_cfg: TeacherConfig | None, samples: in
     layers, heads = tuple(store.meta["layers"]), tuple(store.meta["heads"])
     slots, keys, images, factors = cached_samples(store, view, samples)
     cap = capture(teacher, images, layers, heads, batch_size, keys)
-    compression = compression or _compression_spec(store.meta["compression"])
+    compression = compression or compression_spec(store.meta["compression"])
     grid = encodings or tuple(dict.fromkeys((store.encoding.spec, REFERENCE)))
     rows, notes = run_grid(cap, grid, compression, batch_size)
     rows.insert(0, _cached_row(store, factors, cap, inspect_store(path)["bytes_per_sample"], batch_size))
@@ -308,13 +313,7 @@ def _cached_row(store: CacheStore, factors: dict[str, np.ndarray], cap: Captured
             "raw_bytes_per_sample": raw / count, "bytes_per_sample": bytes_per_sample,
             "arrays_bytes_per_sample": None, "kl_mean": float(np.mean(kl)), "kl_per_layer": kl,
             "encode_mb_s": None, "decode_mb_s": raw / 1e6 / seconds, "encode_samples_s": None,
-            "decode_samples_s": count / seconds}
-
-
-def _compression_spec(c: dict) -> str:
-    if c["codec"] == "none":
-        return "none"
-    return f"zstd:{c['level']}" + {"none": "", "byte": ":shuffle", "bit": ":bitshuffle"}[c["shuffle"]]
+            "decode_samples_s": count / seconds, "compression": compression_spec(store.meta["compression"])}
 
 
 def is_store(path: str) -> bool:
@@ -335,12 +334,12 @@ def format_table(report: dict) -> str:
              f"tokens {report['tokens']}, d {report['head_dim']}, compression {report['compression']}, "
              f"device {report['device']}, threads {report['threads']}, batch {report['batch_size']}"]
     lines += [f"WARNING: {w}" for w in report["warnings"]] + [f"note: {n}" for n in report["notes"]]
-    lines += ["", "| encoding | Q/K | raw bytes/sample | stored bytes/sample | x smaller than exact:fp16 | "
-                  "mean KL | encode MB/s | decode MB/s | encode samples/s | decode samples/s |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += ["", "| encoding | Q/K | raw bytes/sample | compression | stored bytes/sample | x smaller than "
+                  "exact:fp16 | mean KL | encode MB/s | decode MB/s | encode samples/s | decode samples/s |",
+              "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["results"]:
         lines.append(f"| `{r['encoding']}` | {'yes' if r['serves_qk'] else 'no'} | {r['raw_bytes_per_sample']:,.0f} | "
-                     f"{r['bytes_per_sample']:,.0f} | {_fmt(r['x_smaller_than_exact_fp16'], '.1f')} | "
+                     f"{r['compression']} | {r['bytes_per_sample']:,.0f} | {_fmt(r['x_smaller_than_exact_fp16'], '.1f')} | "
                      f"{r['kl_mean']:.3g} | {_fmt(r['encode_mb_s'], ',.1f')} | {_fmt(r['decode_mb_s'], ',.1f')} | "
                      f"{_fmt(r['encode_samples_s'], ',.1f')} | {_fmt(r['decode_samples_s'], ',.1f')} |")
     lines += ["", "| encoding | " + " | ".join(f"KL layer {l}" for l in report["layers"]) + " |",

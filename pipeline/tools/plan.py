@@ -47,7 +47,7 @@ class PlanConfig:
     layers: str | None = None  # None: precompute's default, the layers a default student transfers (`0:-3`)
     heads: str | None = None
     encoding: str = DEFAULT_ENCODING
-    compression: str = "zstd:3"
+    compression: str | None = None  # None: the encoding's own, as precompute's
     compression_factor: str = "none"  # none | a number | measured
     recipe: str = "train"
     key_bytes: int = 16
@@ -164,7 +164,8 @@ def make_plan(config: PlanConfig) -> dict:
         raise PlanError("--images-per-s must be > 0")
     encoding = parse_encoding(config.encoding)
     check_mode(encoding, config.mode)  # before the teacher is built: fail before work
-    compression = parse_compression(config.compression)
+    compression_text = encoding.default_compression if config.compression is None else config.compression
+    compression = parse_compression(compression_text)
     factor = parse_factor(config.compression_factor)
     teacher = shape_teacher(config.teacher)
     layers = resolve_layers_or_default(config.layers, teacher.num_layers)
@@ -173,7 +174,7 @@ def make_plan(config: PlanConfig) -> dict:
     arrays = array_breakdown(encoding, recipe, teacher, layers, heads, config.key_bytes)
     if factor == "measured":
         factor = measure_compression(teacher, encoding, layers, heads, compression, config.threads)
-        factor_source = f"measured with {config.compression} on random inputs and random weights (rough)"
+        factor_source = f"measured with {compression_text} on random inputs and random weights (rough)"
     else:
         factor_source = "given" if factor else "none: uncompressed size (zstd gains ~1.1x on floats, more on ints)"
     factor_bytes = sum(a["bytes_per_sample"] for a in arrays.values() if a["kind"] == "factor")
@@ -195,7 +196,9 @@ def make_plan(config: PlanConfig) -> dict:
         "tokens": teacher.num_tokens, "head_dim": teacher.head_dim, "layers": list(layers),
         "layers_source": _layers_source(config.layers, teacher.num_layers), "heads": list(heads),
         "encoding": encoding.spec, "serves_qk": encoding.serves_qk, "mode": config.mode,
-        "recipe": recipe.describe(), "compression": config.compression, "compression_factor": factor,
+        "recipe": recipe.describe(), "compression": compression_text,
+        "compression_source": "given" if config.compression is not None else "the encoding's default",
+        "compression_factor": factor,
         "compression_factor_source": factor_source, "samples": config.samples, "views": config.views,
         "sample_views": sample_views, "arrays": arrays, "factor_bytes_per_sample": factor_bytes,
         "base_bytes_per_sample": base_bytes, "index_bytes_per_sample": index_bytes, "bytes_per_sample": per_sample,
@@ -234,7 +237,7 @@ def plan_lines(plan: dict) -> list[str]:
         lines.append(f"{name:>10} {a['kind']:>6} {a['dtype']:>8} {str(a['trailing_shape']):>22} "
                      f"{a['bytes_per_sample']:>14,}")
     lines += [f"{'index':>10} {'shard':>6} {'':>8} {'':>22} {plan['index_bytes_per_sample']:>14,}",
-              "", f"compression {plan['compression']}: factor {plan['compression_factor'] or 'not applied'} "
+              "", f"compression {plan['compression']} ({plan['compression_source']}): factor {plan['compression_factor'] or 'not applied'} "
                   f"({plan['compression_factor_source']})",
               f"bytes per sample-view: {plan['bytes_per_sample']:,.0f} ({plan['x_smaller_than_fp32_maps']:.1f}x "
               f"smaller than fp32 maps, factors {plan['x_smaller_than_exact_fp16_factors']:.1f}x smaller than "
