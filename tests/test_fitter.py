@@ -240,3 +240,60 @@ def test_the_subspace_fitter_is_what_storage_schema_readme_says():
                                    rtol=1e-4, atol=1e-4 * np.abs(a @ b.T).max())
         signs = np.sign((a_t[0, 0, h].double().numpy() * a).sum(0))
         np.testing.assert_allclose(a_t[0, 0, h].double().numpy(), a * signs, rtol=1e-3, atol=1e-4 * np.abs(a).max())
+
+
+@pytest.fixture
+def one_sample_chunks(monkeypatch):
+    """Chunks of one sample each (`_weights_by_chunks`), so that small inputs take the chunked path."""
+    from attncache.pipeline.encodings import fit
+
+    monkeypatch.setattr(fit, "_CHUNK_MATRICES", 1)
+
+
+@pytest.mark.parametrize("fitter", [SUBSPACE, EIGH], ids=["subspace", "eigh"])
+def test_chunks_on_threads_give_the_bits_of_each_sample_fitted_alone(one_sample_chunks, fitter):
+    """The d x d work runs in chunks of whole samples on the caller's threads: the factors must be
+    the bits of each sample fitted alone (one chunk, no thread), at every thread count."""
+    q, k = low_rank_plus_noise(5, 2, 3, 33, 32, rank=6, noise=0.3)
+    outs = fits_at((2, 1, 2), lambda: fit_factors(q, k, 32 ** -0.5, 4, fitter))
+    assert same_bits(outs) and [after for _, after in outs] == [2, 1, 2]
+    alone = [fit_factors(q[i:i + 1], k[i:i + 1], 32 ** -0.5, 4, fitter) for i in range(5)]
+    for whole, parts in zip(outs[0][0], zip(*alone)):
+        assert torch.equal(whole, torch.cat(parts))
+
+
+def test_chunks_at_their_real_size_give_the_bits_of_one_chunk(monkeypatch):
+    """At the shipped chunk size a batch of 12 samples x 24 heads is two chunks, one per thread."""
+    from attncache.pipeline.encodings import fit
+
+    q, k = low_rank_plus_noise(12, 2, 12, 20, 32, rank=6, noise=0.3)
+    chunked = fits_at((2,), lambda: fit_factors(q, k, 32 ** -0.5, 2))[0][0]
+    monkeypatch.setattr(fit, "_CHUNK_MATRICES", 10 ** 9)
+    whole = fits_at((2,), lambda: fit_factors(q, k, 32 ** -0.5, 2))[0][0]
+    assert all(torch.equal(x, y) for x, y in zip(chunked, whole))
+
+
+@pytest.mark.parametrize("fitter", [SUBSPACE, EIGH], ids=["subspace", "eigh"])
+def test_an_overflow_in_a_later_chunk_names_its_index_in_the_whole_batch(one_sample_chunks, fitter):
+    q, k = low_rank_plus_noise(4, 3, 2, 17, 32, rank=6, noise=0.3)
+    q, k = q.clone(), k.clone()
+    q[2, 1] *= 1e30  # its Gram matrix overflows float32
+    with pytest.raises(NonFiniteValues) as bad:
+        fits_at((2,), lambda: fit_factors(q, k, 32 ** -0.5, 2, fitter))
+    assert (bad.value.sample, bad.value.layer) == (2, 1) and "Gram" in bad.value.what
+    k[3, 2] *= 1e30
+    q[2, 1] /= 1e30
+    with pytest.raises(NonFiniteValues) as bad:
+        fits_at((2,), lambda: fit_factors(q, k, 32 ** -0.5, 2, fitter))
+    assert (bad.value.sample, bad.value.layer) == (3, 2)
+
+
+def test_chunks_keep_the_callers_autograd_and_inference_modes(one_sample_chunks):
+    q, k = decaying_qk(b=3, layers=1, heads=2, tokens=33, dim=48, seed=12)
+    with torch.inference_mode():
+        a, _ = fit_factors(q, k, 0.1, 2)
+    assert a.is_inference()
+    q = q.clone().requires_grad_()
+    a, b = fit_factors(q, k, 0.1, 2)
+    (a.sum() + b.sum()).backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all() and bool((q.grad != 0).any(dim=-1).all())

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -50,11 +52,55 @@ def fit_factors(q_BLHNd: torch.Tensor, k_BLHNd: torch.Tensor, scale: float, rank
     k = k_BLHNd.float()
     k = k - k.mean(dim=-2, keepdim=True)
     gram_q, gram_k = q.transpose(-1, -2) @ q, k.transpose(-1, -2) @ k
-    w_a, w_b = (fitter or SUBSPACE).weights(gram_q, gram_k, scale, rank)
+    w_a, w_b = _weights_by_chunks(fitter or SUBSPACE, gram_q, gram_k, scale, rank)
     a, b = q @ w_a, k @ w_b
     require_finite("low-rank factor a", a)
     require_finite("low-rank factor b", b)
     return a, b
+
+
+# d x d problems per task of `_weights_by_chunks`: a chunk's float64 work (about 32 KB per matrix, several
+# copies) stays in the cache, and a batch gives each CPU thread several chunks
+_CHUNK_MATRICES = 256
+_pools: dict[int, ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    with _pools_lock:
+        if workers not in _pools:
+            _pools[workers] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="attncache-fit")
+        return _pools[workers]
+
+
+def _weights_by_chunks(fitter: Fitter, gram_q: torch.Tensor, gram_k: torch.Tensor, scale: float,
+                       rank: int) -> Weights:
+    """`fitter.weights` on CPU, in chunks of whole samples spread over the caller's torch threads, each
+    chunk on one thread. Why: the d x d work is thousands of tiny LAPACK and BLAS calls, which run
+    on one thread anyway (`one_cpu_thread`), so one core sat idle for them; chunks on threads of
+    their own use every core and keep each chunk's matrices in cache (the fit of a ViT-S batch took
+    a third of the time, BENCHMARKS.md). Every matrix's calls are the same sequential code whatever
+    the chunk or the thread, so the weights are the same bits (tests/test_fitter.py)."""
+    if gram_q.device.type != "cpu" or gram_q.dim() < 3:
+        return fitter.weights(gram_q, gram_k, scale, rank)
+    threads = torch.get_num_threads()
+    step = max(1, -(-_CHUNK_MATRICES // math.prod(gram_q.shape[1:-2])))  # whole samples per chunk
+    starts = range(0, gram_q.shape[0], step)
+    if len(starts) == 1:
+        return fitter.weights(gram_q, gram_k, scale, rank)
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+    def chunk(start: int) -> Weights:
+        torch.set_num_threads(1)  # this thread's count: its matmuls, like its LAPACK calls, on one thread
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):  # the caller's modes
+            try:
+                return fitter.weights(gram_q[start:start + step], gram_k[start:start + step], scale, rank)
+            except NonFiniteValues as bad:  # at the batch index of the whole batch, not of the chunk
+                raise NonFiniteValues(bad.what, bad.sample + start, bad.layer) from None
+
+    with one_cpu_thread(gram_q.device):
+        parts = list(_pool(threads).map(chunk, starts)) if threads > 1 else [chunk(s) for s in starts]
+    return torch.cat([w for w, _ in parts]), torch.cat([w for _, w in parts])
 
 
 def _overflowed(bad: torch.Tensor) -> NonFiniteValues:
