@@ -297,3 +297,39 @@ def test_chunks_keep_the_callers_autograd_and_inference_modes(one_sample_chunks)
     a, b = fit_factors(q, k, 0.1, 2)
     (a.sum() + b.sum()).backward()
     assert q.grad is not None and torch.isfinite(q.grad).all() and bool((q.grad != 0).any(dim=-1).all())
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64", "bf16 bits"])
+def test_the_finite_check_of_encoded_numpy_arrays_finds_every_inf_and_nan(dtype):
+    """`check_encoded` looks at numpy arrays through torch views (the summed screen): every inf and NaN
+    is still found at its (sample, layer), finite values whose sums overflow pass, and a read-only or
+    byte-swapped array takes numpy's own check with the same answer."""
+    import numpy as np
+
+    from attncache.pipeline.encodings.finite import check_encoded, require_finite
+
+    def as_stored(t: torch.Tensor) -> np.ndarray:
+        if dtype == "bf16 bits":
+            return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        return t.to(getattr(torch, dtype)).numpy()
+
+    top = {"float16": 65504.0, "bf16 bits": 3.0e38}.get(dtype, 3.0e38)
+    big = torch.full((3, 4, 5, 6), top / 2, dtype=torch.float64 if dtype == "float64" else torch.float32)
+    check_encoded({"a": as_stored(big), "b": as_stored(-big)})
+    for value in (float("inf"), float("-inf"), float("nan")):
+        for where in ((0, 0, 0, 0), (2, 3, 4, 5), (1, 2, 0, 3)):
+            x = big.clone()
+            x[where] = value
+            stored = as_stored(x)
+            for variant in (stored, _read_only(stored), stored.astype(stored.dtype.newbyteorder(">"))):
+                with pytest.raises(NonFiniteValues) as raised:
+                    require_finite("x", variant)
+                assert (raised.value.sample, raised.value.layer) == where[:2], (value, where)
+    with pytest.raises(NonFiniteValues, match="encoded array 'b'"):
+        check_encoded({"a": as_stored(big), "b": as_stored(torch.where(big > 0, float("nan"), 0.0))})
+
+
+def _read_only(a):
+    a = a.copy()
+    a.flags.writeable = False
+    return a
