@@ -45,9 +45,10 @@ def fit_factors(q_BLHNd: torch.Tensor, k_BLHNd: torch.Tensor, scale: float, rank
     """Float32 factors A, B [B, L, H, N, rank] (`fitter` defaults to `SUBSPACE`, what new stores use).
 
     The N x d work runs in float32 on every thread; the d x d work in float64 (it is small, and
-    ill-conditioned Gram matrices need the digits), its batched LAPACK calls on one CPU thread
-    (`one_cpu_thread`: thousands of tiny calls). Each matrix's BLAS and LAPACK call is the same
-    sequential code at any thread count, so the factors are the same bits at every count."""
+    ill-conditioned Gram matrices need the digits), in chunks of whole samples, each chunk's
+    thousands of tiny LAPACK and BLAS calls on one CPU thread and the chunks on all of the caller's
+    threads (`_weights_by_chunks`). Each matrix's calls are the same sequential code at any thread
+    count and in any chunk, so the factors are the same bits at every count."""
     q = q_BLHNd.float()
     k = k_BLHNd.float()
     k = k - k.mean(dim=-2, keepdim=True)
