@@ -7,8 +7,9 @@ predicted: float bits are close to random, so the uncompressed size is the plan 
 given (`--compression-factor 1.1`) or measured on random inputs (`measured`: random weights and
 pixels compress differently from real ones, so treat it as a rough guide). Time comes from a given
 images/s, or from a short measured run of teacher forward + Q/K capture + encoding on random
-inputs here; decoding, augmentation and writing are not in it (BENCHMARKS.md: precompute ran at
-0.55-0.71 of the bare forward on 2 CPU cores).
+inputs here; decoding, augmentation and writing are not in it (BENCHMARKS.md: on 2 CPU cores a
+whole precompute ran at 0.55-1.04 of the bare full forward on 2026-12-03, by encoding, layers and
+machine).
 """
 from __future__ import annotations
 
