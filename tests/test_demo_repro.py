@@ -97,6 +97,34 @@ def test_a_study_cache_of_another_encoding_is_refused_not_trained_from(synth_dat
     assert len(calls) == 1 and calls[0][calls[0].index("--views") + 1] == "2"
 
 
+def test_a_study_cache_made_under_the_old_compressor_resumes_and_grows_with_its_own(synth_data, tmp_path,
+                                                                                     monkeypatch):
+    """Default int4 caches were zstd:3 before 2026-12-03 and are zstd:3:shuffle now: a study begun
+    before must still grow (more views) and resume, so precompute is given the store's compressor,
+    not the new default that it would refuse."""
+    from attncache.pipeline.precompute.job import PrecomputeConfig
+    from attncache.pipeline.precompute.local import run_precompute
+    from attncache.pipeline.studies import repro
+    from attncache.pipeline.teacher.model import TeacherConfig
+
+    teacher = TeacherConfig("vit_tiny_patch16_224", (("depth", 3), ("embed_dim", 48), ("img_size", 32),
+                                                     ("num_heads", 3), ("patch_size", 8)), random_init=True, seed=0)
+    paths = repro.Paths(tmp_path / "study")
+    store = paths.cache("mae-train")
+    run_precompute(PrecomputeConfig(data=(synth_data["val"],), out=str(store), teacher=teacher, views=1,
+                                    encoding="lowrank:r=2:int4", compression="zstd:3", batch_size=32, workers=0,
+                                    threads=1, progress=False))
+    calls = []
+    monkeypatch.setattr(repro, "attncache", lambda log, step, args, quiet=False: calls.append(args) or "")
+    cfg = repro.ReproConfig(out=str(tmp_path / "study"))
+    repro.make_cache(cfg, paths, repro.Log(), "mae-train", Path("t"), synth_data["val"], 2, "eval", cfg.encoding)
+    (args,) = calls
+    assert args[args.index("--compression") + 1] == "zstd:3" and args[args.index("--views") + 1] == "2"
+    fresh = paths.cache("mae-val")
+    repro.make_cache(cfg, paths, repro.Log(), "mae-val", Path("t"), synth_data["val"], 1, "eval", cfg.encoding)
+    assert "--compression" not in calls[1] and not fresh.exists()  # a new cache: its encoding's own
+
+
 def test_repro_prints_a_study_conflict_in_one_line(tmp_path, monkeypatch):
     from attncache.pipeline.studies import repro
 

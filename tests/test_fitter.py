@@ -333,3 +333,50 @@ def _read_only(a):
     a = a.copy()
     a.flags.writeable = False
     return a
+
+
+def test_fits_from_two_threads_at_once_run_one_after_the_other_and_leave_the_thread_count(one_sample_chunks):
+    """Each chunked fit sets the process's torch thread count to 1 and back; two interleaved (a server,
+    a user's threads) could leave it at 1, every later forward at half speed. So a second caller waits
+    for the first: held inside the first's chunk, it must not finish; both then give the bits of a fit
+    alone, and the count is what it was."""
+    import threading
+
+    class HeldFit:
+        name = "held"
+
+        def __init__(self):
+            self.entered, self.release = threading.Event(), threading.Event()
+
+        def weights(self, gram_q, gram_k, scale, rank):
+            self.entered.set()
+            assert self.release.wait(30)
+            return SUBSPACE.weights(gram_q, gram_k, scale, rank)
+
+    q, k = low_rank_plus_noise(3, 1, 2, 8, 16, rank=4, noise=0.3)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        alone = fit_factors(q, k, 0.25, 2)
+        held, got = HeldFit(), {}
+        first = threading.Thread(target=lambda: got.setdefault("first", fit_factors(q, k, 0.25, 2, held)))
+        second = threading.Thread(target=lambda: got.setdefault("second", fit_factors(q, k, 0.25, 2)))
+        first.start()
+        assert held.entered.wait(30)
+        second.start()
+        second.join(timeout=1.0)
+        assert second.is_alive() and "second" not in got  # waits for the first fit
+        held.release.set()
+        first.join(30)
+        second.join(30)
+        for name in ("first", "second"):
+            assert all(torch.equal(x, y) for x, y in zip(got[name], alone)), name
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("fitter", [SUBSPACE, EIGH], ids=["subspace", "eigh"])
+def test_a_batch_of_no_samples_fits_to_empty_factors(fitter):
+    a, b = fit_factors(torch.randn(0, 2, 3, 17, 32), torch.randn(0, 2, 3, 17, 32), 0.1, 2, fitter)
+    assert a.shape == b.shape == (0, 2, 3, 17, 2)

@@ -181,7 +181,7 @@ def test_a_store_of_the_old_default_encoding_rerun_with_the_new_default_says_how
     rerun = dict(_config(synth_data["val"], out, views=1).__dict__)
     del rerun["encoding"]  # the user's command gave none: the default now is another encoding
     with pytest.raises(StoreError, match=r"encoding: store has .*To resume this store, give --encoding "
-                                         r"lowrank:r=8:int8\. Use another --out"):
+                                         r"lowrank:r=8:int8 --compression zstd:3\. Use another --out"):
         run_precompute(PrecomputeConfig(**rerun))
     assert _all_files(out) == before
     with pytest.raises(StoreError) as other:  # more than the encoding differs: no --encoding hint
@@ -255,15 +255,24 @@ def test_a_store_of_the_old_default_compressor_rerun_without_compression_says_ho
     assert _all_files(eigh) == before
 
 
-def test_a_resume_hint_names_no_compression_the_hinted_encoding_gets_by_default(synth_data, tmp_path):
-    """An int8 store (zstd:3, its encoding's default) re-run under the int4 default: the hint's
-    --encoding alone brings zstd:3 back, so it names no --compression."""
+def test_a_resume_hint_names_the_compressor_whenever_it_differs(synth_data, tmp_path):
+    """An int8 store (zstd:3) re-run under the int4 default, or with another --compression given: the
+    hint names both flags (--encoding alone would bring zstd:3 back only if no --compression was
+    given, which the hint cannot tell), and that command resumes the store writing nothing."""
     out = tmp_path / "int8.zarr"
     run_precompute(_config(synth_data["val"], out, views=1))
+    before = _all_files(out)
     rerun = dict(_config(synth_data["val"], out, views=1).__dict__)
     del rerun["encoding"]
-    with pytest.raises(StoreError, match=r"shuffle.*To resume this store, give --encoding lowrank:r=8:int8\. "):
+    hint = r"To resume this store, give --encoding lowrank:r=8:int8 --compression zstd:3\. "
+    with pytest.raises(StoreError, match=r"shuffle.*" + hint):
         run_precompute(PrecomputeConfig(**rerun))
+    with pytest.raises(StoreError, match=hint):
+        run_precompute(PrecomputeConfig(**dict(rerun, compression="zstd:9")))
+    assert _all_files(out) == before
+    resumed = run_precompute(_config(synth_data["val"], out, views=1, encoding="lowrank:r=8:int8",
+                                     compression="zstd:3"))
+    assert resumed.units_processed == 0 and _all_files(out) == before
 
 
 def test_unknown_schema_version_and_invalid_metadata_raise_clear_errors(synth_data, tmp_path):

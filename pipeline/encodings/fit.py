@@ -64,14 +64,17 @@ def fit_factors(q_BLHNd: torch.Tensor, k_BLHNd: torch.Tensor, scale: float, rank
 # copies) stays in the cache, and a batch gives each CPU thread several chunks
 _CHUNK_MATRICES = 256
 _pools: dict[int, ThreadPoolExecutor] = {}
-_pools_lock = threading.Lock()
+# One chunked fit at a time: each sets the process's torch thread count to 1 and back, and two of
+# them interleaved could leave it at 1 (every later forward at half speed)
+_chunked_fit = threading.Lock()
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
-    with _pools_lock:
-        if workers not in _pools:
-            _pools[workers] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="attncache-fit")
-        return _pools[workers]
+    """Threads that run on one torch thread each (set once, as each thread starts)."""
+    if workers not in _pools:
+        _pools[workers] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="attncache-fit",
+                                             initializer=torch.set_num_threads, initargs=(1,))
+    return _pools[workers]
 
 
 def _weights_by_chunks(fitter: Fitter, gram_q: torch.Tensor, gram_k: torch.Tensor, scale: float,
@@ -84,23 +87,23 @@ def _weights_by_chunks(fitter: Fitter, gram_q: torch.Tensor, gram_k: torch.Tenso
     the chunk or the thread, so the weights are the same bits (tests/test_fitter.py)."""
     if gram_q.device.type != "cpu" or gram_q.dim() < 3:
         return fitter.weights(gram_q, gram_k, scale, rank)
-    threads = torch.get_num_threads()
     step = max(1, -(-_CHUNK_MATRICES // math.prod(gram_q.shape[1:-2])))  # whole samples per chunk
     starts = range(0, gram_q.shape[0], step)
-    if len(starts) == 1:
+    if len(starts) <= 1:  # one chunk, or no sample at all
         return fitter.weights(gram_q, gram_k, scale, rank)
     grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
     def chunk(start: int) -> Weights:
-        torch.set_num_threads(1)  # this thread's count: its matmuls, like its LAPACK calls, on one thread
         with torch.inference_mode(inference), torch.set_grad_enabled(grad):  # the caller's modes
             try:
                 return fitter.weights(gram_q[start:start + step], gram_k[start:start + step], scale, rank)
             except NonFiniteValues as bad:  # at the batch index of the whole batch, not of the chunk
                 raise NonFiniteValues(bad.what, bad.sample + start, bad.layer) from None
 
-    with one_cpu_thread(gram_q.device):
-        parts = list(_pool(threads).map(chunk, starts)) if threads > 1 else [chunk(s) for s in starts]
+    with _chunked_fit:
+        threads = torch.get_num_threads()
+        with one_cpu_thread(gram_q.device):  # this thread's matmuls, like its LAPACK calls, on one thread
+            parts = list(_pool(threads).map(chunk, starts)) if threads > 1 else [chunk(s) for s in starts]
     return torch.cat([w for w, _ in parts]), torch.cat([w for _, w in parts])
 
 

@@ -61,14 +61,6 @@ def _recorded_compression(recorded) -> str | None:
         return None
 
 
-def _recorded_default_compression(recorded) -> str | None:
-    """The compressor a store of the encoding `recorded` gets by default in this version."""
-    try:
-        return encoding_from_json(recorded).default_compression
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
 def _resume_hint(old: dict, new: dict, diffs: list[str]) -> str:
     """The flags that resume the store, where only settings with a flag differ (and views, which a
     resume grows): a store made under an earlier default encoding or compressor, or at another
@@ -84,8 +76,8 @@ def _resume_hint(old: dict, new: dict, diffs: list[str]) -> str:
         spec = _recorded_compression(old.get("compression"))
         if not spec:
             return ""
-        if not ("encoding" in diffs and spec == _recorded_default_compression(old.get("encoding"))):
-            flags.append(f"--compression {spec}")  # not the default of the --encoding the hint names
+        flags.append(f"--compression {spec}")  # even where the hinted --encoding defaults to it: this run
+        # may have given another --compression, and the hint cannot tell (review, 2026-12-03)
     if "compute" in diffs:
         before, now = old.get("compute") or {}, new.get("compute") or {}
         if any(before.get(k) != now.get(k) for k in set(before) | set(now) if k not in dict(_COMPUTE_FLAGS)):

@@ -218,6 +218,10 @@ def make_cache(cfg: ReproConfig, paths: Paths, log: Log, name: str, teacher: Pat
                 else "give another --out")
         raise StudyConflict(f"{out}: this study's cache {name} holds {stored['encoding']}, this run asks for "
                             f"{encoding}: {hint}")
+    if stored is not None:  # its own compressor: a study begun before a default moved still resumes and
+        from attncache.pipeline.store.layout import compression_spec  # grows (it decodes the same)
+
+        args += ["--compression", compression_spec(stored["compression"])]
     if stored is None or stored["units_done"] != stored["units_total"] or stored["views"] < views:
         attncache(log, f"cache {name}", args)  # an unfinished store resumes unit by unit, fewer views grow
     return out
