@@ -539,9 +539,9 @@ def test_a_store_resumed_at_another_thread_count_or_grown_under_the_new_default_
         run_precompute(_config(synth_data["val"], out, views=1, threads=2))
     rerun = dict(_config(synth_data["val"], out, views=2, threads=2).__dict__)
     del rerun["encoding"]  # the default, now lowrank:r=2:int4
-    with pytest.raises(StoreError, match=r"To resume this store, give --encoding lowrank:r=8:int8 --threads 1 "
-                                         r"\(and the --views you ask for: the store grows\)\."):
+    with pytest.raises(StoreError, match=r"To resume this store, give --encoding lowrank:r=8:int8 --compression "
+                                         r"zstd:3 --threads 1 \(and the --views you ask for: the store grows\)\."):
         run_precompute(PrecomputeConfig(**rerun))
     assert _all_files(out) == before
-    grown = run_precompute(_config(synth_data["val"], out, views=2, threads=1))
+    grown = run_precompute(_config(synth_data["val"], out, views=2, threads=1, compression="zstd:3"))  # the hint's
     assert grown.units_processed > 0 and inspect_store(str(out))["views"] == 2
