@@ -80,6 +80,11 @@ class Encoding(Protocol):
         """The store's compressor when the user gives none (`default.default_compression`)."""
         return DEFAULT_COMPRESSION
 
+    def compression(self, given: str | None) -> str:
+        """The compressor spec a store of this encoding is written with: `given`, else its own default
+        (one rule for precompute, plan and bench fidelity)."""
+        return self.default_compression if given is None else given
+
     @property
     def serves_qk(self) -> bool:
         return {"q", "k"} <= self.decodes

@@ -133,8 +133,7 @@ def build_metadata(config: PrecomputeConfig, manifest: DatasetManifest, teacher:
         "tokens": {"count": teacher.num_tokens, "num_prefix_tokens": teacher.num_prefix_tokens,
                    "grid": list(teacher.grid)},
         "encoding": encoding.to_json(),
-        "compression": parse_compression(encoding.default_compression if config.compression is None
-                                         else config.compression),
+        "compression": parse_compression(encoding.compression(config.compression)),
         "dataset": dict(manifest.to_json(), fingerprint=manifest.fingerprint, slots_per_shard=slots,
                         num_slots=slots * len(manifest.shards)),
         "compute": {"batch_size": config.batch_size, "threads": config.threads, "device": config.teacher.device,

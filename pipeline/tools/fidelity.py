@@ -173,7 +173,7 @@ def run_grid(cap: Captured, encodings: tuple[str, ...], compression: str | None,
                 raise
             notes.append(f"skipped {spec}: {exc}")
             continue
-        used = encoding.default_compression if compression is None else compression
+        used = encoding.compression(compression)
         rows.append({**measure(encoding, cap, parse_compression(used), batch_size), "compression": used})
     _add_ratios(rows)
     return rows, notes

@@ -165,7 +165,7 @@ def make_plan(config: PlanConfig) -> dict:
         raise PlanError("--images-per-s must be > 0")
     encoding = parse_encoding(config.encoding)
     check_mode(encoding, config.mode)  # before the teacher is built: fail before work
-    compression_text = encoding.default_compression if config.compression is None else config.compression
+    compression_text = encoding.compression(config.compression)
     compression = parse_compression(compression_text)
     factor = parse_factor(config.compression_factor)
     teacher = shape_teacher(config.teacher)
