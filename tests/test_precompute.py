@@ -545,3 +545,28 @@ def test_a_store_resumed_at_another_thread_count_or_grown_under_the_new_default_
     assert _all_files(out) == before
     grown = run_precompute(_config(synth_data["val"], out, views=2, threads=1, compression="zstd:3"))  # the hint's
     assert grown.units_processed > 0 and inspect_store(str(out))["views"] == 2
+
+
+@pytest.mark.parametrize("recorded,hint", [
+    ({"codec": "zstd", "level": 3, "shuffle": "bit"}, "--compression zstd:3:bitshuffle"),
+    ({"codec": "none", "level": 0, "shuffle": "none"}, "--compression none"),
+    ({"codec": "zstd", "level": 12, "shuffle": "byte"}, None),  # no flag makes it: blosc stops at 9
+    ({"codec": "lz4", "level": 5, "shuffle": "byte"}, None),
+    ({"codec": "zstd", "level": "3", "shuffle": "none"}, None),
+    ({"codec": "zstd"}, None),
+    ("zstd:3", None),
+])
+def test_a_resume_hint_names_a_recorded_compressor_only_where_a_flag_makes_it(recorded, hint):
+    """Edited or foreign compression metadata: the refusal still names the field, and the hint gives
+    --compression only where that flag would write exactly what the store records."""
+    from attncache.pipeline.store.meta import require_same_job
+
+    new = {"compression": {"codec": "zstd", "level": 3, "shuffle": "byte"}, "dataset": {"fingerprint": "f"}}
+    old = dict(new, compression=recorded)
+    with pytest.raises(StoreError, match="compression: store has") as refused:
+        require_same_job("s.zarr", old, new)
+    message = str(refused.value)
+    if hint is None:
+        assert "To resume" not in message
+    else:
+        assert f"To resume this store, give {hint}. Use another --out" in message
