@@ -380,3 +380,22 @@ def test_fits_from_two_threads_at_once_run_one_after_the_other_and_leave_the_thr
 def test_a_batch_of_no_samples_fits_to_empty_factors(fitter):
     a, b = fit_factors(torch.randn(0, 2, 3, 17, 32), torch.randn(0, 2, 3, 17, 32), 0.1, 2, fitter)
     assert a.shape == b.shape == (0, 2, 3, 17, 2)
+
+
+def test_a_refusal_inside_a_chunk_surfaces_and_the_next_fit_is_unharmed(one_sample_chunks):
+    """A store's unknown fitter refuses inside the chunks (on the pool's threads): the caller gets that
+    one refusal, the thread count is back, and the next fit gives the bits it gives alone."""
+    from attncache.pipeline._util.spec_error import SpecError
+    from attncache.pipeline.encodings.fit import UnknownFit
+
+    q, k = low_rank_plus_noise(4, 1, 2, 17, 32, rank=6, noise=0.3)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        alone = fit_factors(q, k, 0.2, 2)
+        with pytest.raises(SpecError, match="fitter 'later'.*does not know"):
+            fit_factors(q, k, 0.2, 2, UnknownFit("later"))
+        assert torch.get_num_threads() == 2
+        assert all(torch.equal(x, y) for x, y in zip(fit_factors(q, k, 0.2, 2), alone))
+    finally:
+        torch.set_num_threads(before)
