@@ -73,22 +73,38 @@ def test_one_file_layer_serves_a_folder_and_a_url_alike(tmp_path, root):
     assert (files.local_path("x") is None) != files.local
 
 
-@pytest.mark.parametrize("compression", ["zstd:3", "zstd:1:shuffle", "none"])
-def test_a_shard_encoded_in_memory_is_the_file_zarr_writes(tmp_path, compression):
+@pytest.mark.parametrize("compression", ["zstd:3", "zstd:1", "zstd:1:shuffle", "zstd:3:shuffle", "zstd:5:bitshuffle", "none"])
+def test_a_shard_encoded_in_memory_is_the_file_zarr_writes(tmp_path, compression, monkeypatch):
     """The store hashes and writes shard bytes encoded in memory (store/shard_bytes.py): they must be
     byte for byte the file zarr itself writes for the same block, for every kind of array, fill-only
-    blocks included (which zarr writes only with write_empty_chunks)."""
+    blocks included (which zarr writes only with write_empty_chunks), by the direct encoder where it
+    applies (every factor array) and by zarr's own elsewhere; and the parts the store writes one
+    after the other must be those bytes."""
     import zarr
     from zarr.codecs import ZstdCodec
 
-    from attncache.pipeline.store.shard_bytes import encode_shard
+    from attncache.pipeline.store import shard_bytes
+    from attncache.pipeline.store.shard_bytes import encode_shard, encode_shard_parts
 
     group = zarr.open_group(str(tmp_path / "s.zarr"), mode="w", zarr_format=3)
     rng = np.random.default_rng(0)
+    partly_zero = rng.standard_normal((8, 3, 2, 17, 8)).astype(np.float16)
+    partly_zero[:4] = 0  # an empty inner chunk beside a full one: zarr leaves it out of the shard
+    minus_zero = np.zeros((8, 6), dtype=np.float32)
+    minus_zero[4:] = -0.0  # not zero bits: zarr keeps the chunk
+    uint4 = rng.integers(0, 256, (8, 3, 2, 17, 4), dtype=np.uint8)
+    uint4[4:] = 0
+    bf16_bits = rng.integers(0, 2**16, (8, 2, 9, 8), dtype=np.uint16)
     blocks = {"key": (np.array([f"k{i}" if i % 3 else "" for i in range(8)], dtype=object), ""),
               "label": (rng.integers(-1, 10, 8), -1), "aug": (rng.standard_normal((8, 5)), 0),
               "a": (rng.standard_normal((8, 3, 2, 17, 8)).astype(np.float16), 0),
+              "partly_zero": (partly_zero, 0), "minus_zero": (minus_zero, 0), "uint4": (uint4, 0),
+              "bf16_bits": (bf16_bits, 0), "int8": (rng.integers(-128, 128, (8, 7), dtype=np.int8), 0),
+              "scales": (rng.standard_normal((8, 3, 5)).astype(np.float32) * 1e30, 0),
               "empty": (np.zeros((8, 3, 4), dtype=np.int8), 0)}
+    direct = []
+    real_direct = shard_bytes._direct_parts
+    monkeypatch.setattr(shard_bytes, "_direct_parts", lambda block, *a: direct.append(block.shape) or real_direct(block, *a))
     for name, (block, fill) in blocks.items():
         trailing = block.shape[1:]
         array = group.create_array(name, shape=(24, *trailing), dtype=str if block.dtype == object else block.dtype,
@@ -96,11 +112,28 @@ def test_a_shard_encoded_in_memory_is_the_file_zarr_writes(tmp_path, compression
                                    compressors=ZstdCodec(level=3) if block.dtype == object else
                                    layout.compressors(layout.parse_compression(compression)))
         empty = layout.all_fill(block, fill)
-        data = encode_shard(array, "/".join(["c", "1"] + ["0"] * len(trailing)), 8, 16, block, empty)
+        key = "/".join(["c", "1"] + ["0"] * len(trailing))
+        calls = len(direct)
+        data = encode_shard(array, key, 8, 16, block, empty)
+        assert (len(direct) > calls) == (name not in ("key", "label")), name  # the direct path ran where it applies
+        parts = encode_shard_parts(array, key, 8, 16, block, empty)
         (array.with_config({"write_empty_chunks": True}) if empty else array)[8:16] = block
         on_disk = (tmp_path / "s.zarr" / name / "c" / "1").joinpath(*["0"] * len(trailing))
         assert data == on_disk.read_bytes(), name
+        assert b"".join(parts) == data, name
+        np.testing.assert_array_equal(array[8:16], block)  # and zarr reads the block back from it
     assert encode_shard(group["empty"], "c/1/0/0", 8, 16, blocks["empty"][0], False) is None
+    with pytest.raises(ValueError, match="does not fill slots"):
+        encode_shard(group["a"], "c/1/0/0/0/0", 8, 16, blocks["a"][0][:4], False)
+
+
+def test_the_store_writes_the_parts_of_a_shard_as_one_file(tmp_path):
+    """A list of buffers is one file, their concatenation, locally and on an fsspec URL."""
+    parts = [b"abc", np.arange(5, dtype=np.uint8), memoryview(b"xyz")]
+    for root in (str(tmp_path / "store"), "memory://layer-test/parts"):
+        files = Files(root)
+        files.write_replace("views/0/a/c/0", parts)
+        assert files.read("views/0/a/c/0") == b"abc\x00\x01\x02\x03\x04xyz"
 
 
 @pytest.mark.parametrize("root", ["local", "memory://layer-test/replace"])

@@ -86,19 +86,23 @@ class Files:
         tmp.write_bytes(data)
         commit_temp(tmp, Path(path))
 
-    def write_replace(self, rel: str, data: bytes) -> None:
+    def write_replace(self, rel: str, data: bytes | list) -> None:
         """The whole file or the old one (or none), never half, without `write_atomic`'s fsyncs:
         for bulk data whose digest a later, durable file records (a store's shard files under their
         unit's marker), which is what zarr's own store did for them: a temp file renamed into place
-        locally, a put remotely. A power cut can leave such a file short; its marker's size says so."""
+        locally, a put remotely. A power cut can leave such a file short; its marker's size says so.
+        `data` may be a list of buffers, the file being their concatenation: written one after the
+        other locally (an 80 MB shard is then never copied into one buffer), joined for a put."""
+        parts = data if isinstance(data, list) else [data]
         path = self.full(rel)
         if not self.local:
-            self.fs.pipe_file(path, data)
+            self.fs.pipe_file(path, b"".join(parts))  # one bytes object is passed on uncopied
             return
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         tmp = f"{path}{TEMP_MARK}{os.getpid()}-{threading.get_ident()}"
         with open(tmp, "wb") as f:
-            f.write(data)
+            for part in parts:
+                f.write(part)
         os.replace(tmp, path)
 
     def create(self, rel: str, data: bytes) -> bool:

@@ -27,10 +27,10 @@ from attncache.pipeline.store.guard import open_existing_or_none
 from attncache.pipeline.store.integrity import (REPAIR_ADVICE, array_doc_paths, content_problems, coverage_problems,
     grown_digests, metadata_sha256)
 from attncache.pipeline.store.layout import BASE_ARRAYS, FILL_VALUES, Unit, UnitData
-from attncache.pipeline.store.markers import encode_marker, new_marker, parse_marker, sha256_hex
+from attncache.pipeline.store.markers import encode_marker, new_marker, parse_marker, sha256_hex, sha256_parts
 from attncache.pipeline.store.meta import META_ATTR, StoreError, cache_id
 from attncache.pipeline.store.reshape import doc_slots, doc_with_slots, docs_at_slots, read_journal, resized_arrays
-from attncache.pipeline.store.shard_bytes import encode_shard
+from attncache.pipeline.store.shard_bytes import encode_shard_parts
 from attncache.pipeline.store.unit_read import UnitBytes, decode_unit, fetch_unit
 from attncache.storage_schema import SCHEMA_VERSION, SchemaError, validate_store_metadata
 
@@ -290,12 +290,12 @@ class CacheStore:
         start, stop = self.slot_range(unit.shard_index)
         chunk_key = rel[len(layout.array_path(unit.view, spec)) + 1:]
         # an all-fill block would get no file at all: every array gets one, so the marker lists each
-        data = encode_shard(self._array(unit.view, name), chunk_key, start, stop, block,
-                            write_empty_chunks=layout.all_fill(block, FILL_VALUES.get(name, 0)))
-        if data is None:
+        parts = encode_shard_parts(self._array(unit.view, name), chunk_key, start, stop, block,
+                                   write_empty_chunks=layout.all_fill(block, FILL_VALUES.get(name, 0)))
+        if parts is None:
             raise StoreError(f"{unit.name}: zarr encoded no shard file {rel} for array {name}")
-        self.files.write_replace(rel, data)
-        return sha256_hex(data), len(data)
+        self.files.write_replace(rel, parts)
+        return sha256_parts(parts), sum(memoryview(p).nbytes for p in parts)
 
     def read_unit(self, view: int, shard_index: int) -> UnitData:
         """The unit's arrays as zarr decodes them, unchecked: for `verify --recompute`, where the

@@ -22,6 +22,14 @@ def sha256_hex(data: bytes | None) -> str | None:
     return None if data is None else hashlib.sha256(data).hexdigest()
 
 
+def sha256_parts(parts) -> str:
+    """`sha256_hex` of the concatenation of buffers, without joining them."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part)
+    return digest.hexdigest()
+
+
 def parse_marker(raw: bytes, where: str, cache_id: str) -> dict:
     """The marker in `raw`; SchemaError when it is not JSON, fails its schema or names another cache."""
     try:
