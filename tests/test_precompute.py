@@ -353,6 +353,28 @@ def test_bad_inputs_are_converted_or_skipped_and_always_counted(messy_shards, tm
     assert verify_store(tmp_path / "bad.zarr").ok
 
 
+def test_a_store_with_an_undecodable_sample_is_byte_identical_on_a_rerun(tmp_path):
+    """A skipped sample's reason goes into its unit's marker: PIL's message names the address of a
+    BytesIO, which differed between runs, so two runs of one job wrote different markers. Units after
+    a full one (blocks of the same shape) keep no values in their empty and skipped slots."""
+    rgb = [Image.new("RGB", (32, 32), (40 * i, 255 - 30 * i, 7 * i)) for i in range(8)]
+    _write_tar(tmp_path / "r-000000.tar",
+               [m for i in range(8) for m in ((f"s{i}.png", _png(rgb[i])), (f"s{i}.cls", b"1"))])
+    _write_tar(tmp_path / "r-000001.tar", [("a.png", _png(rgb[3])), ("a.cls", b"2"), ("bad.png", b"not an image"),
+                                           ("bad.cls", b"0"), ("b.png", _png(rgb[5])), ("b.cls", b"3")])
+    data = str(tmp_path / "r-{000000..000001}.tar")
+    for name in ("a", "b"):
+        run_precompute(_config(data, tmp_path / f"{name}.zarr", views=1, batch_size=4, encoding="exact:fp16"))
+    first, second = _all_files(tmp_path / "a.zarr"), _all_files(tmp_path / "b.zarr")
+    assert [k for k in first if second.get(k) != first[k] and not k.endswith("zarr.json")] == []
+    reason = CacheStore.open(tmp_path / "a.zarr").read_marker(0, 1)["skipped"][0]["reason"]
+    assert reason.startswith("undecodable .png image (UnidentifiedImageError") and " at 0x" not in reason
+    short = CacheStore.open(tmp_path / "a.zarr").read_unit(0, 1)
+    assert list(short.valid) == [1, 0, 1, 0, 0, 0, 0, 0]
+    for name, values in short.factors.items():
+        assert not values[short.valid == 0].any() and values[short.valid == 1].any(), name
+
+
 def test_fail_policy_and_skip_threshold_stop_the_job_naming_file_and_key(messy_shards, tmp_path):
     with pytest.raises(BadSample, match=r"messy-000000.tar: sample 'garbage'"):
         run_precompute(_config(messy_shards, tmp_path / "f.zarr", views=1, on_bad_sample=OnBadSample.FAIL))

@@ -119,8 +119,14 @@ def decode_image(url: str, entry: ShardEntry) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise BadSample(url, entry.key, f"decompression bomb: {exc}") from None
     except Exception as exc:  # PIL raises many types for undecodable bytes
-        raise BadSample(url, entry.key, f"undecodable .{ext} image ({type(exc).__name__}: {exc})") from None
+        raise BadSample(url, entry.key, f"undecodable .{ext} image ({type(exc).__name__}: {_no_address(exc)})") from None
     return to_rgb(image)
+
+
+def _no_address(exc: Exception) -> str:
+    """The error's message without object addresses (PIL names `<_io.BytesIO object at 0x7f...>`):
+    the reason goes into the unit's marker, whose bytes must not depend on where memory was."""
+    return re.sub(r" at 0x[0-9a-fA-F]+>", ">", str(exc))
 
 
 # ---------------------------------------------------------------------------------------------- manifest
