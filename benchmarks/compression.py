@@ -31,7 +31,8 @@ from pathlib import Path
 from attncache.benchmarks import HelpFormatter
 
 ENCODINGS = ("exact:fp16", "exact:bf16", "lowrank:r=8:int8", "lowrank:r=8:int4", "lowrank:r=8:fp8", "lowrank:r=8:fp16")
-COMPRESSORS = ("none", "zstd:1", "zstd:3", "zstd:1:shuffle", "zstd:3:shuffle", "lz4", "lz4:shuffle")
+COMPRESSORS = ("none", "zstd:1", "zstd:3", "zstd:1:shuffle", "zstd:3:shuffle", "zstd:1:shuffle:block=256K",
+               "zstd:1:shuffle:block=1M", "zstd:3:shuffle:block=1M", "lz4", "lz4:shuffle")
 
 
 def codecs_of(spec: str):
@@ -68,7 +69,8 @@ def shard_seconds_and_bytes(arrays: dict, compressor: str, repeats: int) -> tupl
     return seconds, size
 
 
-def measure(encoding_spec: str, cap, capture_s_per_sample: float, repeats: int) -> list[dict]:
+def measure(encoding_spec: str, cap, capture_s_per_sample: float, repeats: int,
+            compressors: tuple[str, ...] = COMPRESSORS) -> list[dict]:
     from attncache.pipeline.encodings.spec import parse_encoding
 
     encoding = parse_encoding(encoding_spec)
@@ -76,7 +78,7 @@ def measure(encoding_spec: str, cap, capture_s_per_sample: float, repeats: int) 
     n = len(cap.q)
     raw = sum(a.nbytes for a in arrays.values())
     rows = []
-    for compressor in COMPRESSORS:
+    for compressor in compressors:
         seconds, size = shard_seconds_and_bytes(arrays, compressor, repeats)
         rows.append({"encoding": encoding_spec, "compressor": compressor, "raw_bytes_per_sample": raw / n,
                      "bytes_per_sample": size / n, "gain": raw / size, "encode_mb_s": raw / 1e6 / seconds,
@@ -101,10 +103,14 @@ def choose(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog=f"attncache bench {Path(__file__).stem.replace('_', '-')}",
                                      description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--teacher", default="vit_small_patch16_224", help="timm teacher (random init, seeded)")
+    parser.add_argument("--teacher", default="vit_small_patch16_224",
+                        help="timm teacher (random init, seeded), or a trained teacher's directory (config.json and "
+                             "weights, e.g. teacher_d64's OUT/teacher64)")
     parser.add_argument("--samples", type=int, default=32, help="images captured (one unit shard of this many slots)")
     parser.add_argument("--layers", default=None, help="layers (default: precompute's, all but the last 3)")
     parser.add_argument("--encodings", default=" ".join(ENCODINGS), help="encodings, space separated")
+    parser.add_argument("--compressors", default=" ".join(COMPRESSORS),
+                        help="compressors, space separated ('none', the baseline of saved and cost, is always measured)")
     parser.add_argument("--repeats", type=int, default=3, help="encodes per measurement (the best counts)")
     parser.add_argument("--batch-size", type=int, default=16, help="teacher batch size")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
@@ -118,8 +124,14 @@ def main(argv: list[str] | None = None) -> None:
     from attncache.pipeline.teacher.selection import resolve_heads, resolve_layers_or_default
     from attncache.pipeline.tools.fidelity import capture, replayed_images
 
+    compressors = ("none", *[c for c in args.compressors.split() if c != "none"])  # "none" is the baseline
+    for spec in compressors:
+        try:
+            codecs_of(spec)  # a bad name is refused before the teacher runs
+        except ValueError as exc:
+            parser.error(f"--compressors: {exc}")
     torch.set_num_threads(args.threads)
-    teacher = Teacher(TeacherConfig(args.teacher, random_init=True))
+    teacher = Teacher(TeacherConfig(args.teacher, random_init=not Path(args.teacher).is_dir()))
     layers = resolve_layers_or_default(args.layers, teacher.num_layers)
     heads = resolve_heads(None, teacher.num_heads)
     with tempfile.TemporaryDirectory(prefix="attncache-compression-") as work:
@@ -131,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.process_time()
     cap = capture(teacher, images, layers, heads, args.batch_size, keys)
     capture_s = (time.process_time() - started) / len(images)
-    rows = [row for spec in args.encodings.split() for row in measure(spec, cap, capture_s, args.repeats)]
+    rows = [row for spec in args.encodings.split() for row in measure(spec, cap, capture_s, args.repeats, compressors)]
     chosen = {spec: choose([r for r in rows if r["encoding"] == spec]) for spec in args.encodings.split()}
     report = {"teacher": args.teacher, "layers": list(layers), "samples": len(images), "threads": args.threads,
               "capture_s_per_sample": capture_s, "rows": rows, "chosen": chosen}

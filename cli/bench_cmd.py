@@ -37,7 +37,7 @@ def bench() -> None:
                    f"{' '.join(defaults.FIDELITY_GRID)} (ranks above the head dim skipped); STORE mode the store's encoding "
                    "and exact:fp16].")
 @click.option("--compression", default=None, callback=P.compression_callback,
-              help="zstd[:LEVEL][:shuffle|bitshuffle] or none for stored bytes [default: precompute's, "
+              help="zstd[:LEVEL][:shuffle|bitshuffle[:block=SIZE]] or none for stored bytes [default: precompute's, "
                    f"{defaults.COMPRESSION_HELP}; STORE mode: the store's].")
 @click.option("--batch-size", default=_DEFAULTS.batch_size, type=P.BATCH, help="Samples per encode / decode call (and teacher batch).")
 @click.option("--threads", default=_DEFAULTS.threads, type=P.THREADS, help="Torch intra-op threads.")

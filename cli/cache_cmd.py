@@ -54,7 +54,7 @@ def make_teacher_config(teacher: str, model_args, checkpoint, random_init, seed,
               help="exact[:fp16|fp32|bf16|int8|int4|fp8] or lowrank:r=RANKS[:fp16|fp32|bf16|int8|int4|fp8] "
                    "(RANKS: R, or one per cached layer); `bench fidelity` compares them.")
 @click.option("--compression", default=_DEFAULTS.compression, callback=P.compression_callback,
-              help=f"zstd[:LEVEL][:shuffle|bitshuffle] or none [default: {defaults.COMPRESSION_HELP}] (recorded: "
+              help=f"zstd[:LEVEL][:shuffle|bitshuffle[:block=SIZE]] or none [default: {defaults.COMPRESSION_HELP}] (recorded: "
                    "part of the cache id).")
 @click.option("--batch-size", default=_DEFAULTS.batch_size, type=P.BATCH, help="Teacher batch size (recorded: it fixes numerics).")
 @click.option("--workers", default=_DEFAULTS.workers, type=P.LOADER_WORKERS, help="Loader processes decoding and augmenting.")

@@ -25,7 +25,7 @@ _DEFAULTS = defaults.Plan()
               help="exact[:fp16|fp32|bf16|int8|int4|fp8] or lowrank:r=RANKS[:fp16|fp32|bf16|int8|int4|fp8], "
                    "RANKS = R or one per cached layer (R,R,... ; RxK repeats).")
 @click.option("--compression", default=_DEFAULTS.compression, callback=P.compression_callback,
-              help="zstd[:LEVEL][:shuffle|bitshuffle] or none, used by --compression-factor measured "
+              help="zstd[:LEVEL][:shuffle|bitshuffle[:block=SIZE]] or none, used by --compression-factor measured "
                    f"[default: precompute's, {defaults.COMPRESSION_HELP}].")
 @click.option("--compression-factor", default=_DEFAULTS.compression_factor, type=P.CompressionFactor(),
               help="Divide factor bytes by this: none (plan the uncompressed size), a number (e.g. from "

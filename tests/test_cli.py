@@ -44,9 +44,9 @@ def test_precompute_options_reach_the_store(cli_store):
     assert info["layers"] == [0] and info["heads"] == [0, 2] and info["views"] == 2
     assert info["encoding"] == "exact:fp16" and info["compute"]["batch_size"] == 32
     assert info["units_done"] == info["units_total"] == 2
-    assert info["compression"] == {"codec": "zstd", "level": 3, "shuffle": "none"}  # exact:fp16's own
+    assert info["compression"] == {"codec": "zstd", "level": 1, "shuffle": "byte", "blocksize": 1 << 20}  # exact:fp16's own
     text = CliRunner().invoke(cli, ["inspect", str(cli_store)]).output
-    assert "compression: zstd:3\n" in text and "encoding: exact:fp16\n" in text
+    assert "compression: zstd:1:shuffle:block=1M\n" in text and "encoding: exact:fp16\n" in text
     assert info["bytes_on_disk"] > 0 and info["bytes_per_sample"] > 0
 
 

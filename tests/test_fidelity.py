@@ -63,12 +63,13 @@ def test_teacher_mode_reports_kl_bytes_and_speed_for_every_encoding(base_report)
 
 def test_each_encoding_is_stored_with_its_own_compressor_unless_one_is_given(synth_data):
     """Without --compression the grid's bytes are what a precompute of each encoding would store: int4
-    rows with zstd:3:shuffle, exact:bf16 with zstd:1, the rest zstd:3 (pipeline/encodings/default.py)."""
+    rows with zstd:3:shuffle, 16-bit float rows with zstd:1:shuffle:block=1M, the rest zstd:3
+    (pipeline/encodings/default.py)."""
     grid = ["--encodings", "exact:bf16 lowrank:r=2:int4 lowrank:r=8:int8"]
     own = _json(*RANDOM_TEACHER, "--data", synth_data["val"], "--samples", 4, *grid)
     given = _json(*RANDOM_TEACHER, "--data", synth_data["val"], "--samples", 4, *grid, "--compression", "zstd:3")
     assert own["compression"] == "each encoding's own default" and given["compression"] == "zstd:3"
-    assert [r["compression"] for r in own["results"]] == ["zstd:1", "zstd:3:shuffle", "zstd:3"]
+    assert [r["compression"] for r in own["results"]] == ["zstd:1:shuffle:block=1M", "zstd:3:shuffle", "zstd:3"]
     assert [r["compression"] for r in given["results"]] == ["zstd:3"] * 3
     own_bytes, given_bytes = ([r["bytes_per_sample"] for r in rep["results"]] for rep in (own, given))
     assert own_bytes[2] == given_bytes[2] and own_bytes[1] != given_bytes[1]  # same compressor, same bytes

@@ -211,9 +211,11 @@ def test_a_store_fitted_by_the_eigh_rerun_under_todays_fitter_is_refused_naming_
 
 def test_each_encoding_gets_its_own_compressor_unless_one_is_given(synth_data, tmp_path):
     """Without --compression a store records its encoding's compressor (pipeline/encodings/default.py):
-    zstd:3:shuffle for int4 low-rank rows, zstd:3 for int8 rows and exact:fp16; a given one wins."""
+    zstd:3:shuffle for int4 low-rank rows, zstd:3 for int8 rows, zstd:1:shuffle:block=1M for 16-bit
+    float rows (exact:fp16, lowrank fp16); a given one wins."""
     cases = [("lowrank:r=2:int4", None, "zstd:3:shuffle"), ("lowrank:r=8:int8", None, "zstd:3"),
-             ("exact:fp16", None, "zstd:3"), ("lowrank:r=2:int4", "zstd:3", "zstd:3")]
+             ("exact:fp16", None, "zstd:1:shuffle:block=1M"), ("lowrank:r=2:int4", "zstd:3", "zstd:3"),
+             ("lowrank:r=2:fp16", None, "zstd:1:shuffle:block=1M"), ("exact:fp16", "zstd:3", "zstd:3")]
     for i, (encoding, given, recorded) in enumerate(cases):
         out = tmp_path / f"c{i}.zarr"
         run_precompute(_config(synth_data["val"], out, views=1, encoding=encoding, compression=given))
@@ -229,6 +231,11 @@ def test_each_encoding_gets_its_own_compressor_unless_one_is_given(synth_data, t
     assert shuffled.unit_factor_bytes(shuffled.units()[0]) != plain.unit_factor_bytes(plain.units()[0])
     codecs = json.loads((tmp_path / "c0.zarr" / "views/0/factors/a/zarr.json").read_text())["codecs"]
     assert '"shuffle": "shuffle"' in json.dumps(codecs) and '"cname": "zstd"' in json.dumps(codecs)
+    blocked, zstd3 = CacheStore.open(tmp_path / "c2.zarr"), CacheStore.open(tmp_path / "c5.zarr")
+    for name, values in blocked.read_unit(0, 0).factors.items():  # the same values through 1 MB blosc blocks
+        np.testing.assert_array_equal(values, zstd3.read_unit(0, 0).factors[name])
+    codecs = json.loads((tmp_path / "c2.zarr" / "views/0/factors/q/zarr.json").read_text())["codecs"]
+    assert '"blocksize": 1048576' in json.dumps(codecs) and '"typesize": 2' in json.dumps(codecs)
 
 
 def test_a_store_of_the_old_default_compressor_rerun_without_compression_says_how_to_resume(synth_data, tmp_path):
@@ -253,6 +260,31 @@ def test_a_store_of_the_old_default_compressor_rerun_without_compression_says_ho
                                          r"--compression zstd:3\. Use another --out"):
         run_precompute(_config(synth_data["val"], eigh, **dict(old, compression=None)))
     assert _all_files(eigh) == before
+
+
+@pytest.mark.parametrize("encoding,old_default", [("exact:fp16", "zstd:3"), ("exact:bf16", "zstd:1")])
+def test_an_exact_store_of_its_old_default_compressor_is_refused_unchanged_and_resumes_as_hinted(
+        synth_data, tmp_path, encoding, old_default):
+    """exact:fp16 stores were zstd:3 and exact:bf16 ones zstd:1 until 1 MB blosc blocks became the
+    16-bit rows' default (2026-12-03): a rerun without --compression is refused with every byte as it
+    was, naming the old compressor; that command resumes, writing nothing; a new store gets blocks and
+    holds the same values."""
+    out = tmp_path / "old.zarr"
+    old = dict(views=1, encoding=encoding, compression=old_default, threads=2)
+    run_precompute(_config(synth_data["val"], out, **old))
+    before = _all_files(out)
+    with pytest.raises(StoreError, match=rf"To resume this store, give --compression {old_default}\. Use another --out"):
+        run_precompute(_config(synth_data["val"], out, **dict(old, compression=None)))
+    assert _all_files(out) == before
+    resumed = run_precompute(_config(synth_data["val"], out, **old))
+    assert resumed.units_processed == 0 and resumed.units_already_done > 0 and _all_files(out) == before
+    new = tmp_path / "new.zarr"
+    run_precompute(_config(synth_data["val"], new, **dict(old, compression=None)))
+    assert CacheStore.open(new).meta["compression"] == parse_compression("zstd:1:shuffle:block=1M")
+    assert CacheStore.open(new).meta["cache_id"] != CacheStore.open(out).meta["cache_id"]
+    for name, values in CacheStore.open(new).read_unit(0, 0).factors.items():
+        np.testing.assert_array_equal(values, CacheStore.open(out).read_unit(0, 0).factors[name])
+    assert verify_store(new).ok
 
 
 def test_a_resume_hint_names_the_compressor_whenever_it_differs(synth_data, tmp_path):

@@ -1,6 +1,7 @@
 """The store's layout arithmetic and marker bytes, without a store on disk; the one file layer on a
 local folder and on an fsspec URL through the same calls."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -39,6 +40,30 @@ def test_compression_specs_parse_and_bad_ones_name_the_fix():
         layout.parse_compression("zstd:12:bitshuffle")
 
 
+@pytest.mark.parametrize("spec,blocksize", [("zstd:1:shuffle:block=1M", 1 << 20), ("zstd:3:bitshuffle:block=64K", 65536),
+                                            ("zstd:9:shuffle:block=5000", 5000), ("zstd:0:shuffle:block=4K", 4096),
+                                            ("zstd:1:shuffle:block=256M", 256 << 20), ("zstd:1:shuffle:block=4m", 4 << 20)])
+def test_a_blosc_block_size_is_recorded_and_written_back_as_the_same_spec(spec, blocksize):
+    parsed = layout.parse_compression(spec)
+    assert parsed["blocksize"] == blocksize
+    assert layout.parse_compression(layout.compression_spec(parsed)) == parsed
+    assert layout.compressors(parsed).blocksize == blocksize
+    assert "blocksize" not in layout.parse_compression("zstd:1:shuffle")  # absent unless given: old ids unchanged
+
+
+@pytest.mark.parametrize("spec,says", [
+    ("zstd:1:block=1M", "only a shuffle uses: zstd:1:shuffle:block=1M"),
+    ("zstd:1:shuffle:block=2K", "not in 4096..268435456"), ("zstd:1:shuffle:block=257M", "not in 4096..268435456"),
+    ("zstd:1:shuffle:block=0", "not in 4096"), ("zstd:1:shuffle:block=-1M", "is not 'block=SIZE'"),
+    ("zstd:1:shuffle:block=1.5M", "is not 'block=SIZE'"), ("zstd:1:shuffle:block=1G", "is not 'block=SIZE'"),
+    ("zstd:1:shuffle:block=", "is not 'block=SIZE'"), ("zstd:1:shuffle:1M", "is not 'block=SIZE'"),
+    ("zstd:1:shuffle:block=\uff11M", "is not 'block=SIZE'"), ("zstd:1:shuffle:block=99999999999999999999M", "not in"),
+    ("zstd:1:shuffle:block=1M:x", "expected 'zstd[:LEVEL][:shuffle|bitshuffle[:block=SIZE]]' or 'none'")])
+def test_a_bad_blosc_block_size_is_one_line_naming_it(spec, says):
+    with pytest.raises(ValueError, match=re.escape(says)):
+        layout.parse_compression(spec)
+
+
 def test_all_fill_sees_strings_and_numbers():
     assert layout.all_fill(np.array(["", ""], dtype=object), "") and not layout.all_fill(np.array(["", "k"], dtype=object), "")
     assert layout.all_fill(np.full(4, -1), -1) and not layout.all_fill(np.zeros(4), -1)
@@ -73,7 +98,8 @@ def test_one_file_layer_serves_a_folder_and_a_url_alike(tmp_path, root):
     assert (files.local_path("x") is None) != files.local
 
 
-@pytest.mark.parametrize("compression", ["zstd:3", "zstd:1", "zstd:1:shuffle", "zstd:3:shuffle", "zstd:5:bitshuffle", "none"])
+@pytest.mark.parametrize("compression", ["zstd:3", "zstd:1", "zstd:1:shuffle", "zstd:3:shuffle", "zstd:5:bitshuffle",
+                                         "zstd:1:shuffle:block=1M", "zstd:3:bitshuffle:block=8K", "none"])
 def test_a_shard_encoded_in_memory_is_the_file_zarr_writes(tmp_path, compression, monkeypatch):
     """The store hashes and writes shard bytes encoded in memory (store/shard_bytes.py): they must be
     byte for byte the file zarr itself writes for the same block, for every kind of array, fill-only

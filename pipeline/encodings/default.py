@@ -12,17 +12,37 @@ DEFAULT_ENCODING = "lowrank:r=2:int4"
 
 # The compressor a store gets when `--compression` is not given. One for every encoding until
 # 2026-12-03; now chosen per (family, row format) by `bench compression`'s rule: the largest
-# `saved - cost`, and a move from zstd:3 only where it nets more than 2 points over repeated runs
-# (a move re-keys that encoding's default stores). BENCHMARKS.md, "A compressor per encoding".
-# - lowrank int4 rows: zstd:3:shuffle (blosc byte shuffle; the float16 scales compress better
-#   shuffled): 2.2-3.7 % fewer bytes than zstd:3 at every measured rank (2, 4, 8) and scale scheme,
-#   for about 1 % of the teacher's CPU time; +2.3 points mean net at r = 2 over four runs.
-# - exact bf16: zstd:1 stores the same bytes (to 0.01 %) as zstd:3 for less CPU.
+# `saved - cost`, and a move only where it nets more than 2 points over repeated runs, for every
+# encoding of that row format (a move re-keys that encoding's default stores). BENCHMARKS.md,
+# "A compressor per encoding" and "Blosc blocks of 1 MB".
+# - 16- and 32-bit float rows (exact and low-rank): zstd:1 inside blosc, byte shuffle, 1 MB blocks.
+#   With blosc's own small blocks the shuffle gained nothing on fp16 Q/K; with 1 MB blocks zstd sees
+#   whole exponent planes: exact:fp16 8 % fewer bytes than zstd:3 (+8.7 points, three runs), bf16
+#   15 % fewer than zstd:1 (+10.6), low-rank fp16/bf16/fp32 rows +6 to +10, and it encodes and
+#   decodes faster than zstd:3.
+# - low-rank int4 rows: zstd:3:shuffle (blosc's own blocks; the float16 scales compress better
+#   shuffled). 1 MB or 256 KB blocks netted +2.0 to +2.5 points at r = 2-16 but -2.4 with
+#   `scale=token`: not one rule for the row format, so not moved.
+# - everything else (int8, fp8 rows): zstd:3; blocks netted +0.6 to +4.3 points, not at every rank.
 DEFAULT_COMPRESSION = "zstd:3"
-COMPRESSION_BY_ROWS = {("lowrank", "int4"): "zstd:3:shuffle", ("exact", "bf16"): "zstd:1"}
-COMPRESSION_HELP = ("the encoding's own: " + ", ".join(f"{c} for {f}:{'...:' if f == 'lowrank' else ''}{r}"
-                                                      for (f, r), c in COMPRESSION_BY_ROWS.items())
-                    + f", {DEFAULT_COMPRESSION} for every other")
+FLOAT_ROWS_COMPRESSION = "zstd:1:shuffle:block=1M"
+COMPRESSION_BY_ROWS = {("lowrank", "int4"): "zstd:3:shuffle",
+                       **{(family, rows): FLOAT_ROWS_COMPRESSION
+                          for family in ("exact", "lowrank") for rows in ("fp16", "bf16", "fp32")}}
+
+
+def _help() -> str:
+    """e.g. "zstd:3:shuffle for lowrank:...:int4; zstd:1:shuffle:block=1M for exact:fp16|bf16|fp32, ..."."""
+    grouped: dict[str, dict[str, list[str]]] = {}
+    for (family, rows), compressor in COMPRESSION_BY_ROWS.items():
+        grouped.setdefault(compressor, {}).setdefault(family, []).append(rows)
+    return ("the encoding's own: "
+            + "; ".join(f"{c} for " + ", ".join(f"{f}:{'...:' if f == 'lowrank' else ''}{'|'.join(rs)}" for f, rs in fams.items())
+                        for c, fams in grouped.items())
+            + f"; {DEFAULT_COMPRESSION} for every other")
+
+
+COMPRESSION_HELP = _help()
 
 
 def default_compression(family: str, rows: str) -> str:

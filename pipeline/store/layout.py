@@ -113,36 +113,67 @@ def compressors(compression: dict):
     if compression["shuffle"] == "none":
         return ZstdCodec(level=compression["level"])
     shuffle = {"byte": "shuffle", "bit": "bitshuffle"}[compression["shuffle"]]
-    return BloscCodec(cname="zstd", clevel=compression["level"], shuffle=shuffle)
+    return BloscCodec(cname="zstd", clevel=compression["level"], shuffle=shuffle,
+                      blocksize=compression.get("blocksize", 0))
+
+
+COMPRESSION_GRAMMAR = "zstd[:LEVEL][:shuffle|bitshuffle[:block=SIZE]]' or 'none"
+# blosc's block: 0 (absent) lets blosc choose (tens of KB); a larger one lets zstd see whole byte
+# planes of a shuffled chunk (BLOCK_RANGE in bytes; written 64K, 1M, or a byte count)
+BLOCK_RANGE = (4 << 10, 256 << 20)
 
 
 def parse_compression(spec: str) -> dict:
-    """`zstd:3`, `zstd:5:shuffle`, `zstd:3:bitshuffle`, `none`."""
+    """`zstd:3`, `zstd:5:shuffle`, `zstd:3:bitshuffle`, `zstd:1:shuffle:block=1M`, `none`."""
     parts = spec.strip().split(":")
     if parts == ["none"]:
         return {"codec": "none", "level": 0, "shuffle": "none"}
-    if parts[0] != "zstd" or len(parts) > 3:
-        raise SpecError(f"bad compression {spec!r}: expected 'zstd[:LEVEL][:shuffle|bitshuffle]' or 'none'")
+    if parts[0] != "zstd" or len(parts) > 4:
+        raise SpecError(f"bad compression {spec!r}: expected '{COMPRESSION_GRAMMAR}'")
     try:
         level = int(parts[1]) if len(parts) > 1 else 3
     except ValueError:
         raise SpecError(f"bad compression {spec!r}: level {parts[1]!r} is not an integer "
-                        "(expected 'zstd[:LEVEL][:shuffle|bitshuffle]', e.g. zstd:3)") from None
+                        f"(expected '{COMPRESSION_GRAMMAR}', e.g. zstd:3)") from None
     shuffle = {"shuffle": "byte", "bitshuffle": "bit", "noshuffle": "none"}.get(parts[2] if len(parts) > 2 else "noshuffle")
+    if shuffle is None and parts[2].startswith("block="):
+        raise SpecError(f"bad compression {spec!r}: a block is blosc's, which only a shuffle uses: "
+                        f"zstd:{parts[1]}:shuffle:{parts[2]}")
     if shuffle is None:
         raise SpecError(f"bad compression {spec!r}: shuffle must be 'shuffle' or 'bitshuffle'")
     top = 22 if shuffle == "none" else 9  # zstd's levels; blosc (used for shuffles) takes 0-9
     if not 0 <= level <= top:
         raise SpecError(f"bad compression {spec!r}: level {level} is not in 0..{top}"
                         + (" (a shuffle goes through blosc, whose levels stop at 9)" if top == 9 else ""))
-    return {"codec": "zstd", "level": level, "shuffle": shuffle}
+    out = {"codec": "zstd", "level": level, "shuffle": shuffle}
+    if len(parts) == 4:
+        out["blocksize"] = _parse_block(spec, parts[3])
+    return out
+
+
+def _parse_block(spec: str, part: str) -> int:
+    """`block=1M` / `block=256K` / `block=65536` in bytes, within BLOCK_RANGE."""
+    text = part[len("block="):] if part.startswith("block=") else None
+    unit = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:].upper(), 1) if text else 1
+    digits = text[:-1] if text and unit > 1 else text
+    if not digits or not (digits.isascii() and digits.isdigit()):
+        raise SpecError(f"bad compression {spec!r}: {part!r} is not 'block=SIZE' (bytes, or with K or M, e.g. block=1M)")
+    size = int(digits) * unit
+    low, high = BLOCK_RANGE
+    if not low <= size <= high:
+        raise SpecError(f"bad compression {spec!r}: block {size} bytes is not in {low}..{high} (4K..256M)")
+    return size
 
 
 def compression_spec(compression: dict) -> str:
     """The spec `parse_compression` turns into `compression` (a store's metadata), e.g. `zstd:3:shuffle`."""
     if compression["codec"] == "none":
         return "none"
-    return f"zstd:{compression['level']}" + {"none": "", "byte": ":shuffle", "bit": ":bitshuffle"}[compression["shuffle"]]
+    spec = f"zstd:{compression['level']}" + {"none": "", "byte": ":shuffle", "bit": ":bitshuffle"}[compression["shuffle"]]
+    block = compression.get("blocksize")
+    if block is not None:
+        spec += f":block={block >> 20}M" if block % (1 << 20) == 0 else f":block={block >> 10}K" if block % 1024 == 0 else f":block={block}"
+    return spec
 
 
 def all_fill(block: np.ndarray, fill) -> bool:

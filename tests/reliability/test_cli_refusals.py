@@ -58,7 +58,7 @@ PRECOMPUTE_CASES = {  # name: (options, the exact error line)
                             "Error: SpecError: lowrank rank r=128 exceeds the teacher's head dim d=16"),
     "zstd:x": (["--compression", "zstd:x"],
                "Error: Invalid value for '--compression': bad compression 'zstd:x': level 'x' is not an integer "
-               "(expected 'zstd[:LEVEL][:shuffle|bitshuffle]', e.g. zstd:3)"),
+               "(expected 'zstd[:LEVEL][:shuffle|bitshuffle[:block=SIZE]]' or 'none', e.g. zstd:3)"),
     "blosc level": (["--compression", "zstd:12:shuffle"],
                     "Error: Invalid value for '--compression': bad compression 'zstd:12:shuffle': level 12 is not in "
                     "0..9 (a shuffle goes through blosc, whose levels stop at 9)"),
