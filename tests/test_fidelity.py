@@ -63,7 +63,7 @@ def test_teacher_mode_reports_kl_bytes_and_speed_for_every_encoding(base_report)
 
 def test_each_encoding_is_stored_with_its_own_compressor_unless_one_is_given(synth_data):
     """Without --compression the grid's bytes are what a precompute of each encoding would store: int4
-    rows with zstd:3:shuffle, 16-bit float rows with zstd:1:shuffle:block=1M, the rest zstd:3
+    rows with zstd:3:shuffle, exact 16-bit float rows with zstd:1:shuffle:block=1M, the rest zstd:3
     (pipeline/encodings/default.py)."""
     grid = ["--encodings", "exact:bf16 lowrank:r=2:int4 lowrank:r=8:int8"]
     own = _json(*RANDOM_TEACHER, "--data", synth_data["val"], "--samples", 4, *grid)

@@ -211,11 +211,11 @@ def test_a_store_fitted_by_the_eigh_rerun_under_todays_fitter_is_refused_naming_
 
 def test_each_encoding_gets_its_own_compressor_unless_one_is_given(synth_data, tmp_path):
     """Without --compression a store records its encoding's compressor (pipeline/encodings/default.py):
-    zstd:3:shuffle for int4 low-rank rows, zstd:3 for int8 rows, zstd:1:shuffle:block=1M for 16-bit
-    float rows (exact:fp16, lowrank fp16); a given one wins."""
+    zstd:3:shuffle for int4 low-rank rows, zstd:3 for int8 and low-rank fp16 rows, zstd:1:shuffle:block=1M
+    for exact 16- and 32-bit float rows; a given one wins."""
     cases = [("lowrank:r=2:int4", None, "zstd:3:shuffle"), ("lowrank:r=8:int8", None, "zstd:3"),
              ("exact:fp16", None, "zstd:1:shuffle:block=1M"), ("lowrank:r=2:int4", "zstd:3", "zstd:3"),
-             ("lowrank:r=2:fp16", None, "zstd:1:shuffle:block=1M"), ("exact:fp16", "zstd:3", "zstd:3")]
+             ("lowrank:r=2:fp16", None, "zstd:3"), ("exact:fp16", "zstd:3", "zstd:3")]
     for i, (encoding, given, recorded) in enumerate(cases):
         out = tmp_path / f"c{i}.zarr"
         run_precompute(_config(synth_data["val"], out, views=1, encoding=encoding, compression=given))
