@@ -2,10 +2,10 @@
 
     .venv/bin/attncache bench compression [--teacher vit_small_patch16_224] [--samples 32] [--json]
 
-The teacher's Q/K (random init, seeded; default layers) are captured for `--samples` synthetic
-images and encoded with each encoding; each factor array's unit shard is then encoded exactly as the
-store writes it (store/shard_bytes.py: the store's chunks, shard and codecs), once per compressor,
-best of `--repeats`. Every time is CPU seconds of this process (all its threads: zarr's codecs,
+The teacher's Q/K (random init, seeded, or a trained teacher's directory; default layers) are
+captured for `--samples` synthetic images and encoded with each encoding; each factor array's unit
+shard is then encoded exactly as the store writes it (store/shard_bytes.py: the store's chunks,
+shard and codecs, into the parts it writes), once per compressor, best of `--repeats`. Every time is CPU seconds of this process (all its threads: zarr's codecs,
 torch's), so a machine shared with other jobs moves the figures less than wall time would.
 Reported per (encoding, compressor): gain (raw bytes / stored bytes), encode MB per CPU second of
 raw bytes, and the two fractions the rule weighs, both per sample-view:
@@ -51,7 +51,7 @@ def shard_seconds_and_bytes(arrays: dict, compressor: str, repeats: int) -> tupl
     import zarr
 
     from attncache.pipeline.store.layout import factor_chunk_slots
-    from attncache.pipeline.store.shard_bytes import encode_shard
+    from attncache.pipeline.store.shard_bytes import encode_shard_parts
 
     group = zarr.open_group(zarr.storage.MemoryStore(), mode="w", zarr_format=3)
     seconds, size = 0.0, 0
@@ -63,9 +63,9 @@ def shard_seconds_and_bytes(arrays: dict, compressor: str, repeats: int) -> tupl
         best = float("inf")
         for _ in range(repeats):
             started = time.process_time()
-            data = encode_shard(array, "/".join(["c"] + ["0"] * block.ndim), 0, len(block), block, False)
+            parts = encode_shard_parts(array, "/".join(["c"] + ["0"] * block.ndim), 0, len(block), block, False)
             best = min(best, time.process_time() - started)
-        seconds, size = seconds + best, size + len(data)
+        seconds, size = seconds + best, size + sum(memoryview(p).nbytes for p in parts)
     return seconds, size
 
 

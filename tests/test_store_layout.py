@@ -2,6 +2,7 @@
 local folder and on an fsspec URL through the same calls."""
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -58,10 +59,31 @@ def test_a_blosc_block_size_is_recorded_and_written_back_as_the_same_spec(spec, 
     ("zstd:1:shuffle:block=1.5M", "is not 'block=SIZE'"), ("zstd:1:shuffle:block=1G", "is not 'block=SIZE'"),
     ("zstd:1:shuffle:block=", "is not 'block=SIZE'"), ("zstd:1:shuffle:1M", "is not 'block=SIZE'"),
     ("zstd:1:shuffle:block=\uff11M", "is not 'block=SIZE'"), ("zstd:1:shuffle:block=99999999999999999999M", "not in"),
-    ("zstd:1:shuffle:block=1M:x", "expected 'zstd[:LEVEL][:shuffle|bitshuffle[:block=SIZE]]' or 'none'")])
+    ("zstd:1:shuffle:block=1M:x", "expected 'zstd[:LEVEL][:shuffle|bitshuffle[:block=SIZE]]' or 'none'"),
+    ("zstd:3:noshuffle:block=1M", "only a shuffle uses: zstd:3:shuffle:block=1M"),
+    ("zstd:1:shuffle:block=" + "9" * 5000, "block above 256M is not in"),
+    ("zstd:+3", "level '+3' is not an integer"), ("zstd:1_0:shuffle", "level '1_0' is not an integer"),
+    ("zstd:\u0663", "is not an integer")])
 def test_a_bad_blosc_block_size_is_one_line_naming_it(spec, says):
-    with pytest.raises(ValueError, match=re.escape(says)):
+    with pytest.raises(ValueError, match=re.escape(says)) as refused:
         layout.parse_compression(spec)
+    assert "\n" not in str(refused.value) and len(str(refused.value)) < 5200
+
+
+def test_the_schema_takes_a_block_size_only_with_a_shuffle():
+    """A store's recorded compression with a blosc block but no blosc (edited or foreign metadata) is
+    refused by the schema, as the grammar refuses `zstd:3:noshuffle:block=1M`."""
+    import jsonschema
+
+    schema = json.loads((Path(layout.__file__).parents[2] / "storage_schema" / "store_v2.json").read_text())
+    compression = jsonschema.Draft202012Validator(schema["properties"]["compression"])
+    assert compression.is_valid(layout.parse_compression("zstd:1:shuffle:block=1M"))
+    assert compression.is_valid(layout.parse_compression("zstd:3"))
+    for bad in ({"codec": "zstd", "level": 3, "shuffle": "none", "blocksize": 1 << 20},
+                {"codec": "none", "level": 0, "shuffle": "none", "blocksize": 1 << 20},
+                {"codec": "zstd", "level": 1, "shuffle": "byte", "blocksize": 1024},
+                {"codec": "zstd", "level": 1, "shuffle": "byte", "blocksize": 1500000.5}):
+        assert not compression.is_valid(bad), bad
 
 
 def test_all_fill_sees_strings_and_numbers():
@@ -151,15 +173,27 @@ def test_a_shard_encoded_in_memory_is_the_file_zarr_writes(tmp_path, compression
     assert encode_shard(group["empty"], "c/1/0/0", 8, 16, blocks["empty"][0], False) is None
     with pytest.raises(ValueError, match="does not fill slots"):
         encode_shard(group["a"], "c/1/0/0/0/0", 8, 16, blocks["a"][0][:4], False)
+    calls = len(direct)  # slots that are not one whole shard, or a key that is not theirs: zarr's own encoder
+    for key, start in (("c/1/0/0/0/0", 4), ("c/2/0/0/0/0", 8)):
+        zarr_parts = shard_bytes._zarr_parts(group["a"], key, start, start + 8, blocks["a"][0], False)
+        expected = None if zarr_parts is None else b"".join(zarr_parts)
+        assert encode_shard(group["a"], key, start, start + 8, blocks["a"][0], False) == expected
+    assert len(direct) == calls
 
 
 def test_the_store_writes_the_parts_of_a_shard_as_one_file(tmp_path):
-    """A list of buffers is one file, their concatenation, locally and on an fsspec URL."""
+    """A list of buffers is one file, their concatenation, locally and on an fsspec URL; a part that
+    cannot be written leaves the old file and no temp file."""
     parts = [b"abc", np.arange(5, dtype=np.uint8), memoryview(b"xyz")]
     for root in (str(tmp_path / "store"), "memory://layer-test/parts"):
         files = Files(root)
         files.write_replace("views/0/a/c/0", parts)
         assert files.read("views/0/a/c/0") == b"abc\x00\x01\x02\x03\x04xyz"
+    files = Files(str(tmp_path / "store"))
+    with pytest.raises((TypeError, ValueError, BufferError)):
+        files.write_replace("views/0/a/c/0", [b"new", np.arange(8, dtype=np.uint8)[::2]])  # not contiguous
+    assert files.read("views/0/a/c/0") == b"abc\x00\x01\x02\x03\x04xyz"
+    assert sorted(p.name for p in (tmp_path / "store" / "views/0/a/c").iterdir()) == ["0"]
 
 
 @pytest.mark.parametrize("root", ["local", "memory://layer-test/replace"])

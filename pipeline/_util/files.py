@@ -8,6 +8,7 @@ done with a file, never which kind of root they hold.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -96,14 +97,19 @@ class Files:
         parts = data if isinstance(data, list) else [data]
         path = self.full(rel)
         if not self.local:
-            self.fs.pipe_file(path, b"".join(parts))  # one bytes object is passed on uncopied
+            self.fs.pipe_file(path, b"".join(parts))
             return
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         tmp = f"{path}{TEMP_MARK}{os.getpid()}-{threading.get_ident()}"
-        with open(tmp, "wb") as f:
-            for part in parts:
-                f.write(part)
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                for part in parts:
+                    f.write(part)
+            os.replace(tmp, path)
+        except BaseException:  # a part that cannot be written leaves no temp (a kill still can: cleared on rewrite)
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
 
     def create(self, rel: str, data: bytes) -> bool:
         """Create the file unless it exists (False then). Locally O_EXCL; on an object store a

@@ -131,6 +131,8 @@ def parse_compression(spec: str) -> dict:
     if parts[0] != "zstd" or len(parts) > 4:
         raise SpecError(f"bad compression {spec!r}: expected '{COMPRESSION_GRAMMAR}'")
     try:
+        if len(parts) > 1 and not (parts[1].isascii() and parts[1].isdigit()):
+            raise ValueError(parts[1])  # int() would also take "+3", "1_0" and non-ASCII digits
         level = int(parts[1]) if len(parts) > 1 else 3
     except ValueError:
         raise SpecError(f"bad compression {spec!r}: level {parts[1]!r} is not an integer "
@@ -147,6 +149,9 @@ def parse_compression(spec: str) -> dict:
                         + (" (a shuffle goes through blosc, whose levels stop at 9)" if top == 9 else ""))
     out = {"codec": "zstd", "level": level, "shuffle": shuffle}
     if len(parts) == 4:
+        if shuffle == "none":
+            raise SpecError(f"bad compression {spec!r}: a block is blosc's, which only a shuffle uses: "
+                            f"zstd:{level}:shuffle:{parts[3]}")
         out["blocksize"] = _parse_block(spec, parts[3])
     return out
 
@@ -158,10 +163,11 @@ def _parse_block(spec: str, part: str) -> int:
     digits = text[:-1] if text and unit > 1 else text
     if not digits or not (digits.isascii() and digits.isdigit()):
         raise SpecError(f"bad compression {spec!r}: {part!r} is not 'block=SIZE' (bytes, or with K or M, e.g. block=1M)")
-    size = int(digits) * unit
+    size = int(digits[-12:]) * unit if len(digits.lstrip("0")) <= 12 else BLOCK_RANGE[1] + 1  # no 4300-digit int()
     low, high = BLOCK_RANGE
     if not low <= size <= high:
-        raise SpecError(f"bad compression {spec!r}: block {size} bytes is not in {low}..{high} (4K..256M)")
+        shown = f"{size} bytes" if size <= high else "above 256M"
+        raise SpecError(f"bad compression {spec!r}: block {shown} is not in {low}..{high} (4K..256M)")
     return size
 
 

@@ -26,6 +26,7 @@ import google_crc32c
 import numcodecs
 import numpy as np
 import zarr
+from packaging.version import Version
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
 from zarr.codecs.sharding import ShardingCodecIndexLocation
 from zarr.core.buffer import default_buffer_prototype
@@ -51,7 +52,7 @@ def encode_shard_parts(array: zarr.Array, chunk_key: str, start: int, stop: int,
     if stop - start != block.shape[0] or tuple(array.shape[1:]) != block.shape[1:]:
         raise ValueError(f"a block of shape {block.shape} does not fill slots [{start}, {stop}) of an array "
                          f"of shape {array.shape}")
-    direct = _direct_plan(array, block)
+    direct = _direct_plan(array, block) if _is_shard(array, chunk_key, start, block) else None
     if direct is not None:
         return _direct_parts(block, *direct, write_empty_chunks)
     return _zarr_parts(array, chunk_key, start, stop, block, write_empty_chunks)
@@ -66,6 +67,14 @@ def _zarr_parts(array: zarr.Array, chunk_key: str, start: int, stop: int, block:
     memory[start:stop] = block
     encoded = docs.get(chunk_key)
     return None if encoded is None else [encoded.as_numpy_array()]
+
+
+def _is_shard(array: zarr.Array, chunk_key: str, start: int, block: np.ndarray) -> bool:
+    """Whether [start, start + len(block)) is one whole shard and `chunk_key` is its key (zarr's
+    default `c/<i>/0/...`): the direct path encodes the block alone, so nothing else may be asked."""
+    shard = block.shape[0]
+    return (shard > 0 and start % shard == 0
+            and chunk_key == "/".join(["c", str(start // shard)] + ["0"] * (block.ndim - 1)))
 
 
 def _direct_plan(array: zarr.Array, block: np.ndarray):
@@ -123,10 +132,9 @@ def _compressor(codec):
 
 
 def _numcodecs_passes_typesize() -> bool:
-    """zarr gives blosc its `typesize` from numcodecs 0.16 on (before, blosc saw the chunk's bytes
-    as 1-byte items): the same rule, so the same bytes, either way."""
-    major, minor = (int(p) for p in numcodecs.__version__.split(".")[:2])
-    return (major, minor) >= (0, 16)
+    """zarr gives blosc its `typesize` from numcodecs 0.16.0 on (before, blosc saw the chunk's bytes
+    as 1-byte items): zarr's own comparison, pre-releases included, so the same bytes either way."""
+    return Version(numcodecs.__version__) >= Version("0.16.0")
 
 
 def _direct_parts(block: np.ndarray, slots: int, compressor, write_empty_chunks: bool) -> list | None:
