@@ -5,8 +5,9 @@
 The teacher's Q/K (random init, seeded, or a trained teacher's directory; default layers) are
 captured for `--samples` synthetic images and encoded with each encoding; each factor array's unit
 shard is then encoded exactly as the store writes it (store/shard_bytes.py: the store's chunks,
-shard and codecs, into the parts it writes), once per compressor, best of `--repeats`. Every time is CPU seconds of this process (all its threads: zarr's codecs,
-torch's), so a machine shared with other jobs moves the figures less than wall time would.
+shard and codecs, into the parts it writes), once per compressor, best of `--repeats`. Every time
+is CPU seconds of this process (all its threads: the codecs', torch's), so a machine shared with
+other jobs moves the figures less than wall time would.
 Reported per (encoding, compressor): gain (raw bytes / stored bytes), encode MB per CPU second of
 raw bytes, and the two fractions the rule weighs, both per sample-view:
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 TEMP_MARK = ".tmp-"
@@ -82,6 +83,22 @@ def remove_temps(folder: Path, names: tuple[str, ...]) -> list[Path]:
     gone = []
     for stale in Path(folder).glob(f"*{TEMP_MARK}*"):
         if stale.is_file() and stale.name.startswith(names):
+            stale.unlink(missing_ok=True)
+            gone.append(stale)
+    return gone
+
+
+# safetensors (0.8) writes a file through a temp of its own beside it, `.tmp` and 6 letters or digits
+# (Rust's tempfile), renamed onto the name it was given: a kill inside `save_file` leaves that temp
+_SAFETENSORS_TEMP = re.compile(r"\.tmp[A-Za-z0-9]{6}")
+
+
+def remove_safetensors_temps(folder: Path) -> list[Path]:
+    """Delete the temps of safetensors writes killed before their rename: in a folder that only the
+    run's own writer writes to, such a name is one of them (found by a random-instant kill test)."""
+    gone = []
+    for stale in Path(folder).glob(".tmp*"):
+        if stale.is_file() and _SAFETENSORS_TEMP.fullmatch(stale.name):
             stale.unlink(missing_ok=True)
             gone.append(stale)
     return gone

@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from attncache.pipeline._util.atomic import commit_temp, remove_temps, temp_path, write_json
+from attncache.pipeline._util.atomic import commit_temp, remove_safetensors_temps, remove_temps, temp_path, write_json
 from attncache.pipeline.train.optim import WeightEma, load_optimizer_tensors, optimizer_tensors
 
 STATE_FILE, METRICS_FILE = "state.json", "metrics.jsonl"
@@ -111,6 +111,7 @@ def remove_superseded(out: Path, keep: str) -> None:
         if path.name != keep and (CHECKPOINT_NAME.fullmatch(path.name) or path.name == LEGACY_CHECKPOINT):
             path.unlink(missing_ok=True)
     remove_temps(out, RUN_FILES)
+    remove_safetensors_temps(out)
 
 
 def _state_problem(state) -> str | None:

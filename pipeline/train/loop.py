@@ -350,6 +350,7 @@ def _train(cfg: TrainConfig, world: World) -> TrainResult:
         if ema is not None:
             atomic.save_safetensors({k: v.contiguous() for k, v in ema.state.items()}, out / "model_ema.safetensors")
         write_teacher_config(out, cfg.spec, session)
+        atomic.remove_safetensors_temps(out)  # of a final write killed before, re-done just now
     if evaluation is not None:  # every rank evaluates its part of the split
         final = run_eval(session, evaluation, cfg, ema, world)
     if metrics is not None:

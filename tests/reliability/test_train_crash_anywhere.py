@@ -113,6 +113,30 @@ def test_sigkill_at_every_rename_then_resume_is_bit_identical(cache, reference, 
     assert_same_end(ref, out)
 
 
+def test_a_safetensors_temp_left_by_a_kill_inside_its_write_is_cleared_by_the_resume(cache, reference, tmp_path):
+    """safetensors writes through its own `.tmpXXXXXX` beside the target and renames it: a SIGKILL
+    inside `save_file` (of a checkpoint or of the final model) leaves it, and the random-instant kills
+    found one. The resume clears it (a finished run re-run as is rewrites its final files); other
+    files of the folder stay, and the end is the uninterrupted run's."""
+    import shutil
+
+    ref, _ = reference
+    out = tmp_path / "run"
+    shutil.copytree(ref, out)
+    for stray in (".tmpZJkSup", ".tmp0a1B2c"):  # what a killed save_file leaves
+        (out / stray).write_bytes(b"half a safetensors file")
+    keep = [".tmpnotes.txt", ".tmp-x", "tmpZJkSup", ".tmpZJkSu"]  # not safetensors' names
+    for name in keep:
+        (out / name).write_text("mine")
+    [done] = run_many([{"args": train_args(cache, out)}], tmp_path / "logs")
+    assert done["rc"] == 0, done["out"] + done["err"]
+    assert not (out / ".tmpZJkSup").exists() and not (out / ".tmp0a1B2c").exists()
+    assert all((out / name).read_text() == "mine" for name in keep)
+    for name in keep:
+        (out / name).unlink()
+    assert_same_end(ref, out)
+
+
 def test_sigkill_at_seeded_random_instants_then_resume_is_bit_identical(cache, reference, tmp_path):
     """Six SIGKILLs at delays drawn over a whole run's duration (seeded); the first ones may land
     before the first checkpoint, the later ones in the middle of any write."""
