@@ -312,6 +312,7 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
     if ema is not None:
         report.update(eval_top1_ema=eval_top1_ema, ema_weights=EMA_WEIGHTS_FILE)
     atomic.write_json(out / REPORT_FILE, report)
+    atomic.remove_safetensors_temps(out)  # of an earlier run into this folder killed inside a weights write
     return PretrainResult(str(out), config.epochs, step, seconds, history[-1]["loss"] if history else float("nan"),
                           len(data.images_NCHW), len(data.skipped), eval_top1, eval_top1_ema, tuple(history))
 
