@@ -52,7 +52,7 @@ def shard_seconds_and_bytes(arrays: dict, compressor: str, repeats: int) -> tupl
     import zarr
 
     from attncache.pipeline.store.layout import factor_chunk_slots
-    from attncache.pipeline.store.shard_bytes import encode_shard_parts
+    from attncache.pipeline.store.shard_bytes import encode_shard_parts, parts_size
 
     group = zarr.open_group(zarr.storage.MemoryStore(), mode="w", zarr_format=3)
     seconds, size = 0.0, 0
@@ -66,7 +66,7 @@ def shard_seconds_and_bytes(arrays: dict, compressor: str, repeats: int) -> tupl
             started = time.process_time()
             parts = encode_shard_parts(array, "/".join(["c"] + ["0"] * block.ndim), 0, len(block), block, False)
             best = min(best, time.process_time() - started)
-        seconds, size = seconds + best, size + sum(memoryview(p).nbytes for p in parts)
+        seconds, size = seconds + best, size + parts_size(parts)
     return seconds, size
 
 

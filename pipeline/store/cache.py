@@ -30,7 +30,7 @@ from attncache.pipeline.store.layout import BASE_ARRAYS, FILL_VALUES, Unit, Unit
 from attncache.pipeline.store.markers import encode_marker, new_marker, parse_marker, sha256_hex, sha256_parts
 from attncache.pipeline.store.meta import META_ATTR, StoreError, cache_id
 from attncache.pipeline.store.reshape import doc_slots, doc_with_slots, docs_at_slots, read_journal, resized_arrays
-from attncache.pipeline.store.shard_bytes import encode_shard_parts
+from attncache.pipeline.store.shard_bytes import encode_shard_parts, parts_size
 from attncache.pipeline.store.unit_read import UnitBytes, decode_unit, fetch_unit
 from attncache.storage_schema import SCHEMA_VERSION, SchemaError, validate_store_metadata
 
@@ -295,7 +295,7 @@ class CacheStore:
         if parts is None:
             raise StoreError(f"{unit.name}: zarr encoded no shard file {rel} for array {name}")
         self.files.write_replace(rel, parts)
-        return sha256_parts(parts), sum(memoryview(p).nbytes for p in parts)
+        return sha256_parts(parts), parts_size(parts)
 
     def read_unit(self, view: int, shard_index: int) -> UnitData:
         """The unit's arrays as zarr decodes them, unchecked: for `verify --recompute`, where the

@@ -19,7 +19,7 @@ from attncache.storage_schema import SCHEMA_VERSION, SchemaError, validate_marke
 
 def sha256_hex(data: bytes | None) -> str | None:
     """The checksum a marker records for a file's bytes (None: the file is missing)."""
-    return None if data is None else hashlib.sha256(data).hexdigest()
+    return None if data is None else sha256_parts([data])
 
 
 def sha256_parts(parts) -> str:

@@ -58,6 +58,11 @@ def encode_shard_parts(array: zarr.Array, chunk_key: str, start: int, stop: int,
     return _zarr_parts(array, chunk_key, start, stop, block, write_empty_chunks)
 
 
+def parts_size(parts) -> int:
+    """Bytes of the file that `parts` (buffers of any item type) make."""
+    return sum(memoryview(p).nbytes for p in parts)
+
+
 def _zarr_parts(array: zarr.Array, chunk_key: str, start: int, stop: int, block: np.ndarray,
                 write_empty_chunks: bool) -> list | None:
     docs = dict(array.metadata.to_buffer_dict(default_buffer_prototype()))  # {"zarr.json": ...}
@@ -150,7 +155,7 @@ def _direct_parts(block: np.ndarray, slots: int, compressor, write_empty_chunks:
         if not write_empty_chunks and not raw.any():
             continue
         data = raw if compressor is None else compressor.encode(raw)
-        nbytes = len(memoryview(data).cast("B"))
+        nbytes = parts_size([data])
         index[i] = offset, nbytes
         parts.append(data)
         offset += nbytes
