@@ -1,7 +1,8 @@
-"""Low-rank fitters, the full eigh of every store before 2026-12-03 against the subspace fitter of new
-stores, in one run (BENCHMARKS.md, "Low-rank fitter (issue 18 item 2)").
+"""Low-rank fitters, the full eigh of every store before 2026-12-03, the subspace fitter of that day's
+stores and the CholeskyQR fitter of new stores, in one run (BENCHMARKS.md, "Low-rank fitter (issue 18
+item 2)").
 
-    .venv/bin/python -m attncache.benchmarks.fitter [--teacher DIR]   # eigh against subspace
+    .venv/bin/python -m attncache.benchmarks.fitter [--teacher DIR]   # eigh, subspace and cholqr
     .venv/bin/python -m attncache.benchmarks.fitter --stages            # where the eigh fitter's time goes
     .venv/bin/python -m attncache.benchmarks.fitter --neighbour         # LAPACK threads beside a busy process
 
@@ -21,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from attncache.pipeline.encodings.fit import EIGH, SUBSPACE, _cholesky_upper, _top_singular, fit_factors
+from attncache.pipeline.encodings.fit import CHOLQR, EIGH, SUBSPACE, _cholesky_upper, _top_singular, fit_factors
 from attncache.pipeline.encodings.kl import attention_kl, exact_logits
 
-FITTERS = {"eigh": EIGH, "subspace": SUBSPACE}
+FITTERS = {"eigh": EIGH, "subspace": SUBSPACE, "cholqr": CHOLQR}
 
 
 def low_rank_plus_noise(b, layers, heads, tokens, dim, rank=8, noise=0.05, seed=0):
@@ -94,7 +95,8 @@ def measure(name, q, k, scale):
             row[name_] = {"kl": float(attention_kl(ref, a @ b.transpose(-1, -2)).mean()),
                           "mb_s": round(speed(q, k, scale, rank, fitter), 1),
                           "bit_identical_runs_and_threads": bits_hold(q, k, scale, rank, fitter)}
-        row["kl_subspace_vs_eigh_pct"] = round(100 * (row["subspace"]["kl"] / max(row["eigh"]["kl"], 1e-300) - 1), 4)
+        for new in ("subspace", "cholqr"):
+            row[f"kl_{new}_vs_eigh_pct"] = round(100 * (row[new]["kl"] / max(row["eigh"]["kl"], 1e-300) - 1), 4)
         rows[rank] = row
         print(json.dumps({"inputs": name, "shape": list(q.shape), "rank": rank, **row}), flush=True)
     return rows
@@ -184,6 +186,9 @@ def neighbour(shape=(8, 9, 6, 197, 64), rank=8):
 
 
 def main():
+    from attncache.pipeline._util.runtime import keep_freed_memory
+
+    keep_freed_memory()  # as precompute runs the fit
     torch.set_num_threads(2)
     if "--neighbour" in sys.argv[1:]:
         neighbour()

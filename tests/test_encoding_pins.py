@@ -108,19 +108,22 @@ def test_the_shipped_grammar_reads_as_before():
     # issue 14 added the scale part (shared_scales.py), issue 18 the fit part (fit.py); every form before
     # them reads as it did (pins above, under fit=eigh)
     assert registry.grammar() == ("exact[:fp16|fp32|bf16|int8|int4|fp8]  or  lowrank:r=RANKS[:fp16|fp32|bf16|int8|"
-                                  "int4|fp8][:scale=token|row-pow2|token-pow2][:fit=eigh], RANKS = R (every layer) or R,R,... "
+                                  "int4|fp8][:scale=token|row-pow2|token-pow2][:fit=subspace|eigh], RANKS = R (every layer) or R,R,... "
                                   "(one per cached layer; RxK repeats R K times)")
 
 
 SUBSPACE_PINNED = json.loads((Path(__file__).parent / "assets" / "subspace_pins.json").read_text())
+CHOLQR_PINNED = json.loads((Path(__file__).parent / "assets" / "cholqr_pins.json").read_text())
 
 
 @pytest.mark.parametrize("spec", list(SUBSPACE_PINNED["pins"]))
 def test_the_subspace_fitters_stores_are_their_pinned_bytes_and_name_their_fitter(spec):
-    """New low-rank stores (the subspace fitter, the default): the JSON names the fitter, so their cache
-    id is never an eigh store's, and the factors are the bits pinned when the fitter became the default."""
-    got, pin = fingerprint(spec), SUBSPACE_PINNED["pins"][spec]
-    for field in ("spec", "serves_qk", "json", "cache_id", "arrays"):
+    """The subspace fitter's stores (the default of 2026-12-03, `fit=subspace` since): the JSON names the
+    fitter, so their cache id is never an eigh store's, and the factors are the bits pinned when the
+    fitter became the default (pinned under the spec without `fit=`, which then meant it)."""
+    got, pin = fingerprint(spec + ":fit=subspace"), SUBSPACE_PINNED["pins"][spec]
+    assert got["spec"] == pin["spec"] + ":fit=subspace"
+    for field in ("serves_qk", "json", "cache_id", "arrays"):
         assert got[field] == pin[field], field
     assert json.loads(got["json"])["fitter"] == "subspace"
     assert got["cache_id"] != pinned_form(fingerprint(eigh_form(spec)), spec)["cache_id"]
@@ -130,9 +133,27 @@ def test_the_subspace_fitters_stores_are_their_pinned_bytes_and_name_their_fitte
     assert [got["encoded"], got["decoded"]] == [pin["encoded"], pin["decoded"]]
 
 
+@pytest.mark.parametrize("spec", list(CHOLQR_PINNED["pins"]))
+def test_the_cholqr_fitters_stores_are_their_pinned_bytes_and_name_their_fitter(spec):
+    """New low-rank stores (the CholeskyQR fitter, the default): the JSON names the fitter, so the cache
+    id is neither a subspace nor an eigh store's. At the pins' head dim 16 every rank takes the eigh
+    (p > 0.4 d), as in the subspace fitter: the same factor bits as `fit=subspace` on any machine."""
+    got, pin = fingerprint(spec), CHOLQR_PINNED["pins"][spec]
+    for field in ("spec", "serves_qk", "json", "cache_id", "arrays"):
+        assert got[field] == pin[field], field
+    assert json.loads(got["json"])["fitter"] == "cholqr"
+    subspace = fingerprint(spec + ":fit=subspace")
+    assert got["cache_id"] not in (subspace["cache_id"], pinned_form(fingerprint(eigh_form(spec)), spec)["cache_id"])
+    assert [got["encoded"], got["decoded"]] == [subspace["encoded"], subspace["decoded"]]
+    if (PLATFORM, MACHINE) != (CHOLQR_PINNED["platform"], CHOLQR_PINNED["machine"]):
+        pytest.skip(f"factor bits pinned on {CHOLQR_PINNED['machine']} ({CHOLQR_PINNED['platform']}), this is "
+                    f"{MACHINE} ({PLATFORM})")
+    assert [got["encoded"], got["decoded"]] == [pin["encoded"], pin["decoded"]]
+
+
 def test_a_store_json_without_a_fitter_is_read_as_the_eigh_fitters_and_an_unknown_fitter_reads_but_fits_nothing():
     from attncache.pipeline._util.spec_error import SpecError as Refused
-    from attncache.pipeline.encodings.fit import EIGH, SUBSPACE
+    from attncache.pipeline.encodings.fit import CHOLQR, EIGH, SUBSPACE
     from attncache.pipeline.encodings.spec import encoding_from_json
 
     old = json.loads(PINS["lowrank:r=8:int8"]["json"])  # a store written before the key existed
@@ -140,7 +161,9 @@ def test_a_store_json_without_a_fitter_is_read_as_the_eigh_fitters_and_an_unknow
     assert encoding_from_json(old).spec == "lowrank:r=8:int8:fit=eigh"
     assert encoding_from_json(old).to_json() == old  # so a resume under fit=eigh matches its metadata
     new = parse_encoding("lowrank:r=8:int8")
-    assert new.fitter == SUBSPACE and encoding_from_json(new.to_json()) == new
+    assert new.fitter == CHOLQR and encoding_from_json(new.to_json()) == new
+    day = parse_encoding("lowrank:r=8:int8:fit=subspace")  # a store of 2026-12-03
+    assert day.fitter == SUBSPACE and encoding_from_json(day.to_json()).spec == "lowrank:r=8:int8:fit=subspace"
     future = dict(new.to_json(), fitter="lanczos-v9")
     enc = encoding_from_json(future)
     q, k = torch.randn(1, 1, 2, 17, 16), torch.randn(1, 1, 2, 17, 16)

@@ -262,6 +262,26 @@ def test_a_store_of_the_old_default_compressor_rerun_without_compression_says_ho
     assert _all_files(eigh) == before
 
 
+def test_a_default_store_of_the_subspace_fitter_rerun_says_fit_subspace_and_resumes_so(synth_data, tmp_path):
+    """The default store of 2026-12-03 (subspace fitter, zstd:3:shuffle): its command, re-run today, is
+    refused with every byte as it was and names `--encoding lowrank:r=2:int4:fit=subspace`; that
+    command resumes it writing nothing, and grows it by a view with the same fitter."""
+    out = tmp_path / "day.zarr"
+    run_precompute(_config(synth_data["val"], out, views=1, encoding="lowrank:r=2:int4:fit=subspace"))
+    before = _all_files(out)
+    rerun = {k: v for k, v in _config(synth_data["val"], out, views=1).__dict__.items() if k != "encoding"}
+    with pytest.raises(StoreError, match=r"encoding: store has .*To resume this store, give --encoding "
+                                         r"lowrank:r=2:int4:fit=subspace\. Use another --out"):
+        run_precompute(PrecomputeConfig(**rerun))  # today's default encoding
+    assert _all_files(out) == before
+    resumed = run_precompute(_config(synth_data["val"], out, views=1, encoding="lowrank:r=2:int4:fit=subspace"))
+    assert resumed.units_processed == 0 and resumed.units_already_done > 0 and _all_files(out) == before
+    grown = run_precompute(_config(synth_data["val"], out, views=2, encoding="lowrank:r=2:int4:fit=subspace"))
+    assert grown.units_processed > 0
+    store = CacheStore.open(out)
+    assert store.meta["encoding"]["fitter"] == "subspace" and store.encoding.spec == "lowrank:r=2:int4:fit=subspace"
+
+
 @pytest.mark.parametrize("encoding,old_default", [("exact:fp16", "zstd:3"), ("exact:bf16", "zstd:1")])
 def test_an_exact_store_of_its_old_default_compressor_is_refused_unchanged_and_resumes_as_hinted(
         synth_data, tmp_path, encoding, old_default):
@@ -525,6 +545,9 @@ OLD_DEFAULT_PIN = {"torch": "2.14.1+cu130", "layers": [0, 1, 2, 3],
 # made when the subspace fitter became the default (2026-12-03), on the one machine kind that has run it
 SUBSPACE_VIEWS_PIN = {"machine": "x86_64 AuthenticAMD AMD EPYC avx2",
                       "views_sha256": "1d4a849aa5a552adebe3043ac68d01b8ae5cb56b7ec44fb87628891b06b915bf"}
+# made when the CholeskyQR fitter became the default (2026-12-03, evening), on the machine kind that made it
+CHOLQR_VIEWS_PIN = {"machine": "x86_64 GenuineIntel Intel(R) Xeon(R) Processor @ 2.80GHz avx512",
+                    "views_sha256": "14220762e6beb9099c6ba671cb7e05bebfcf9611c9fae868207e57e05ce12d0d"}
 WIDE_HEAD_TEACHER = TeacherConfig("vit_tiny_patch16_224", (("depth", 2), ("embed_dim", 128), ("img_size", 32),
                                                            ("num_heads", 2), ("patch_size", 8)), random_init=True, seed=0)
 DEEP_TEACHER = TeacherConfig("vit_tiny_patch16_224", (("depth", 4), ("embed_dim", 64), ("img_size", 32),
@@ -568,17 +591,49 @@ def test_every_layer_store_is_byte_identical_to_the_old_default_and_the_default_
         pytest.skip(f"the byte pin was recorded with torch {OLD_DEFAULT_PIN['torch']} (cache id includes it)")
     check("precompute/old_default_cache_id", every.meta["cache_id"], OLD_DEFAULT_PIN["cache_id"])  # the teacher's digest is in it
     check("precompute/old_default_views_sha256", _views_sha256(tmp_path / "all.zarr"), OLD_DEFAULT_PIN["views_sha256"])
-    # head dim 64 (ViT-S/B/L's), where r = 8 takes the subspace path; at this teacher's d = 16 it is the eigh
+    # head dim 64 (ViT-S/B/L's), where r = 8 takes the iteration; at this teacher's d = 16 it is the eigh
     wide = dict(job, encoding="lowrank:r=8:int8", teacher=WIDE_HEAD_TEACHER)
-    run_precompute(PrecomputeConfig(out=str(tmp_path / "new.zarr"), layers=":", **wide))
-    run_precompute(PrecomputeConfig(out=str(tmp_path / "eigh.zarr"), layers=":", **dict(wide, encoding="lowrank:r=8:int8:fit=eigh")))
-    new, eigh = CacheStore.open(tmp_path / "new.zarr"), CacheStore.open(tmp_path / "eigh.zarr")
-    assert new.meta["encoding"]["fitter"] == "subspace" and "fitter" not in eigh.meta["encoding"]
-    assert new.meta["cache_id"] != eigh.meta["cache_id"]
-    assert not np.array_equal(new.group["views/0/factors/a"][:], eigh.group["views/0/factors/a"][:])
-    if MACHINE != SUBSPACE_VIEWS_PIN["machine"]:
-        pytest.skip(f"the subspace store's bytes were pinned on {SUBSPACE_VIEWS_PIN['machine']}, this is {MACHINE}")
-    assert _views_sha256(tmp_path / "new.zarr") == SUBSPACE_VIEWS_PIN["views_sha256"]
+    stores = {}
+    for name, fit in (("new", ""), ("subspace", ":fit=subspace"), ("eigh", ":fit=eigh")):
+        run_precompute(PrecomputeConfig(out=str(tmp_path / f"{name}.zarr"), layers=":",
+                                        **dict(wide, encoding="lowrank:r=8:int8" + fit)))
+        stores[name] = CacheStore.open(tmp_path / f"{name}.zarr")
+    new, subspace, eigh = stores["new"], stores["subspace"], stores["eigh"]
+    assert new.meta["encoding"]["fitter"] == "cholqr" and subspace.meta["encoding"]["fitter"] == "subspace"
+    assert "fitter" not in eigh.meta["encoding"]
+    assert len({s.meta["cache_id"] for s in stores.values()}) == 3
+    for one, other in ((new, subspace), (new, eigh), (subspace, eigh)):
+        assert not np.array_equal(one.group["views/0/factors/a"][:], other.group["views/0/factors/a"][:])
+    for name, pin in (("subspace", SUBSPACE_VIEWS_PIN), ("new", CHOLQR_VIEWS_PIN)):
+        if MACHINE == pin["machine"]:
+            assert _views_sha256(tmp_path / f"{name}.zarr") == pin["views_sha256"], name
+    if MACHINE not in (SUBSPACE_VIEWS_PIN["machine"], CHOLQR_VIEWS_PIN["machine"]):
+        pytest.skip(f"the iteration stores' bytes were pinned on {SUBSPACE_VIEWS_PIN['machine']} (subspace) and "
+                    f"{CHOLQR_VIEWS_PIN['machine']} (cholqr), this is {MACHINE}")
+
+
+def test_a_d_64_teachers_default_store_is_the_same_bytes_at_every_thread_worker_and_batch_count(tmp_path):
+    """At head dim 64 the default encoding takes the CholeskyQR iteration (at the fixture teacher's
+    d = 16 every fitter is the eigh): its store's bytes must not depend on the thread count, the
+    loader workers or the teacher batch (a unit's last batch is shorter), and must be its own bytes,
+    not the subspace fitter's."""
+    from attncache.pipeline.studies.synth import SynthConfig, synth_dataset
+
+    info = synth_dataset(tmp_path / "d", num_train=0, num_val=40, config=SynthConfig(image_size=32, num_classes=4),
+                         shard_size=40, seed=0)
+    job = dict(data=(info["val"],), teacher=WIDE_HEAD_TEACHER, views=1, progress=False, layers=":")
+    runs = {"one thread": dict(threads=1, workers=0, batch_size=16), "two threads, two workers":
+            dict(threads=2, workers=2, batch_size=16), "batch 7": dict(threads=2, workers=0, batch_size=7)}
+    digests = {}
+    for name, compute in runs.items():
+        out = tmp_path / f"{len(digests)}.zarr"
+        run_precompute(PrecomputeConfig(out=str(out), **job, **compute))
+        assert CacheStore.open(out).meta["encoding"]["fitter"] == "cholqr"
+        digests[name] = _views_sha256(out)
+    assert len(set(digests.values())) == 1, digests
+    run_precompute(PrecomputeConfig(out=str(tmp_path / "subspace.zarr"), encoding="lowrank:r=2:int4:fit=subspace",
+                                    **job, **runs["one thread"]))
+    assert _views_sha256(tmp_path / "subspace.zarr") != digests["one thread"]
 
 
 def test_a_store_resumed_at_another_thread_count_or_grown_under_the_new_default_says_which_flags(synth_data,

@@ -1,17 +1,23 @@
 """The best rank-r fit of scale * Q (K - mean_tokens K)^T as A B^T, A and B of shape (N, r), by one of
-two fitters. Which one wrote a store is in its encoding's JSON (`fitter`, absent meaning `EIGH`, the
-first), so a resumed store never mixes them, and `lowrank:...:fit=eigh` writes the older stores' bytes.
+three fitters. Which one wrote a store is in its encoding's JSON (`fitter`, absent meaning `EIGH`, the
+first), so a resumed store never mixes them; `lowrank:...:fit=subspace` and `:fit=eigh` write the older
+stores' bytes.
 
 Centring K removes a per-row constant from the logits, which softmax ignores, and shrinks the dynamic
-range that a quantised row codec must cover. Both fitters start from the d x d Gram matrices of Q and
-centred K (with the final A = Q W_a, B = K W_b the only N x d work) and split sqrt(S) to both sides so
+range that a quantised row codec must cover. Every fitter starts from the d x d Gram matrices of Q and
+centred K (with the final A = Q W_a, B = K W_b the only N x d work) and splits sqrt(S) to both sides so
 A and B have similar ranges.
 
-- `SUBSPACE` (new stores): one Cholesky (of Q's side), then block subspace iteration with p = r + 6
-  columns on the whitened d x d matrix, Householder QR between steps, and Rayleigh-Ritz on p x p. Why:
-  `EIGH` solves all d directions whatever r, and that eigh was 40 % of a default precompute unit on
-  CPU; this fit solves only the top p for the same KL (BENCHMARKS.md, "Low-rank fitter").
-- `EIGH` (every store before it): Cholesky whitening of both sides and a full float64 eigh of the
+- `CHOLQR` (new stores): block subspace iteration with p = r + 6 columns in Q's coordinates, each
+  step's basis made G_q-orthonormal by the Cholesky of a p x p matrix (CholeskyQR), Rayleigh-Ritz on
+  p x p. Why: `SUBSPACE` whitens first (a d x d Cholesky and two d x d x d products per matrix, over
+  half its time); this one has only d x d x p products and p x p LAPACK calls, for the same KL, and
+  runs a chunk's whole fit on one thread while its data is in cache (BENCHMARKS.md, "Low-rank fitter").
+- `SUBSPACE` (stores of 2026-12-03): one Cholesky (of Q's side), then block subspace iteration with
+  p = r + 6 columns on the whitened d x d matrix, Householder QR between steps, and Rayleigh-Ritz on
+  p x p. Why it replaced `EIGH`: that solves all d directions whatever r, and its eigh was 40 % of a
+  default precompute unit on CPU.
+- `EIGH` (every store before them): Cholesky whitening of both sides and a full float64 eigh of the
   d x d core.
 """
 from __future__ import annotations
@@ -34,6 +40,11 @@ Weights = tuple[torch.Tensor, torch.Tensor]  # W_a, W_b (d, r) float32: A = Q W_
 
 class Fitter(Protocol):
     name: str  # the spec's `fit=` and the encoding JSON's "fitter"
+    # True: `fit_factors` runs the centring, the Gram matrices, the fit and the final products of each
+    # chunk of samples on one CPU thread (`_factors_by_chunks`), which defines this fitter's bits;
+    # False: the Gram matrices and products on every thread, the d x d work in chunks, as the first
+    # two fitters' stores were made
+    whole_chunks: bool
 
     def weights(self, gram_q: torch.Tensor, gram_k: torch.Tensor, scale: float, rank: int) -> Weights:
         """W_a, W_b from the float32 Gram matrices Q^T Q and K_c^T K_c [..., d, d]."""
@@ -42,27 +53,76 @@ class Fitter(Protocol):
 
 def fit_factors(q_BLHNd: torch.Tensor, k_BLHNd: torch.Tensor, scale: float, rank: int,
                 fitter: Fitter | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float32 factors A, B [B, L, H, N, rank] (`fitter` defaults to `SUBSPACE`, what new stores use).
+    """Float32 factors A, B [B, L, H, N, rank] (`fitter` defaults to `CHOLQR`, what new stores use).
 
-    The N x d work runs in float32 on every thread; the d x d work in float64 (it is small, and
-    ill-conditioned Gram matrices need the digits), in chunks of whole samples, each chunk's
-    thousands of tiny LAPACK and BLAS calls on one CPU thread and the chunks on all of the caller's
-    threads (`_weights_by_chunks`). Each matrix's calls are the same sequential code at any thread
-    count and in any chunk, so the factors are the same bits at every count."""
-    q = q_BLHNd.float()
-    k = k_BLHNd.float()
-    k = k - k.mean(dim=-2, keepdim=True)
-    gram_q, gram_k = q.transpose(-1, -2) @ q, k.transpose(-1, -2) @ k
-    w_a, w_b = _weights_by_chunks(fitter or SUBSPACE, gram_q, gram_k, scale, rank)
-    a, b = q @ w_a, k @ w_b
+    The N x d work runs in float32, the d x d work in float64 (it is small, and ill-conditioned Gram
+    matrices need the digits), in chunks of whole samples on the caller's threads, each chunk on one
+    CPU thread: either the whole fit of a chunk (`whole_chunks` fitters, `_factors_by_chunks`) or its
+    d x d work alone (`_weights_by_chunks`). Each matrix's calls are the same sequential code at any
+    thread count and in any chunk, so the factors are the same bits at every count."""
+    fitter = fitter or CHOLQR
+    if fitter.whole_chunks:
+        a, b = _factors_by_chunks(fitter, q_BLHNd, k_BLHNd, scale, rank)
+    else:
+        q = q_BLHNd.float()
+        k = k_BLHNd.float()
+        k = k - k.mean(dim=-2, keepdim=True)
+        gram_q, gram_k = q.transpose(-1, -2) @ q, k.transpose(-1, -2) @ k
+        w_a, w_b = _weights_by_chunks(fitter, gram_q, gram_k, scale, rank)
+        a, b = q @ w_a, k @ w_b
     require_finite("low-rank factor a", a)
     require_finite("low-rank factor b", b)
     return a, b
 
 
+def _chunk_factors(fitter: Fitter, q: torch.Tensor, k: torch.Tensor, scale: float,
+                   rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A, B of one chunk: centring, Gram matrices, weights and products, each matrix's on its own."""
+    q = q.float()
+    k = k.float()
+    k = k - k.mean(dim=-2, keepdim=True)
+    w_a, w_b = fitter.weights(q.transpose(-1, -2) @ q, k.transpose(-1, -2) @ k, scale, rank)
+    return q @ w_a, k @ w_b
+
+
+def _factors_by_chunks(fitter: Fitter, q: torch.Tensor, k: torch.Tensor, scale: float,
+                       rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_chunk_factors` over chunks of whole samples, each chunk on one CPU thread of the caller's pool
+    (on a GPU: the whole batch at once). Why the whole fit per chunk, not only its d x d work: on CPU
+    the Gram matrices, the centred K and the products of a whole batch are hundreds of MB that every
+    stage reads again from memory; a chunk's are a few MB, read while they are in cache, and a pass
+    less over K (the ViT-S batch's fit took 0.36 s before, 0.21 s so, BENCHMARKS.md)."""
+    if q.device.type != "cpu" or q.dim() < 3 or q.shape[0] == 0:
+        return _chunk_factors(fitter, q, k, scale, rank)
+    step = max(1, -(-_FUSED_CHUNK_MATRICES // math.prod(q.shape[1:-2])))  # whole samples per chunk
+    starts = range(0, q.shape[0], step)
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+    def chunk(start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):  # the caller's modes
+            try:
+                return _chunk_factors(fitter, q[start:start + step], k[start:start + step], scale, rank)
+            except NonFiniteValues as bad:  # at the batch index of the whole batch, not of the chunk
+                raise NonFiniteValues(bad.what, bad.sample + start, bad.layer) from None
+
+    with _chunked_fit:
+        threads = torch.get_num_threads()
+        with one_cpu_thread(q.device):  # a chunk's calls on one thread, whichever thread runs it
+            if threads > 1 and len(starts) > 1:
+                parts = list(_pool(threads).map(chunk, starts))
+            else:
+                parts = [chunk(s) for s in starts]
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([a for a, _ in parts]), torch.cat([b for _, b in parts])
+
+
 # d x d problems per task of `_weights_by_chunks`: a chunk's float64 work (about 32 KB per matrix, several
 # copies) stays in the cache, and a batch gives each CPU thread several chunks
 _CHUNK_MATRICES = 256
+# matrices per chunk of `_factors_by_chunks`: a chunk's Q and K (100 KB per ViT-S head) and Gram
+# matrices stay near the cache, and a batch gives each thread several chunks to even out
+_FUSED_CHUNK_MATRICES = 128
 _pools: dict[int, ThreadPoolExecutor] = {}
 # One chunked fit at a time: each sets the process's torch thread count to 1 and back, and two of
 # them interleaved could leave it at 1 (every later forward at half speed)
@@ -189,6 +249,7 @@ class EighFit:
     rank-r subspace is chosen (at r = d the product is exact regardless)."""
 
     name: str = "eigh"
+    whole_chunks = False
 
     def weights(self, gram_q: torch.Tensor, gram_k: torch.Tensor, scale: float, rank: int) -> Weights:
         with one_cpu_thread(gram_q.device):  # as every EIGH store was written
@@ -243,6 +304,7 @@ class SubspaceFit:
     d = 64: r > 19; at d = 16: every r) the full eigh is faster, and exact: `EIGH`'s weights are used."""
 
     name: str = "subspace"
+    whole_chunks = False
     steps: int = 6
     extra: int = 6  # columns beyond r: the r-th pair converges as (lambda_{r+extra+1} / lambda_r)^steps
 
@@ -280,12 +342,106 @@ class SubspaceFit:
         return w_a.float(), (r_q.transpose(-1, -2) @ (top * (scale * down))).float()
 
 
+# ---------------------------------------------------------------------------------------------- CHOLQR
+
+
+@dataclass(frozen=True)
+class CholQRFit:
+    """`SUBSPACE`'s iteration without its d x d work: the same operator, iterated in Q's coordinates.
+    With U = Q X and X^T G_q X = I (U orthonormal), M M^T U = scale^2 Q (G_k G_q X), so the subspace
+    iteration is X <- G_k G_q X, orthonormalised in the G_q inner product by CholeskyQR (the Cholesky
+    of the p x p X^T G_q X); Rayleigh-Ritz on Y^T G_k Y (Y = G_q X, p x p) gives T, Lambda, and
+    A = Q (X T sqrt(Sigma)), B = K_c (scale Y T Sigma^{-1/2}). Why: `SUBSPACE` whitens first, a d x d
+    Cholesky and two d x d x d products per matrix, over half its time; here every product is d x d x p
+    and the LAPACK calls are p x p. The last basis is orthonormalised twice (CholeskyQR2) and checked:
+    a matrix whose basis is not G_q-orthonormal to 1e-6 (fewer tokens than columns, Q or K of rank
+    under p, a zero head) is fitted by `SUBSPACE` instead, which has the ridges for those; that is a
+    property of the matrix alone, so the bits stay a pure function of its Gram matrices. Where
+    p > 0.4 d `EIGH`'s weights are used, as by `SUBSPACE`."""
+
+    name: str = "cholqr"
+    whole_chunks = True
+    steps: int = 6
+    extra: int = 6
+
+    def __post_init__(self):
+        if self.name == "cholqr" and (self.steps, self.extra) != (6, 6):
+            raise ValueError("a CholQRFit with other steps or columns than the stores' needs its own name")
+
+    def weights(self, gram_q: torch.Tensor, gram_k: torch.Tensor, scale: float, rank: int) -> Weights:
+        d = gram_q.shape[-1]
+        p = rank + self.extra
+        if 5 * p > 2 * d:
+            return EIGH.weights(gram_q, gram_k, scale, rank)
+        for gram in (gram_q, gram_k):  # before any fallback, whose refusal would index a subset
+            bad = _not_finite(gram)
+            if bad.any():
+                raise _overflowed(bad)
+        with one_cpu_thread(gram_q.device):
+            w_a, w_b, ok = self._iterate(gram_q.double(), gram_k.double(), scale, rank, p)
+            if not ok.all():
+                bad = ~ok
+                w_a[bad], w_b[bad] = SUBSPACE.weights(gram_q[bad], gram_k[bad], scale, rank)
+        return w_a, w_b
+
+    def _iterate(self, g_q: torch.Tensor, g_k: torch.Tensor, scale: float, rank: int,
+                 p: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Float32 W_a, W_b and a [...] flag of the matrices whose basis held (the others' weights are
+        left as whatever came out, zeros where that was not finite)."""
+        d = g_q.shape[-1]
+        ok = torch.ones(g_q.shape[:-2], dtype=torch.bool, device=g_q.device)
+        # expanded, not broadcast: a [d, p] right operand makes one gemm of the whole chunk, whose
+        # kernel may depend on the chunk's size; a batch of products is each matrix's own call
+        x = _start_block(d, p).to(g_q.device).expand(*g_q.shape[:-2], d, p)
+        for _ in range(self.steps):
+            gx = g_q @ x
+            (y,), info = _orthonormalised(x, gx, gx)
+            ok &= info == 0
+            x = g_k @ y
+        (x,), info = _orthonormalised(x, g_q @ x, x)
+        ok &= info == 0
+        gx = g_q @ x
+        (x, y), info = _orthonormalised(x, gx, x, gx)  # CholeskyQR2: the second pass removes the first's rounding
+        ok &= info == 0
+        eye = torch.eye(p, dtype=x.dtype, device=x.device)
+        ok &= ((x.transpose(-1, -2) @ y - eye).abs().amax(dim=(-1, -2)) < 1e-6) & ~_not_finite(y)
+        held = ok[..., None, None]
+        core = torch.where(held, y.transpose(-1, -2) @ (g_k @ y), eye)  # no NaN reaches eigh's batch
+        evals, evecs = torch.linalg.eigh(core)  # ascending
+        top = torch.flip(evecs[..., -rank:], dims=(-1,))
+        lam = torch.flip(evals[..., -rank:], dims=(-1,)).clamp_min(0)
+        alive = (lam > 1e-24 * lam[..., :1].clamp_min(1e-300)) & _has_signal(g_q, g_k)  # as SUBSPACE's
+        up, down = _split_root(scale * lam.sqrt(), alive)
+        w_a = torch.where(held, x, 0.0) @ (top * up)
+        w_b = torch.where(held, y, 0.0) @ (top * (scale * down))
+        return w_a.float(), w_b.float(), ok
+
+
+def _orthonormalised(x: torch.Tensor, gx: torch.Tensor, *others: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Each of `others` times L^{-T}, with L L^T = X^T G X the Cholesky factor (gx = G X): what making
+    X G-orthonormal (one CholeskyQR pass) does to X and to G X. And LAPACK's info: non-zero where
+    X^T G X was not positive definite."""
+    low, info = torch.linalg.cholesky_ex(x.transpose(-1, -2) @ gx)
+    upper = low.transpose(-1, -2)
+    return [torch.linalg.solve_triangular(upper, t, upper=True, left=False) for t in others], info
+
+
+def _not_finite(x: torch.Tensor) -> torch.Tensor:
+    """[...] True where a matrix [..., m, n] holds inf or NaN. A sum is not finite wherever a term is;
+    the exact test runs only where the sum is not (finite terms that overflow it)."""
+    suspect = ~torch.isfinite(x.sum(dim=(-1, -2)))
+    if suspect.any():
+        suspect[suspect.clone()] = ~torch.isfinite(x[suspect]).all(dim=-1).all(dim=-1)
+    return suspect
+
+
 @dataclass(frozen=True)
 class UnknownFit:
     """A fitter named by a store that this version does not know: the store reads (decoding needs no
     fitter), but nothing is fitted with it, so a resume cannot mix fitters."""
 
     name: str
+    whole_chunks = False
 
     def weights(self, gram_q, gram_k, scale, rank) -> Weights:
         raise SpecError(f"this store's factors were made by the low-rank fitter {self.name!r}, which this "
@@ -295,4 +451,5 @@ class UnknownFit:
 
 EIGH = EighFit()
 SUBSPACE = SubspaceFit()
-FITTERS: dict[str, Fitter] = {f.name: f for f in (SUBSPACE, EIGH)}
+CHOLQR = CholQRFit()
+FITTERS: dict[str, Fitter] = {f.name: f for f in (CHOLQR, SUBSPACE, EIGH)}

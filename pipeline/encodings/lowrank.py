@@ -1,10 +1,11 @@
 """The `lowrank` family: factors A, B [L, H, N, r] with A B^T ~= scale Q (K - mean K)^T (see `fit`),
 through a row codec, with one rank for every layer or one per cached layer.
 
-Specs: `lowrank:r=RANKS[:fp16|fp32|bf16|int8|int4|fp8][:scale=token|row-pow2|token-pow2][:fit=eigh]`, RANKS =
-`R` or `R,R,...` (`RxK` repeats R K times); `scale=` picks cheaper scales for int8 / int4 / fp8 rows
-(`shared_scales.py`), `scale=row` (float16 per row) being the form without it; `fit=eigh` makes the
-factors as every store before the subspace fitter did (`fit.py`), `fit=subspace` being the form without it. A schedule's arrays are [L, H, N, max(ranks)] so the layer axis stays what every reader
+Specs: `lowrank:r=RANKS[:fp16|fp32|bf16|int8|int4|fp8][:scale=token|row-pow2|token-pow2][:fit=subspace|eigh]`,
+RANKS = `R` or `R,R,...` (`RxK` repeats R K times); `scale=` picks cheaper scales for int8 / int4 / fp8 rows
+(`shared_scales.py`), `scale=row` (float16 per row) being the form without it; `fit=` names the fitter
+of older stores (`fit.py`): `subspace` as stores of 2026-12-03, `eigh` as every store before them,
+`fit=cholqr` being the form without it. A schedule's arrays are [L, H, N, max(ranks)] so the layer axis stays what every reader
 expects; layer l keeps its top ranks[l] singular pairs and zero columns after them. Zero columns decode
 to 0 under every row codec, so `a @ b^T` needs no per-layer logic, and zstd removes most of their bytes.
 """
@@ -19,7 +20,7 @@ import torch
 from attncache.pipeline._util.spec_error import SpecError
 from attncache.pipeline.encodings.default import default_compression
 from attncache.pipeline.encodings.codecs import QUANTS, ROW_CODECS
-from attncache.pipeline.encodings.fit import EIGH, FITTERS, SUBSPACE, Fitter, UnknownFit, fit_factors
+from attncache.pipeline.encodings.fit import CHOLQR, EIGH, FITTERS, Fitter, UnknownFit, fit_factors
 from attncache.pipeline.encodings.protocol import ArraySpec, Encoding, check_signal
 from attncache.pipeline.encodings.registry import grammar, register
 from attncache.pipeline.encodings.rows import FloatRows, RowCodec
@@ -36,7 +37,7 @@ _FIRST_FORM_CODECS = ("fp16", "fp32", "int8", "bf16")
 class LowRankEncoding(Encoding):
     ranks: tuple[int, ...] = (16,)
     codec: RowCodec = FloatRows("fp16")
-    fitter: Fitter = SUBSPACE
+    fitter: Fitter = CHOLQR
     decodes = frozenset({"logits"})
     refusal = LOGIT_FACTORS_ONLY
 
@@ -50,7 +51,7 @@ class LowRankEncoding(Encoding):
 
     @property
     def spec(self) -> str:
-        fit = "" if self.fitter == SUBSPACE else f":fit={self.fitter.name}"
+        fit = "" if self.fitter == CHOLQR else f":fit={self.fitter.name}"
         return self._stored_spec + fit
 
     @property
@@ -144,10 +145,10 @@ def parse_ranks(spec: str, text: str) -> tuple[int, ...]:
 
 
 @register("lowrank", grammar="lowrank:r=RANKS[:fp16|fp32|bf16|int8|int4|fp8][:scale=token|row-pow2|token-pow2]"
-                             "[:fit=eigh], RANKS = R (every layer) or R,R,... (one per cached layer; RxK repeats R "
+                             "[:fit=subspace|eigh], RANKS = R (every layer) or R,R,... (one per cached layer; RxK repeats R "
                              "K times)")
 def parse_lowrank(spec: str, rest: list[str]) -> LowRankEncoding:
-    ranks, quant, scheme, fitter = None, "fp16", "row", SUBSPACE
+    ranks, quant, scheme, fitter = None, "fp16", "row", CHOLQR
     for part in rest:
         if part.startswith("r="):
             ranks = parse_ranks(spec, part[2:])

@@ -42,7 +42,7 @@ def _precompute(data, out, *extra):
 
 
 GRAMMAR = ("exact[:fp16|fp32|bf16|int8|int4|fp8]  or  "
-           "lowrank:r=RANKS[:fp16|fp32|bf16|int8|int4|fp8][:scale=token|row-pow2|token-pow2][:fit=eigh], RANKS = R "
+           "lowrank:r=RANKS[:fp16|fp32|bf16|int8|int4|fp8][:scale=token|row-pow2|token-pow2][:fit=subspace|eigh], RANKS = R "
            "(every layer) or R,R,... (one per cached layer; RxK repeats R K times)")
 PRECOMPUTE_CASES = {  # name: (options, the exact error line)
     "int9": (["--encoding", "lowrank:r=8:int9"],
