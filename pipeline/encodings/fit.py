@@ -89,9 +89,10 @@ def _factors_by_chunks(fitter: Fitter, q: torch.Tensor, k: torch.Tensor, scale: 
                        rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`_chunk_factors` over chunks of whole samples, each chunk on one CPU thread of the caller's pool
     (on a GPU: the whole batch at once). Why the whole fit per chunk, not only its d x d work: on CPU
-    the Gram matrices, the centred K and the products of a whole batch are hundreds of MB that every
-    stage reads again from memory; a chunk's are a few MB, read while they are in cache, and a pass
-    less over K (the ViT-S batch's fit took 0.36 s before, 0.21 s so, BENCHMARKS.md)."""
+    the centred K and the Gram matrices of a whole batch are hundreds of MB that each stage reads
+    again from memory, while a chunk's are a few MB, read again while they are in cache (the same
+    fit of a ViT-S batch of 12 layers took 214 ms so against 247 ms with the batch's Gram matrices
+    first, best of 5: BENCHMARKS.md, "The CholeskyQR fitter")."""
     if q.device.type != "cpu" or q.dim() < 3 or q.shape[0] == 0:
         return _chunk_factors(fitter, q, k, scale, rank)
     step = max(1, -(-_FUSED_CHUNK_MATRICES // math.prod(q.shape[1:-2])))  # whole samples per chunk
