@@ -374,6 +374,37 @@ def test_an_overflow_in_a_later_chunk_names_its_index_in_the_whole_batch(one_sam
     assert (bad.value.sample, bad.value.layer) == (3, 2)
 
 
+@EVERY_FITTER
+@pytest.mark.parametrize("scale", [0.0, -0.125, float("nan"), float("inf")])
+def test_a_scale_that_is_not_positive_and_finite_is_refused_naming_it(fitter, scale):
+    """sqrt(scale * sigma) goes to both factors: at scale 0 or below the iterations' factors were NaN and
+    refused as "not finite" factors, a wrong cause; every fitter now names the scale."""
+    q, k = low_rank_plus_noise(1, 1, 2, 17, 32)
+    with pytest.raises(ValueError, match=r"attention scale to be a positive finite number, got " + repr(scale)):
+        fit_factors(q, k, scale, 2, fitter)
+
+
+def test_a_head_that_falls_back_gets_finite_gradients_and_the_forward_bits_do_not_change():
+    """A head whose CholeskyQR basis cannot hold (a zero Q, fewer tokens than columns) made inf/NaN on
+    the way to its replaced weights, which backward carried into every gradient (0 * NaN): with
+    autograd the iteration runs on identities in such heads' place, so every gradient is finite and
+    the factors are the bits of the same fit under inference mode."""
+    from attncache.pipeline.encodings.kl import attention_kl, exact_logits
+
+    g = torch.Generator().manual_seed(0)
+    for tokens, broken in ((65, lambda q: q[0, 0, 2].zero_()), (8, lambda q: None)):
+        q = torch.randn(2, 1, 3, tokens, 64, generator=g)
+        k = torch.randn(2, 1, 3, tokens, 64, generator=g)
+        broken(q)
+        with torch.inference_mode():
+            ref = fit_factors(q, k, 64 ** -0.5, 4)
+        qq, kk = q.clone().requires_grad_(), k.clone().requires_grad_()
+        a, b = fit_factors(qq, kk, 64 ** -0.5, 4)
+        assert torch.equal(a.detach(), ref[0]) and torch.equal(b.detach(), ref[1]), tokens
+        attention_kl(exact_logits(q, k, 64 ** -0.5), a @ b.transpose(-1, -2)).sum().backward()
+        assert torch.isfinite(qq.grad).all() and torch.isfinite(kk.grad).all(), tokens
+
+
 def test_chunks_keep_the_callers_autograd_and_inference_modes(one_sample_chunks):
     q, k = decaying_qk(b=3, layers=1, heads=2, tokens=33, dim=48, seed=12)
     with torch.inference_mode():

@@ -60,6 +60,9 @@ def fit_factors(q_BLHNd: torch.Tensor, k_BLHNd: torch.Tensor, scale: float, rank
     CPU thread: either the whole fit of a chunk (`whole_chunks` fitters, `_factors_by_chunks`) or its
     d x d work alone (`_weights_by_chunks`). Each matrix's calls are the same sequential code at any
     thread count and in any chunk, so the factors are the same bits at every count."""
+    if not (math.isfinite(scale) and scale > 0):  # sqrt(scale * sigma) to both sides needs scale > 0
+        raise ValueError(f"the low-rank fit needs the teacher's attention scale to be a positive finite number, "
+                         f"got {scale!r}")
     fitter = fitter or CHOLQR
     if fitter.whole_chunks:
         a, b = _factors_by_chunks(fitter, q_BLHNd, k_BLHNd, scale, rank)
@@ -348,7 +351,8 @@ class SubspaceFit:
 
 @dataclass(frozen=True)
 class CholQRFit:
-    """`SUBSPACE`'s iteration without its d x d work: the same operator, iterated in Q's coordinates.
+    """`SUBSPACE`'s iteration without its d x d work: the same operator from the same start, six
+    products of it (`SUBSPACE` makes seven), iterated in Q's coordinates.
     With U = Q X and X^T G_q X = I (U orthonormal), M M^T U = scale^2 Q (G_k G_q X), so the subspace
     iteration is X <- G_k G_q X, orthonormalised in the G_q inner product by CholeskyQR (the Cholesky
     of the p x p X^T G_q X); Rayleigh-Ritz on Y^T G_k Y (Y = G_q X, p x p) gives T, Lambda, and
@@ -378,8 +382,19 @@ class CholQRFit:
             bad = _not_finite(gram)
             if bad.any():
                 raise _overflowed(bad)
+        g_q, g_k = gram_q.double(), gram_k.double()
         with one_cpu_thread(gram_q.device):
-            w_a, w_b, ok = self._iterate(gram_q.double(), gram_k.double(), scale, rank, p)
+            held = None
+            if torch.is_grad_enabled() and (g_q.requires_grad or g_k.requires_grad):
+                # a head that falls back made inf/NaN on the way, which a backward pass would carry into
+                # the gradient of the whole input (0 * NaN): find those heads first, and iterate on
+                # identities in their place (their weights are replaced anyway)
+                with torch.no_grad():
+                    held = self._iterate(g_q, g_k, scale, rank, p)[2]
+                keep, eye = held[..., None, None], torch.eye(d, dtype=g_q.dtype, device=g_q.device)
+                g_q, g_k = torch.where(keep, g_q, eye), torch.where(keep, g_k, eye)
+            w_a, w_b, ok = self._iterate(g_q, g_k, scale, rank, p)
+            ok = ok if held is None else held
             if not ok.all():
                 bad = ~ok
                 w_a[bad], w_b[bad] = SUBSPACE.weights(gram_q[bad], gram_k[bad], scale, rank)
