@@ -90,35 +90,40 @@ def _chunk_factors(fitter: Fitter, q: torch.Tensor, k: torch.Tensor, scale: floa
 
 def _factors_by_chunks(fitter: Fitter, q: torch.Tensor, k: torch.Tensor, scale: float,
                        rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`_chunk_factors` over chunks of whole samples, each chunk on one CPU thread of the caller's pool
-    (on a GPU: the whole batch at once). Why the whole fit per chunk, not only its d x d work: on CPU
-    the centred K and the Gram matrices of a whole batch are hundreds of MB that each stage reads
-    again from memory, while a chunk's are a few MB, read again while they are in cache (the same
-    fit of a ViT-S batch of 12 layers took 214 ms so against 247 ms with the batch's Gram matrices
-    first, best of 5: BENCHMARKS.md, "The CholeskyQR fitter")."""
-    if q.device.type != "cpu" or q.dim() < 3 or q.shape[0] == 0:
-        return _chunk_factors(fitter, q, k, scale, rank)
-    step = max(1, -(-_FUSED_CHUNK_MATRICES // math.prod(q.shape[1:-2])))  # whole samples per chunk
-    starts = range(0, q.shape[0], step)
+    """`_chunk_factors` over chunks of whole samples (`_in_chunks`). Why the whole fit per chunk, not
+    only its d x d work: on CPU the centred K and the Gram matrices of a whole batch are hundreds of
+    MB that each stage reads again from memory, while a chunk's are a few MB, read again while they
+    are in cache (the same fit of a ViT-S batch of 12 layers took 214 ms so against 247 ms with the
+    batch's Gram matrices first, best of 5: BENCHMARKS.md, "The CholeskyQR fitter")."""
+    return _in_chunks(lambda q_, k_: _chunk_factors(fitter, q_, k_, scale, rank), q, k, _FUSED_CHUNK_MATRICES)
+
+
+def _in_chunks(work, x: torch.Tensor, y: torch.Tensor, per_chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`work(x, y)` -> (u, v) on CPU in chunks of whole samples (about `per_chunk` matrices each, the
+    leading axis cut), spread over the caller's torch threads, each chunk on one thread, and the
+    chunks' results joined. One chunk, no sample, or a GPU: `work` on the whole, on the caller's
+    threads. A refusal inside a chunk names its sample's index in the whole batch; the caller's
+    autograd and inference modes hold in every chunk."""
+    if x.device.type != "cpu" or x.dim() < 3:
+        return work(x, y)
+    step = max(1, -(-per_chunk // math.prod(x.shape[1:-2])))  # whole samples per chunk
+    starts = range(0, x.shape[0], step)
+    if len(starts) <= 1:  # one chunk, or no sample at all
+        return work(x, y)
     grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
     def chunk(start: int) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.inference_mode(inference), torch.set_grad_enabled(grad):  # the caller's modes
             try:
-                return _chunk_factors(fitter, q[start:start + step], k[start:start + step], scale, rank)
+                return work(x[start:start + step], y[start:start + step])
             except NonFiniteValues as bad:  # at the batch index of the whole batch, not of the chunk
                 raise NonFiniteValues(bad.what, bad.sample + start, bad.layer) from None
 
     with _chunked_fit:
         threads = torch.get_num_threads()
-        with one_cpu_thread(q.device):  # a chunk's calls on one thread, whichever thread runs it
-            if threads > 1 and len(starts) > 1:
-                parts = list(_pool(threads).map(chunk, starts))
-            else:
-                parts = [chunk(s) for s in starts]
-    if len(parts) == 1:
-        return parts[0]
-    return torch.cat([a for a, _ in parts]), torch.cat([b for _, b in parts])
+        with one_cpu_thread(x.device):  # this thread's calls, like the pool's, on one thread
+            parts = list(_pool(threads).map(chunk, starts)) if threads > 1 else [chunk(s) for s in starts]
+    return torch.cat([u for u, _ in parts]), torch.cat([v for _, v in parts])
 
 
 # d x d problems per task of `_weights_by_chunks`: a chunk's float64 work (about 32 KB per matrix, several
@@ -143,32 +148,13 @@ def _pool(workers: int) -> ThreadPoolExecutor:
 
 def _weights_by_chunks(fitter: Fitter, gram_q: torch.Tensor, gram_k: torch.Tensor, scale: float,
                        rank: int) -> Weights:
-    """`fitter.weights` on CPU, in chunks of whole samples spread over the caller's torch threads, each
-    chunk on one thread. Why: the d x d work is thousands of tiny LAPACK and BLAS calls, which run
-    on one thread anyway (`one_cpu_thread`), so one core sat idle for them; chunks on threads of
-    their own use every core and keep each chunk's matrices in cache (the fit of a ViT-S batch took
-    a third of the time, BENCHMARKS.md). Every matrix's calls are the same sequential code whatever
-    the chunk or the thread, so the weights are the same bits (tests/test_fitter.py)."""
-    if gram_q.device.type != "cpu" or gram_q.dim() < 3:
-        return fitter.weights(gram_q, gram_k, scale, rank)
-    step = max(1, -(-_CHUNK_MATRICES // math.prod(gram_q.shape[1:-2])))  # whole samples per chunk
-    starts = range(0, gram_q.shape[0], step)
-    if len(starts) <= 1:  # one chunk, or no sample at all
-        return fitter.weights(gram_q, gram_k, scale, rank)
-    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
-
-    def chunk(start: int) -> Weights:
-        with torch.inference_mode(inference), torch.set_grad_enabled(grad):  # the caller's modes
-            try:
-                return fitter.weights(gram_q[start:start + step], gram_k[start:start + step], scale, rank)
-            except NonFiniteValues as bad:  # at the batch index of the whole batch, not of the chunk
-                raise NonFiniteValues(bad.what, bad.sample + start, bad.layer) from None
-
-    with _chunked_fit:
-        threads = torch.get_num_threads()
-        with one_cpu_thread(gram_q.device):  # this thread's matmuls, like its LAPACK calls, on one thread
-            parts = list(_pool(threads).map(chunk, starts)) if threads > 1 else [chunk(s) for s in starts]
-    return torch.cat([w for w, _ in parts]), torch.cat([w for _, w in parts])
+    """`fitter.weights` in chunks of whole samples (`_in_chunks`). Why: the d x d work is thousands of
+    tiny LAPACK and BLAS calls, which run on one thread anyway (`one_cpu_thread`), so one core sat
+    idle for them; chunks on threads of their own use every core and keep each chunk's matrices in
+    cache (the fit of a ViT-S batch took a third of the time, BENCHMARKS.md). Every matrix's calls
+    are the same sequential code whatever the chunk or the thread, so the weights are the same bits
+    (tests/test_fitter.py)."""
+    return _in_chunks(lambda g_q, g_k: fitter.weights(g_q, g_k, scale, rank), gram_q, gram_k, _CHUNK_MATRICES)
 
 
 def _overflowed(bad: torch.Tensor) -> NonFiniteValues:
