@@ -327,7 +327,7 @@ def test_a_head_whose_basis_cannot_hold_takes_the_subspace_fitters_bits_and_only
 
 @pytest.fixture
 def one_sample_chunks(monkeypatch):
-    """Chunks of one sample each (`_weights_by_chunks`), so that small inputs take the chunked path."""
+    """Chunks of one sample each (`_in_chunks`, both chunk sizes), so that small inputs take the chunked path."""
     from attncache.pipeline.encodings import fit
 
     monkeypatch.setattr(fit, "_CHUNK_MATRICES", 1)

@@ -33,7 +33,7 @@ import torch
 
 from attncache.pipeline._util.runtime import one_cpu_thread
 from attncache.pipeline._util.spec_error import SpecError
-from attncache.pipeline.encodings.finite import NonFiniteValues, first_bad, require_finite
+from attncache.pipeline.encodings.finite import NonFiniteValues, first_bad, not_finite_rows, require_finite
 
 Weights = tuple[torch.Tensor, torch.Tensor]  # W_a, W_b (d, r) float32: A = Q W_a, B = K_centred W_b
 
@@ -41,7 +41,7 @@ Weights = tuple[torch.Tensor, torch.Tensor]  # W_a, W_b (d, r) float32: A = Q W_
 class Fitter(Protocol):
     name: str  # the spec's `fit=` and the encoding JSON's "fitter"
     # True: `fit_factors` runs the centring, the Gram matrices, the fit and the final products of each
-    # chunk of samples on one CPU thread (`_factors_by_chunks`), which defines this fitter's bits;
+    # chunk of samples on one CPU thread, which defines this fitter's bits;
     # False: the Gram matrices and products on every thread, the d x d work in chunks, as the first
     # two fitters' stores were made
     whole_chunks: bool
@@ -55,47 +55,44 @@ def fit_factors(q_BLHNd: torch.Tensor, k_BLHNd: torch.Tensor, scale: float, rank
                 fitter: Fitter | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Float32 factors A, B [B, L, H, N, rank] (`fitter` defaults to `CHOLQR`, what new stores use).
 
-    The N x d work runs in float32, the d x d work in float64 (it is small, and ill-conditioned Gram
-    matrices need the digits), in chunks of whole samples on the caller's threads, each chunk on one
-    CPU thread: either the whole fit of a chunk (`whole_chunks` fitters, `_factors_by_chunks`) or its
-    d x d work alone (`_weights_by_chunks`). Each matrix's calls are the same sequential code at any
-    thread count and in any chunk, so the factors are the same bits at every count."""
+    The N x d work (`_factors`) runs in float32, the d x d work in float64 (it is small, and
+    ill-conditioned Gram matrices need the digits), in chunks of whole samples on the caller's
+    threads, each chunk on one CPU thread (`_in_chunks`). Each matrix's calls are the same sequential
+    code at any thread count and in any chunk, so the factors are the same bits at every count.
+    - `whole_chunks` fitters (`CHOLQR`): a chunk's whole fit, centring and Gram matrices to the final
+      products. Why: on CPU the centred K and the Gram matrices of a whole batch are hundreds of MB
+      that each stage reads again from memory, while a chunk's are a few MB, read again while they
+      are in cache (the same fit of a ViT-S batch of 12 layers took 214 ms so against 247 ms with the
+      batch's Gram matrices first, best of 5: BENCHMARKS.md, "The CholeskyQR fitter").
+    - the others: the d x d work alone, as their stores were made. Why chunks at all: that work is
+      thousands of tiny LAPACK and BLAS calls, which run on one thread anyway (`one_cpu_thread`), so
+      one core sat idle for them; chunks on threads of their own use every core and keep each
+      chunk's matrices in cache (the fit of a ViT-S batch took a third of the time, BENCHMARKS.md)."""
     if not (math.isfinite(scale) and scale > 0):  # sqrt(scale * sigma) to both sides needs scale > 0
         raise ValueError(f"the low-rank fit needs the teacher's attention scale to be a positive finite number, "
                          f"got {scale!r}")
     fitter = fitter or CHOLQR
+
+    def fit(gram_q: torch.Tensor, gram_k: torch.Tensor) -> Weights:
+        return fitter.weights(gram_q, gram_k, scale, rank)
+
     if fitter.whole_chunks:
-        a, b = _factors_by_chunks(fitter, q_BLHNd, k_BLHNd, scale, rank)
+        a, b = _in_chunks(lambda q, k: _factors(fit, q, k), q_BLHNd, k_BLHNd, _FUSED_CHUNK_MATRICES)
     else:
-        q = q_BLHNd.float()
-        k = k_BLHNd.float()
-        k = k - k.mean(dim=-2, keepdim=True)
-        gram_q, gram_k = q.transpose(-1, -2) @ q, k.transpose(-1, -2) @ k
-        w_a, w_b = _weights_by_chunks(fitter, gram_q, gram_k, scale, rank)
-        a, b = q @ w_a, k @ w_b
+        a, b = _factors(lambda g_q, g_k: _in_chunks(fit, g_q, g_k, _CHUNK_MATRICES), q_BLHNd, k_BLHNd)
     require_finite("low-rank factor a", a)
     require_finite("low-rank factor b", b)
     return a, b
 
 
-def _chunk_factors(fitter: Fitter, q: torch.Tensor, k: torch.Tensor, scale: float,
-                   rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A, B of one chunk: centring, Gram matrices, weights and products, each matrix's on its own."""
+def _factors(weights, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A, B: K centred, the float32 Gram matrices, `weights(gram_q, gram_k)` -> W_a, W_b, and the
+    products, each matrix's on its own."""
     q = q.float()
     k = k.float()
     k = k - k.mean(dim=-2, keepdim=True)
-    w_a, w_b = fitter.weights(q.transpose(-1, -2) @ q, k.transpose(-1, -2) @ k, scale, rank)
+    w_a, w_b = weights(q.transpose(-1, -2) @ q, k.transpose(-1, -2) @ k)
     return q @ w_a, k @ w_b
-
-
-def _factors_by_chunks(fitter: Fitter, q: torch.Tensor, k: torch.Tensor, scale: float,
-                       rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`_chunk_factors` over chunks of whole samples (`_in_chunks`). Why the whole fit per chunk, not
-    only its d x d work: on CPU the centred K and the Gram matrices of a whole batch are hundreds of
-    MB that each stage reads again from memory, while a chunk's are a few MB, read again while they
-    are in cache (the same fit of a ViT-S batch of 12 layers took 214 ms so against 247 ms with the
-    batch's Gram matrices first, best of 5: BENCHMARKS.md, "The CholeskyQR fitter")."""
-    return _in_chunks(lambda q_, k_: _chunk_factors(fitter, q_, k_, scale, rank), q, k, _FUSED_CHUNK_MATRICES)
 
 
 def _in_chunks(work, x: torch.Tensor, y: torch.Tensor, per_chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,10 +123,10 @@ def _in_chunks(work, x: torch.Tensor, y: torch.Tensor, per_chunk: int) -> tuple[
     return torch.cat([u for u, _ in parts]), torch.cat([v for _, v in parts])
 
 
-# d x d problems per task of `_weights_by_chunks`: a chunk's float64 work (about 32 KB per matrix, several
+# d x d problems per chunk of the other fitters' d x d work: a chunk's float64 work (about 32 KB per matrix, several
 # copies) stays in the cache, and a batch gives each CPU thread several chunks
 _CHUNK_MATRICES = 256
-# matrices per chunk of `_factors_by_chunks`: a chunk's Q and K (100 KB per ViT-S head) and Gram
+# matrices per chunk of a `whole_chunks` fit: a chunk's Q and K (100 KB per ViT-S head) and Gram
 # matrices stay near the cache, and a batch gives each thread several chunks to even out
 _FUSED_CHUNK_MATRICES = 128
 _pools: dict[int, ThreadPoolExecutor] = {}
@@ -144,17 +141,6 @@ def _pool(workers: int) -> ThreadPoolExecutor:
         _pools[workers] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="attncache-fit",
                                              initializer=torch.set_num_threads, initargs=(1,))
     return _pools[workers]
-
-
-def _weights_by_chunks(fitter: Fitter, gram_q: torch.Tensor, gram_k: torch.Tensor, scale: float,
-                       rank: int) -> Weights:
-    """`fitter.weights` in chunks of whole samples (`_in_chunks`). Why: the d x d work is thousands of
-    tiny LAPACK and BLAS calls, which run on one thread anyway (`one_cpu_thread`), so one core sat
-    idle for them; chunks on threads of their own use every core and keep each chunk's matrices in
-    cache (the fit of a ViT-S batch took a third of the time, BENCHMARKS.md). Every matrix's calls
-    are the same sequential code whatever the chunk or the thread, so the weights are the same bits
-    (tests/test_fitter.py)."""
-    return _in_chunks(lambda g_q, g_k: fitter.weights(g_q, g_k, scale, rank), gram_q, gram_k, _CHUNK_MATRICES)
 
 
 def _overflowed(bad: torch.Tensor) -> NonFiniteValues:
@@ -429,12 +415,8 @@ def _orthonormalised(x: torch.Tensor, gx: torch.Tensor, *others: torch.Tensor) -
 
 
 def _not_finite(x: torch.Tensor) -> torch.Tensor:
-    """[...] True where a matrix [..., m, n] holds inf or NaN. A sum is not finite wherever a term is;
-    the exact test runs only where the sum is not (finite terms that overflow it)."""
-    suspect = ~torch.isfinite(x.sum(dim=(-1, -2)))
-    if suspect.any():
-        suspect[suspect.clone()] = ~torch.isfinite(x[suspect]).all(dim=-1).all(dim=-1)
-    return suspect
+    """[...] True where a matrix [..., m, n] holds inf or NaN (`not_finite_rows`' summed screen)."""
+    return not_finite_rows(x.flatten(-2))
 
 
 @dataclass(frozen=True)
